@@ -1,0 +1,245 @@
+"""`ShardDataModule`: token shards for Lightning, with the data position saved in and restored from checkpoints.
+
+The position is tracked from the batches that actually reach the training step (each train batch carries its
+index; `on_before_batch_transfer` records it), never from what the DataLoader or Lightning has prefetched. It is saved
+by `state_dict()` (Lightning calls it when writing a checkpoint) and restored by `load_state_dict()`; the next
+`iter(train_dataloader)` continues right after the last trained batch, on any world size.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from framework.data import cursor
+from framework.data.shards import Shard, check_shards, describe, expand, fingerprint, manifest_shards, read_manifest
+from framework.data.stream import TokenStream
+from framework.errors import UserError
+
+POSITION_VERSION = 1
+
+
+class _ResumableLoader(DataLoader):
+    """A DataLoader that asks its datamodule where to start each time an iteration (an epoch) begins."""
+
+    def __init__(self, dataset: TokenStream, before_iter: Callable[[], None], **kwargs: Any):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._before_iter = before_iter
+
+    def __iter__(self):  # type: ignore[override]
+        self._before_iter()
+        return super().__iter__()
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Streams pre-tokenized shards written by `pretrain prepare` and packs them into windows of seq_len + 1 tokens.
+
+    Args:
+        path: directory holding `manifest.json`, `tokenizer.json` and the `train-*.tar` / `val-*.tar` shards.
+        seq_len: tokens per training example (each window holds seq_len + 1 tokens: inputs and shifted targets).
+        batch_size: windows per batch, per rank (the micro-batch).
+        val_batch_size: windows per validation batch, per rank (default: batch_size).
+        num_workers: DataLoader worker processes per rank (0 reads in the training process).
+        seed: seeds the shard order of each epoch and the shuffle of each block.
+        shuffle: shuffle the train split (validation is always read in order).
+        shuffle_block: windows shuffled together by each worker; memory is shuffle_block * (seq_len + 1) * 8 bytes.
+        train_shards: shard paths, globs, brace patterns or URLs to read instead of the manifest's train split.
+        val_shards: the same for validation.
+        manifest: manifest path or URL when the shards are given explicitly and it is not `path/manifest.json`.
+        skip_corrupt: drop shards that fail the start-up check (size or tar headers vs the manifest) with a warning,
+            instead of failing.
+        prepare_if_missing: when `path` has no manifest, prepare the embedded default corpus (the Python standard
+            library) there first, with `tokenizer`.
+        tokenizer: tokenizer spec for `prepare_if_missing` (`bytes` or `bpe:VOCAB`).
+    """
+
+    def __init__(self, path: str = "data/stdlib", seq_len: int = 256, batch_size: int = 8,
+                 val_batch_size: int | None = None, num_workers: int = 1, seed: int = 1234, shuffle: bool = True,
+                 shuffle_block: int = 1024, train_shards: str | list[str] | None = None,
+                 val_shards: str | list[str] | None = None, manifest: str | None = None, skip_corrupt: bool = False,
+                 prepare_if_missing: bool = False, tokenizer: str = "bytes"):
+        super().__init__()
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("shuffle_block", shuffle_block)):
+            if value < 1:
+                raise UserError(f"data.{name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise UserError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.path, self.seq_len, self.batch_size = path, seq_len, batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers, self.seed, self.shuffle, self.shuffle_block = num_workers, seed, shuffle, shuffle_block
+        self.train_spec, self.val_spec, self.manifest_url = train_shards, val_shards, manifest
+        self.skip_corrupt, self.prepare_if_missing, self.tokenizer_spec = skip_corrupt, prepare_if_missing, tokenizer
+        self._manifest: dict | None = None
+        self._train: list[Shard] = []
+        self._val: list[Shard] = []
+        # the data position: current segment and how many of its batches every rank has trained on
+        self._segment: cursor.Segment | None = None
+        self._batches = 0
+        self._loaded: dict | None = None  # a restored position, applied at the next train iteration
+        self._train_stream: TokenStream | None = None
+
+    # ---------------------------------------------------------------- shards and tokenizer
+    def _manifest_location(self) -> str:
+        if self.manifest_url:
+            return self.manifest_url
+        if self.train_spec and not (self.path and os.path.isdir(self.path)):
+            first = expand(self.train_spec)[0]
+            return os.path.join(os.path.dirname(first), "manifest.json") if "://" not in first else ""
+        return os.path.join(self.path, "manifest.json")
+
+    def prepare_data(self) -> None:
+        """Prepare the embedded corpus when asked to and its shards are absent (Lightning runs this on one process)."""
+        if self.prepare_if_missing and not self.train_spec and not os.path.exists(self._manifest_location()):
+            from framework.data.prepare import prepare
+
+            print(f"no shards at '{self.path}': preparing the default corpus there (tokenizer {self.tokenizer_spec})")
+            prepare(None, self.path, tokenizer=self.tokenizer_spec)
+
+    @property
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            location = self._manifest_location()
+            if not self.train_spec and not os.path.isdir(self.path):
+                hint = (" (set data.prepare_if_missing=true to prepare the default corpus there)"
+                        if not self.prepare_if_missing else "")
+                raise UserError(f"data directory '{self.path}' does not exist; run `pretrain prepare --output "
+                                f"{self.path}` or set data.path{hint}")
+            self._manifest = read_manifest(location) if location else {}
+        return self._manifest
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens in the shards' vocabulary, special tokens included: a model's embedding must be at least this big."""
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """Ids of the special tokens: eod (end of document), pad, mask, cls, sep."""
+        return {k: int(v) for k, v in self.manifest["tokenizer"]["special_tokens"].items()}
+
+    @property
+    def tokenizer_path(self) -> str:
+        return os.path.join(os.path.dirname(self._manifest_location()) or ".", "tokenizer.json")
+
+    def _shards(self, split: str, spec: str | list[str] | None) -> list[Shard]:
+        if spec:
+            shards = describe(expand(spec), self.manifest or None)
+        else:
+            base = os.path.dirname(self._manifest_location())
+            shards = manifest_shards(self.manifest, split, base)
+        return check_shards(shards, self.skip_corrupt)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._train or self._val:
+            return
+        self._train = self._shards("train", self.train_spec)
+        self._val = self._shards("val", self.val_spec)
+        if stage in (None, "fit") and not self._train:
+            raise UserError(f"no train shards found for '{self.train_spec or self.path}'; "
+                            "run `pretrain prepare` or fix data.path / data.train_shards")
+        windows = sum(s.stream_len for s in self._val) // (self.seq_len + 1)
+        if self._val and windows < self._world()[1] * self.val_batch_size:
+            warnings.warn(f"the val split has {windows} windows of {self.seq_len + 1} tokens, fewer than one batch "
+                          "on every rank: validation is skipped (prepare with a larger --val-fraction)", stacklevel=2)
+
+    def check_vocab(self, model_vocab_size: int) -> None:
+        """Fail at start-up, not at the first out-of-range embedding lookup, when the model's vocabulary is too small."""
+        if model_vocab_size < self.vocab_size:
+            raise UserError(f"the data's tokenizer has {self.vocab_size} tokens but the model's embedding has "
+                            f"{model_vocab_size}; set model.vocab_size >= {self.vocab_size}")
+
+    # ---------------------------------------------------------------- loaders
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def _stream(self, shards: list[Shard], batch_size: int, shuffle: bool) -> TokenStream:
+        rank, world = self._world()
+        eod = self.special_ids["eod"]
+        return TokenStream(shards, seq_len=self.seq_len, batch_size=batch_size, eod=eod, vocab_size=self.vocab_size,
+                           seed=self.seed, shuffle=shuffle, shuffle_block=self.shuffle_block, rank=rank, world=world,
+                           workers=max(1, self.num_workers))
+
+    def _loader(self, stream: TokenStream, before_iter: Callable[[], None]) -> DataLoader:
+        return _ResumableLoader(stream, before_iter, num_workers=self.num_workers,
+                                pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                                prefetch_factor=4 if self.num_workers else None)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        self._train_stream = self._stream(self._train, self.batch_size, self.shuffle)
+        return self._loader(self._train_stream, self._start_train_iteration)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        stream = self._stream(self._val, self.val_batch_size, shuffle=False)
+        return self._loader(stream, lambda: None)  # validation always reads the whole split from its start
+
+    def _start_train_iteration(self) -> None:
+        """Point the train stream at the current position; called when an iteration (an epoch) starts."""
+        stream = self._train_stream
+        assert stream is not None
+        if self._loaded is not None:
+            self._apply_loaded(stream)
+        if self._segment is None:
+            self._segment = stream.fresh_segment(0)
+        if self._segment.layout != stream.layout:  # resumed on another world size, worker count or batch size
+            avail = cursor.remaining(self._segment, self._batches, self.seed, self.shuffle_block, self.shuffle)
+            self._segment = cursor.Segment(self._segment.epoch, self._segment.index + 1, avail, stream.layout)
+            self._batches = 0
+        if self._batches >= self._segment.batches_per_rank:  # the epoch is done: the next one starts fresh
+            self._segment, self._batches = stream.fresh_segment(self._segment.epoch + 1), 0
+        stream.segment, stream.start_batch = self._segment, self._batches
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the position of each train batch as it reaches the training step, and strip it from the batch."""
+        if isinstance(batch, dict) and "position" in batch:
+            position = batch.pop("position")
+            training = self.trainer is None or self.trainer.training  # without a trainer every batch is trained on
+            if training and self._segment is not None:
+                epoch, index, j = (int(v) for v in position)
+                if (epoch, index) == (self._segment.epoch, self._segment.index):
+                    self._batches = j + 1
+        return batch
+
+    @property
+    def epoch(self) -> int:
+        """The data epoch of the position (counts full passes over the train split)."""
+        return self._segment.epoch if self._segment is not None else 0
+
+    # ---------------------------------------------------------------- checkpointed position
+    def state_dict(self) -> dict[str, Any]:
+        if self._segment is None:
+            return {}
+        return {"version": POSITION_VERSION, "seq_len": self.seq_len, "seed": self.seed, "shuffle": self.shuffle,
+                "shuffle_block": self.shuffle_block, "shards": fingerprint(self._train),
+                "segment": self._segment.state(), "batches": self._batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = dict(state_dict) if state_dict else None
+
+    def _apply_loaded(self, stream: TokenStream) -> None:
+        state, self._loaded = self._loaded, None
+        assert state is not None
+        if state.get("version") != POSITION_VERSION:
+            raise UserError(f"the checkpoint's data position has version {state.get('version')}, this framework "
+                            f"reads {POSITION_VERSION}; resume with the framework version that wrote it")
+        for key in ("seq_len", "seed", "shuffle", "shuffle_block"):
+            if state[key] != getattr(self, key):
+                raise UserError(f"the checkpoint was trained with data.{key}={state[key]} but this run has "
+                                f"{getattr(self, key)}; set data.{key}={state[key]} to resume its data position")
+        if state["shards"] != fingerprint(stream.shards):
+            raise UserError("the checkpoint's data position belongs to a different set of train shards; resume on "
+                            "the same data (same data.path / data.train_shards) or start a new run without --ckpt_path")
+        self._segment = cursor.Segment.from_state(state["segment"])
+        self._batches = int(state["batches"])
+

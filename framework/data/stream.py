@@ -1,0 +1,111 @@
+"""The streaming reader: shards -> packed windows of seq_len + 1 tokens -> seeded block shuffle -> batches.
+
+`TokenStream` is a plain `IterableDataset`: iterate it directly (benchmarks, single process) or through a
+`torch.utils.data.DataLoader(batch_size=None, num_workers=K)`. What each rank and worker delivers is decided by
+`framework.data.cursor` from (seed, epoch, shard list, layout), so it needs no communication between processes.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from framework.data.cursor import Layout, Segment, block_permutation, shard_order
+from framework.data.shards import EpochReader, Shard
+
+
+class TokenStream(IterableDataset):
+    """Batches `{"tokens": LongTensor (B, seq_len + 1), "position": LongTensor [epoch, segment, batch]}`.
+
+    Documents are concatenated with the end-of-document token between them and cut into windows of seq_len + 1
+    tokens (inputs are window[:-1], targets window[1:]), so no token is padding. Set `segment` and `start_batch`
+    before iterating to continue from a saved position; by default iteration covers epoch 0 from its start.
+    """
+
+    def __init__(self, shards: list[Shard], *, seq_len: int, batch_size: int, eod: int, vocab_size: int,
+                 seed: int = 0, shuffle: bool = True, shuffle_block: int = 1024, rank: int = 0, world: int = 1,
+                 workers: int = 1):
+        if seq_len < 1 or batch_size < 1 or shuffle_block < 1:
+            raise ValueError("seq_len, batch_size and shuffle_block must be >= 1")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside world size {world}")
+        self.shards, self.seq_len, self.eod, self.vocab_size = shards, seq_len, eod, vocab_size
+        self.seed, self.shuffle, self.shuffle_block, self.rank = seed, shuffle, shuffle_block, rank
+        self.layout = Layout(world, workers, batch_size)
+        self.segment: Segment | None = None
+        self.start_batch = 0
+
+    @property
+    def window(self) -> int:
+        return self.seq_len + 1
+
+    @property
+    def windows_per_epoch(self) -> int:
+        """Windows in every epoch's stream (the shard order changes per epoch, the total does not)."""
+        return sum(s.stream_len for s in self.shards) // self.window
+
+    def fresh_segment(self, epoch: int) -> Segment:
+        return Segment(epoch, 0, [(0, self.windows_per_epoch)], self.layout)
+
+    def batches_remaining(self) -> int:
+        """Batches this rank delivers from the current position to the end of the segment.
+
+        Deliberately not `__len__`: Lightning would combine a length with its own restored batch counters and end a
+        resumed epoch early; without one it reads until the stream ends, which every rank reaches at the same batch.
+        """
+        return max(0, self._segment().batches_per_rank - self.start_batch)
+
+    def _segment(self) -> Segment:
+        return self.segment if self.segment is not None else self.fresh_segment(0)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        seg = self._segment()
+        # The DataLoader takes batch i of an iteration from worker i % K, starting at worker 0 even when we resume at
+        # batch b; batch j of the segment belongs to the piece of role j % K, so this worker plays role (id + b) % K.
+        role = (worker + self.start_batch) % workers
+        if workers != seg.layout.workers or seg.layout.world != self.layout.world:
+            raise RuntimeError(f"stream laid out for {seg.layout} but running {workers} worker(s) "
+                               f"in a world of {self.layout.world}")
+        order = shard_order(self.seed, seg.epoch, len(self.shards), self.shuffle)
+        reader = EpochReader([self.shards[i] for i in order], self.eod, self.vocab_size)
+        try:
+            yield from self._batches(seg, reader, role)
+        finally:
+            reader.close()
+
+    def _batches(self, seg: Segment, reader: EpochReader, worker: int) -> Iterator[dict[str, torch.Tensor]]:
+        B, S, K = seg.layout.batch_size, self.shuffle_block, seg.layout.workers
+        offset, length = seg.piece(self.rank, worker)
+        done_batches = seg.worker_batches(worker, 0, self.start_batch)  # this worker's batches already consumed
+        done = done_batches * B
+        rows: list[np.ndarray] = []
+        for block in range(done // S, -(-length // S)):
+            lo, hi = block * S, min(length, (block + 1) * S)
+            if not self.shuffle:  # in order, a resumed worker can start reading at its exact position
+                lo = max(lo, done)
+            windows = self._read(seg, reader, offset + lo, offset + hi)  # (n, L+1)
+            # shuffled, the block is re-read from its start so that its permutation is the same as before
+            perm = (block_permutation(self.seed, seg, self.rank, worker, block, hi - lo) if self.shuffle
+                    else np.arange(hi - lo))
+            for p in perm[max(0, done - lo):]:
+                rows.append(windows[p])
+                if len(rows) == B:
+                    j = worker + K * done_batches  # this batch's index among the rank's batches
+                    yield {"tokens": torch.from_numpy(np.stack(rows)),
+                           "position": torch.tensor([seg.epoch, seg.index, j])}
+                    rows, done_batches = [], done_batches + 1
+
+    def _read(self, seg: Segment, reader: EpochReader, flat_lo: int, flat_hi: int) -> np.ndarray:
+        """Windows at flat positions [flat_lo, flat_hi) of the segment, as an int64 array (n, seq_len + 1)."""
+        W = self.window
+        out = np.empty((flat_hi - flat_lo) * W, dtype=np.int64)
+        filled = 0
+        for g0, g1 in seg.flat_to_ranges(flat_lo, flat_hi):
+            reader.read(g0 * W, g1 * W, out[filled:filled + (g1 - g0) * W])
+            filled += (g1 - g0) * W
+        return out.reshape(-1, W)
