@@ -1,6 +1,9 @@
 """The `pretrain` command: one subcommand per job.
 
     pretrain prepare ...   corpus -> tokenized webdataset shards (framework.data.prepare)
+    pretrain fit ...       train (framework.train)
+    pretrain validate ...  validation loss of a checkpoint (framework.train)
+    pretrain generate ...  sample from a checkpoint (framework.generate)
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ import sys
 
 from framework.errors import UserError, fail
 
-# subcommand -> (module with a `main(argv)` function, one-line help)
+# subcommand -> ("module:function" taking argv, one-line help); modules are imported only when their command runs
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("framework.data.prepare", "tokenize a corpus into webdataset shards with a manifest"),
+    "prepare": ("framework.data.prepare:main", "tokenize a corpus into webdataset shards with a manifest"),
+    "fit": ("framework.train:fit", "train a model (LightningCLI: --config FILE.yaml, --model.* --data.* --trainer.*)"),
+    "validate": ("framework.train:validate", "compute the validation loss of a checkpoint (--ckpt_path)"),
+    "generate": ("framework.generate:main", "sample text from a checkpoint or an exported model"),
 }
 
 USAGE = "usage: pretrain {" + ",".join(COMMANDS) + "} [options]   (pretrain COMMAND --help for details)"
@@ -36,9 +42,9 @@ def main(argv: list[str] | None = None) -> None:
         close = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         fail(f"unknown command '{name}'{hint}; commands: {', '.join(COMMANDS)}")
-    module = importlib.import_module(COMMANDS[name][0])
+    module_name, function = COMMANDS[name][0].split(":")
     try:
-        module.main(rest)
+        getattr(importlib.import_module(module_name), function)(rest)
     except UserError as e:
         fail(str(e))
     except KeyboardInterrupt:

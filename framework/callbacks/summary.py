@@ -1,0 +1,72 @@
+"""The end-of-run summary: where the checkpoint and the W&B run are, how the loss compares, and a sample."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from framework.callbacks.wandb_run import offline_dir
+
+
+class RunSummary(L.Callback):
+    """Prints a one-screen summary when fit ends (rank 0) and logs the unigram baseline next to val/loss.
+
+    prompt / sample_tokens: the text the sample continues, and its length in tokens (0: no sample; sampling needs the
+    whole model on rank 0, so it is skipped for strategies that shard parameters).
+    """
+
+    def __init__(self, prompt: str = "def ", sample_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
+                 baseline: bool = True):
+        self.prompt, self.sample_tokens, self.temperature, self.top_k = prompt, sample_tokens, temperature, top_k
+        self.baseline = baseline
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        lines = ["", "=" * 30 + " run summary " + "=" * 30]
+        metrics = trainer.callback_metrics
+        lines.append(f"steps: {trainer.global_step}   tokens seen: {int(metrics.get('tokens_seen', 0)):,}")
+        if "train/loss" in metrics:
+            lines.append(f"train/loss: {float(metrics['train/loss']):.4f}")
+        dm = trainer.datamodule
+        if "val/loss" in metrics:
+            line = f"val/loss:   {float(metrics['val/loss']):.4f} nats/token (ppl {float(metrics['val/ppl']):.2f})"
+            if self.baseline and dm is not None and getattr(dm, "_val", None):
+                from framework.data.shards import unigram_cross_entropy
+
+                base = unigram_cross_entropy(dm._train, dm._val, dm.special_ids["eod"], dm.vocab_size)
+                line += f"   unigram baseline: {base:.4f} ({float(metrics['val/loss']) / base:.0%} of it)"
+                for logger in trainer.loggers:
+                    logger.log_metrics({"val/unigram_baseline": base}, step=trainer.global_step)
+            lines.append(line)
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and getattr(ckpt, "last_model_path", ""):
+            lines.append(f"checkpoint: {ckpt.last_model_path} -> {ckpt.best_model_path}")
+            lines.append("resume with: pretrain fit --config ... --ckpt_path last")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                run_dir = offline_dir(logger)
+                if getattr(logger, "_offline", False):
+                    lines.append(f"W&B (offline) run {logger.version}: {run_dir}")
+                    lines.append(f"  upload it with: wandb sync {run_dir}")
+                else:
+                    lines.append(f"W&B run {logger.version}: {logger.experiment.url}")
+        sample = self._sample(trainer, pl_module)
+        if sample is not None:
+            lines += ["sample:", "-" * 73, sample, "-" * 73]
+        print("\n".join(lines), flush=True)
+
+    def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
+        model, text = getattr(pl_module, "model", None), getattr(pl_module, "tokenizer_json", None)
+        shards_params = type(trainer.strategy).__name__.lower()
+        if not self.sample_tokens or model is None or text is None or not hasattr(model, "generate") or \
+                any(k in shards_params for k in ("fsdp", "deepspeed", "modelparallel")):
+            return None
+        from framework.data.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_str(text)
+        idx = torch.tensor([tok.encode(self.prompt)], dtype=torch.long, device=pl_module.device)
+        out = model.generate(idx, self.sample_tokens, temperature=self.temperature, top_k=self.top_k,
+                             eos_id=tok.special_ids["eod"])
+        return tok.decode(out[0].tolist())

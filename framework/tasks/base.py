@@ -1,0 +1,184 @@
+"""What every objective shares: the optimizer, the LR schedule, gradient clipping, compile, logging and checkpoint extras.
+
+A task subclass only says how to build its model (`build_model`) and how a batch becomes named losses
+(`compute_losses`, whose "loss" entry is optimized). The model is built in `configure_model`, after the data is set up,
+so that its vocabulary comes from the shards and a sharding strategy can wrap it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from framework.errors import UserError
+
+
+class PretrainTask(L.LightningModule):
+    """Shared training logic. Args (all become `--model.NAME` options and YAML keys):
+
+    lr: peak learning rate, reached after `warmup_steps`.
+    min_lr_ratio: the cosine decay ends at lr * min_lr_ratio, at trainer.max_steps.
+    warmup_steps: linear warm-up from 0 to lr.
+    weight_decay: AdamW decay, applied to matrices (dim >= 2) only; biases, norms and embeddings' 1-d params are exempt.
+    betas, eps: AdamW moments.
+    grad_clip: clip the global gradient norm to this (0 disables); the pre-clip norm is logged as grad_norm.
+    compile: wrap the model's forward in torch.compile (the saved weights are the uncompiled module's).
+    peak_tflops: the accelerator's peak dense TFLOP/s per device for MFU; default: looked up from the device name.
+    """
+
+    def __init__(self, lr: float = 6e-4, min_lr_ratio: float = 0.1, warmup_steps: int = 100,
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 grad_clip: float = 1.0, compile: bool = False, peak_tflops: float | None = None):
+        super().__init__()
+        if lr <= 0 or not 0 <= min_lr_ratio <= 1 or warmup_steps < 0 or grad_clip < 0:
+            raise UserError("model.lr must be > 0, model.min_lr_ratio in [0, 1], model.warmup_steps and "
+                            "model.grad_clip >= 0")
+        self.lr, self.min_lr_ratio, self.warmup_steps = lr, min_lr_ratio, warmup_steps
+        self.weight_decay, self.betas, self.eps = weight_decay, tuple(betas), eps
+        self.grad_clip, self.compile, self.peak_tflops = grad_clip, compile, peak_tflops
+        self.model: nn.Module | None = None
+        self._forward: Any = None  # the compiled forward, kept out of the module tree (and the state dict)
+        self.val_loss = MeanMetric()
+
+    # ---------------------------------------------------------------- for subclasses
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Named losses of a batch; "loss" is the one optimized. Also returns "tokens": how many it was averaged over."""
+        raise NotImplementedError
+
+    @property
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward) for MFU; 0 when unknown."""
+        return 0
+
+    # ---------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self.build_model()
+        if self.compile and self._forward is None:
+            self._forward = torch.compile(self.model)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        assert self.model is not None, "the model is built in configure_model()"
+        return (self._forward or self.model)(*args, **kwargs)
+
+    # ---------------------------------------------------------------- steps
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(batch)
+        for name, value in losses.items():
+            if name != "tokens":
+                self.log(f"train/{name}", value.detach(), prog_bar=name == "loss")
+        self.log("lr", self.lr_at(self.global_step), prog_bar=False)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        losses = self.compute_losses(batch)
+        self.val_loss.update(losses["loss"].detach().float(), weight=losses["tokens"])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count == 0:  # nothing was validated (no val batches on this run)
+            return
+        loss = self.val_loss.compute()  # token-weighted mean, reduced over ranks
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, rank_zero_only=True)
+        self.log("val/ppl", torch.exp(loss.clamp(max=30)), rank_zero_only=True)
+
+    # ---------------------------------------------------------------- optimization
+    def configure_optimizers(self) -> dict[str, Any]:
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps < 1:
+            raise UserError("set trainer.max_steps: the learning-rate schedule decays over it")
+        self._max_steps = max_steps
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        on_cuda = all(p.is_cuda for p in decay + no_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=on_cuda or None)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_at(step) / self.lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at max_steps (held there after)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / (self.warmup_steps + 1)
+        total = max(1, getattr(self, "_max_steps", self.trainer.max_steps) - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / total)
+        floor = self.lr * self.min_lr_ratio
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the global gradient norm (after unscaling; on every strategy whose grads are plain tensors)."""
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], max_norm)
+        self.log("grad_norm", norm)
+
+    # ---------------------------------------------------------------- checkpoint extras
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["framework"] = run_metadata()
+        # Lightning does not checkpoint RNG states; dropout and sampling after a resume must continue the same streams.
+        # Every rank is seeded alike (seed_everything), so rank 0's states stand for all of them.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
+                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is not None:
+            self._rng_states = states  # applied at fit start: Lightning seeds again after loading the checkpoint
+
+    def on_train_start(self) -> None:
+        states = getattr(self, "_rng_states", None)
+        if states is not None:
+            torch.set_rng_state(states["torch"])
+            if states["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+            self._rng_states = None
+
+
+def run_metadata() -> dict[str, Any]:
+    """What ran: package versions and the git commit, for checkpoints and W&B."""
+    import platform
+
+    import lightning
+
+    import framework
+
+    meta = {"framework": framework.__version__, "torch": torch.__version__, "lightning": lightning.__version__,
+            "python": platform.python_version(), "git_sha": git_sha()}
+    return meta
+
+
+def git_sha() -> str | None:
+    """The commit of the working directory's repository (None outside git): cheap, no subprocess."""
+    head = None
+    d = os.path.abspath(os.getcwd())
+    while True:
+        if os.path.isdir(os.path.join(d, ".git")):
+            head = os.path.join(d, ".git")
+            break
+        parent = os.path.dirname(d)
+        if parent == d:
+            return None
+        d = parent
+    try:
+        ref = open(os.path.join(head, "HEAD")).read().strip()
+        if ref.startswith("ref: "):
+            path = os.path.join(head, ref[5:])
+            if os.path.exists(path):
+                return open(path).read().strip()
+            for line in open(os.path.join(head, "packed-refs")).read().splitlines():
+                if line.endswith(ref[5:]):
+                    return line.split()[0]
+            return None
+        return ref
+    except OSError:
+        return None

@@ -1,0 +1,130 @@
+"""`pretrain fit` and `pretrain validate`: LightningCLI over a task and the shard datamodule, plus our run policy.
+
+The typed signatures of the task (`--model.*`), `ShardDataModule` (`--data.*`), `Trainer` (`--trainer.*`),
+`WandbOptions` (`--wandb.*`), `CheckpointOptions` (`--checkpoint.*`) and `RunSummary` (`--summary.*`) are the
+config schema; `pretrain fit --print_config` shows every key with its resolved value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from framework.callbacks.checkpointing import StepCheckpoint, find_checkpoint, peek
+from framework.callbacks.summary import RunSummary
+from framework.callbacks.throughput import Throughput
+from framework.callbacks.wandb_run import RUN_ID_KEY, WandbOptions, WandbRunId, make_logger
+from framework.data.datamodule import ShardDataModule
+from framework.errors import UserError
+from framework.tasks.base import PretrainTask, run_metadata
+
+DEFAULT_TASK = "framework.tasks.causal_lm.CausalLMTask"
+
+
+@dataclass
+class CheckpointOptions:
+    """Checkpoints go to `{trainer.default_root_dir}/checkpoints`: every `every_n_steps` steps and at the end of
+    training; the `keep` newest are kept and `last.ckpt` links to the newest."""
+
+    every_n_steps: int = 1000
+    keep: int = 3
+
+
+class PretrainCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                "validate": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(WandbOptions, "wandb")
+        parser.add_class_arguments(CheckpointOptions, "checkpoint")
+        parser.add_class_arguments(RunSummary, "summary")
+        parser.set_defaults({"model": {"class_path": DEFAULT_TASK}, "trainer.default_root_dir": "runs/pretrain",
+                             "trainer.max_epochs": -1, "trainer.num_sanity_val_steps": 0})
+
+    def before_instantiate_classes(self) -> None:
+        trainer = self.config[self.subcommand].trainer
+        if trainer.precision is None:  # bf16 on GPUs; on CPUs it is ~20x slower than fp32, so fp32 there
+            trainer.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        cfg = self.config_init[self.subcommand]
+        root = cfg.trainer.default_root_dir
+        ckpt_dir = os.path.join(root, "checkpoints")
+        ckpt = find_checkpoint(cfg.get("ckpt_path"), ckpt_dir)
+        cfg["ckpt_path"] = ckpt
+        logger = make_logger(cfg.wandb, root, peek(ckpt, RUN_ID_KEY) if ckpt else None)
+        callbacks = [Throughput(), WandbRunId(), cfg.summary]
+        if self.subcommand == "fit":
+            callbacks.append(StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep))
+        trainer_config = {**cfg.trainer, **kwargs, "logger": logger if logger is not None else False}
+        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        trainer = self._instantiate_trainer(trainer_config, callbacks + extra)
+        if logger is not None:
+            logger.log_hyperparams({"config": self.config[self.subcommand].clone().as_dict(), **run_metadata()})
+        return trainer
+
+
+def run(subcommand: str, argv: list[str]) -> None:
+    # we hand LightningCLI the arguments after the subcommand ourselves; its warning about sys.argv is noise here
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    try:
+        PretrainCLI(PretrainTask, ShardDataModule, subclass_mode_model=True, args=[subcommand, *argv],
+                    save_config_kwargs={"overwrite": True}, load_from_checkpoint_support=False,
+                    parser_kwargs={"exit_on_error": False, "allow_abbrev": False}, auto_configure_optimizers=False)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - jsonargparse reports bad configs as ArgumentError / ValueError
+        inner = _user_error_in(e)  # e.g. a bad preset raised while jsonargparse instantiated the task
+        if inner is not None:
+            raise inner from None
+        if type(e).__name__ in ("ArgumentError", "NSKeyError") or "jsonargparse" in type(e).__module__:
+            raise UserError(config_error(str(e))) from None
+        raise
+
+
+def _user_error_in(e: BaseException | None, depth: int = 0) -> UserError | None:
+    """The UserError somewhere in an exception's cause/context chain, if any."""
+    if e is None or depth > 20:
+        return None
+    if isinstance(e, UserError):
+        return e
+    return _user_error_in(e.__cause__, depth + 1) or _user_error_in(e.__context__, depth + 1)
+
+
+def config_error(message: str) -> str:
+    """jsonargparse's (multi-line) complaint about a config -> one line, with a "did you mean" for unknown keys."""
+    flat = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    unknown = re.search(r"[Kk]ey[s]? \"?'?([\w.\-]+)\"?'? (?:is|are) not expected", flat) or \
+        re.search(r"[Uu]nrecognized arguments: (\S+)", flat)
+    option = re.search(r"Parser key \"(\w+)\".*Option '([\w.]+)' is not accepted", flat)
+    if unknown or option:
+        key = f"{option.group(1)}.{option.group(2)}" if option else unknown.group(1).lstrip("-")
+        leaf = key.split(".")[-1]
+        from framework.tasks.causal_lm import CausalLMTask  # the known keys of the default task, data and trainer
+        import inspect
+
+        known = [*inspect.signature(CausalLMTask.__init__).parameters, *inspect.signature(
+            ShardDataModule.__init__).parameters, *inspect.signature(Trainer.__init__).parameters,
+            *CheckpointOptions.__dataclass_fields__, *WandbOptions.__dataclass_fields__]
+        close = difflib.get_close_matches(leaf, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown config key '{key}'{hint}; `pretrain fit --print_config` lists every key"
+    return f"bad config: {flat[:400]}"
+
+
+def fit(argv: list[str]) -> None:
+    run("fit", argv)
+
+
+def validate(argv: list[str]) -> None:
+    run("validate", argv)
