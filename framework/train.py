@@ -90,6 +90,17 @@ def run(subcommand: str, argv: list[str]) -> None:
         if type(e).__name__ in ("ArgumentError", "NSKeyError") or "jsonargparse" in type(e).__module__:
             raise UserError(config_error(str(e))) from None
         raise
+    finally:
+        _finish_wandb()
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run of this process, so that a later fit in the same process starts (or resumes) its own."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def _user_error_in(e: BaseException | None, depth: int = 0) -> UserError | None:

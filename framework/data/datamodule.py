@@ -151,7 +151,7 @@ class ShardDataModule(L.LightningDataModule):
         """Fail at start-up, not at the first out-of-range embedding lookup, when the model's vocabulary is too small."""
         if model_vocab_size < self.vocab_size:
             raise UserError(f"the data's tokenizer has {self.vocab_size} tokens but the model's embedding has "
-                            f"{model_vocab_size}; set model.vocab_size >= {self.vocab_size}")
+                            f"{model_vocab_size}; set model.config.vocab_size >= {self.vocab_size} or leave it unset")
 
     # ---------------------------------------------------------------- loaders
     def _world(self) -> tuple[int, int]:
@@ -170,7 +170,11 @@ class ShardDataModule(L.LightningDataModule):
                            workers=max(1, self.num_workers))
 
     def _loader(self, stream: TokenStream, before_iter: Callable[[], None]) -> DataLoader:
-        return _ResumableLoader(stream, before_iter, num_workers=self.num_workers,
+        # Our streams draw no random numbers from torch; a private generator also keeps the DataLoader's per-iterator
+        # base seed off the global RNG, so dropout's random stream does not depend on when loaders are iterated
+        # (which differs between an uninterrupted and a resumed run).
+        return _ResumableLoader(stream, before_iter, generator=torch.Generator().manual_seed(self.seed),
+                                num_workers=self.num_workers,
                                 pin_memory=torch.cuda.is_available(), persistent_workers=False,
                                 prefetch_factor=4 if self.num_workers else None)
 

@@ -152,7 +152,7 @@ def run_metadata() -> dict[str, Any]:
 
     import framework
 
-    meta = {"framework": framework.__version__, "torch": torch.__version__, "lightning": lightning.__version__,
+    meta = {"framework": framework.__version__, "torch": str(torch.__version__), "lightning": str(lightning.__version__),
             "python": platform.python_version(), "git_sha": git_sha()}
     return meta
 

@@ -1,0 +1,139 @@
+"""`pretrain fit` end to end on CPU: a tiny GPT on a tiny corpus, checkpoints, exact resume, W&B run continuity."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from framework.data.prepare import prepare
+from framework.train import fit
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """A few hundred KB of varied text, prepared with the byte tokenizer."""
+    src = tmp_path_factory.mktemp("corpus")
+    words = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+             "upsilon phi chi psi omega").split()
+    for i in range(60):
+        lines = [" ".join(words[(i * 7 + j * 3 + k) % len(words)] for k in range(8)) for j in range(40)]
+        (src / f"doc{i:03d}.txt").write_text(f"# document {i}\n" + "\n".join(lines) + "\n")
+    out = tmp_path_factory.mktemp("shards") / "data"
+    prepare([str(src)], out, tokenizer="bytes", val_fraction=0.1, seed=0, progress=False)
+    return out
+
+
+def write_config(tmp: Path, shards: Path, **over) -> Path:
+    config = {
+        "seed_everything": 7,
+        "model": {"class_path": "framework.tasks.causal_lm.CausalLMTask",
+                  "init_args": {"preset": "gpt-tiny", "config": {"dropout": 0.1}, "lr": 3e-3, "warmup_steps": 2}},
+        "data": {"path": str(shards), "seq_len": 32, "batch_size": 4, "num_workers": 1, "shuffle_block": 16},
+        "trainer": {"default_root_dir": str(tmp / "run"), "accelerator": "cpu", "devices": 1, "max_steps": 8,
+                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
+                    "val_check_interval": 4, "check_val_every_n_epoch": None, "limit_val_batches": 2,
+                    "callbacks": [{"class_path": "recorder.StepRecorder",
+                                   "init_args": {"path": str(tmp / "steps.jsonl")}}]},
+        "checkpoint": {"every_n_steps": 4, "keep": 2},
+        "summary": {"sample_tokens": 8, "baseline": True},
+        "wandb": {"mode": "offline"},
+    }
+    for key, value in over.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    path = tmp / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def steps(tmp: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp / "steps.jsonl").read_text().splitlines()]
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(shards, tmp_path):
+    """fp32 on CPU: 8 steps straight == 4 steps + resume from last + 4 steps, loss for loss and token for token."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    fit(["--config", str(write_config(a, shards))])
+    fit(["--config", str(write_config(b, shards)), "--trainer.callbacks.init_args.stop_at", "4"])
+    ckpt = b / "run" / "checkpoints"
+    assert (ckpt / "last.ckpt").exists() and (ckpt / "step0000004.ckpt").exists()
+    fit(["--config", str(write_config(b, shards)), "--ckpt_path", "last"])
+    straight, resumed = steps(a), steps(b)
+    assert [s["step"] for s in resumed] == list(range(8))
+    assert [s["tokens"] for s in resumed] == [s["tokens"] for s in straight]
+    assert [s["loss"] for s in resumed] == [s["loss"] for s in straight]  # exact: same data, RNG, optimizer, LR
+
+    # the resumed run continued the same W&B run, and every checkpoint knows it
+    runs = sorted((b / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]
+    last = torch.load(ckpt / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["wandb_run_id"] == runs[0].name.split("-")[-1]
+    assert last["global_step"] == 8 and "tokenizer_json" in last and last["model_config"]["n_layer"] == 2
+    # the K=2 newest step checkpoints are kept (the final step 8 coincides with a periodic save)
+    assert sorted(p.name for p in ckpt.glob("step*.ckpt")) == ["step0000004.ckpt", "step0000008.ckpt"]
+
+
+def test_fit_trains_validates_and_summarises(shards, tmp_path, capsys):
+    fit(["--config", str(write_config(tmp_path, shards, trainer__max_steps=6))])
+    out = capsys.readouterr().out
+    assert "run summary" in out and "unigram baseline" in out and "wandb sync" in out
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step*.ckpt"))
+    assert ckpts == ["step0000004.ckpt", "step0000006.ckpt"]  # every 4 steps and at the end
+    logged = steps(tmp_path)
+    assert logged[-1]["loss"] < logged[0]["loss"]
+
+
+def test_generate_from_a_checkpoint(shards, tmp_path):
+    fit(["--config", str(write_config(tmp_path, shards, trainer__max_steps=2))])
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    r = run_cli("generate", "--ckpt", str(ckpt), "--prompt", "alpha", "--max-new-tokens", "10", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("alpha")
+    # without the tokenizer it carried, generate says where to find one
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    del state["tokenizer_json"]
+    torch.save(state, tmp_path / "bare.ckpt")
+    r = run_cli("generate", "--ckpt", str(tmp_path / "bare.ckpt"), "--prompt", "a")
+    assert_one_line_error(r, "carries no tokenizer; pass --tokenizer")
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    return subprocess.run([sys.executable, "-m", "framework", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, fragment: str) -> None:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--model.init_args.preset", "gpt2-124mm"], "did you mean 'gpt2-124m'"),
+    (["--model.lrr", "1"], "unknown config key 'model.lrr' (did you mean 'lr'?)"),
+    (["--trainer.max_step", "3"], "did you mean 'max_steps'"),
+    (["--model.init_args.config", "{vocab_size: 100}"], "set model.config.vocab_size >= 261"),
+    (["--data.path", "/nonexistent/shards"], "does not exist"),
+    (["--ckpt_path", "/nonexistent.ckpt"], "checkpoint '/nonexistent.ckpt' does not exist"),
+], ids=["preset", "key", "abbreviation", "vocab", "data-dir", "ckpt"])
+def test_bad_input_is_one_line_and_exit_2(shards, tmp_path, args, fragment):
+    r = run_cli("fit", "--config", str(write_config(tmp_path, shards)), *args, cwd=tmp_path)
+    assert_one_line_error(r, fragment)
+
+
+def test_missing_manifest_is_one_line_and_exit_2(shards, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cli("fit", "--config", str(write_config(tmp_path, shards)), "--data.path", str(empty), cwd=tmp_path)
+    assert_one_line_error(r, "no manifest")
