@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import StrategyRegistry
 
 from framework.callbacks.checkpointing import StepCheckpoint, find_checkpoint, peek
 from framework.callbacks.summary import RunSummary
 from framework.callbacks.throughput import Throughput
 from framework.callbacks.wandb_run import RUN_ID_KEY, WandbOptions, WandbRunId, make_logger
 from framework.data.datamodule import ShardDataModule
+from framework.distributed import STRATEGIES, make_strategy
 from framework.errors import UserError
 from framework.tasks.base import PretrainTask, run_metadata
 
@@ -38,6 +40,19 @@ class CheckpointOptions:
     keep: int = 3
 
 
+@dataclass
+class DistributedOptions:
+    """How `--trainer.strategy NAME` is built (names: auto, ddp, fsdp, deepspeed_stage_1, deepspeed_stage_2,
+    deepspeed_stage_2_offload, deepspeed_stage_3, deepspeed_stage_3_offload; see the README's strategy table).
+
+    deepspeed_config: a DeepSpeed JSON file merged over the one generated from the run (its keys win).
+    offload_params: keep parameters in CPU memory between uses (fsdp, deepspeed_stage_3_offload).
+    """
+
+    deepspeed_config: str | None = None
+    offload_params: bool = False
+
+
 class PretrainCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -47,6 +62,7 @@ class PretrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(WandbOptions, "wandb")
         parser.add_class_arguments(CheckpointOptions, "checkpoint")
+        parser.add_class_arguments(DistributedOptions, "distributed")
         parser.add_class_arguments(RunSummary, "summary")
         parser.set_defaults({"model": {"class_path": DEFAULT_TASK}, "trainer.default_root_dir": "runs/pretrain",
                              "trainer.max_epochs": -1, "trainer.num_sanity_val_steps": 0})
@@ -66,12 +82,26 @@ class PretrainCLI(LightningCLI):
         callbacks = [Throughput(), WandbRunId(), cfg.summary]
         if self.subcommand == "fit":
             callbacks.append(StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep))
-        trainer_config = {**cfg.trainer, **kwargs, "logger": logger if logger is not None else False}
+        trainer_config = {**cfg.trainer, **kwargs, "logger": logger if logger is not None else False,
+                          "strategy": self._strategy(cfg)}
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         trainer = self._instantiate_trainer(trainer_config, callbacks + extra)
         if logger is not None:
             logger.log_hyperparams({"config": self.config[self.subcommand].clone().as_dict(), **run_metadata()})
         return trainer
+
+
+    def _strategy(self, cfg: Any) -> Any:
+        """Our strategies by name (they also run on CPU); other Lightning strategy names and objects pass through."""
+        name = cfg.trainer.strategy
+        if not isinstance(name, str) or (name not in STRATEGIES and name in StrategyRegistry):
+            return name
+        return make_strategy(name, precision=str(cfg.trainer.precision), accelerator=str(cfg.trainer.accelerator),
+                             micro_batch_size=self.datamodule.batch_size,
+                             accumulate_grad_batches=cfg.trainer.accumulate_grad_batches or 1,
+                             gradient_clip_val=getattr(self.model, "grad_clip", None) or None,
+                             deepspeed_config=cfg.distributed.deepspeed_config,
+                             offload_params=cfg.distributed.offload_params)
 
 
 def run(subcommand: str, argv: list[str]) -> None:
@@ -126,7 +156,8 @@ def config_error(message: str) -> str:
 
         known = [*inspect.signature(CausalLMTask.__init__).parameters, *inspect.signature(
             ShardDataModule.__init__).parameters, *inspect.signature(Trainer.__init__).parameters,
-            *CheckpointOptions.__dataclass_fields__, *WandbOptions.__dataclass_fields__]
+            *CheckpointOptions.__dataclass_fields__, *WandbOptions.__dataclass_fields__,
+            *DistributedOptions.__dataclass_fields__]
         close = difflib.get_close_matches(leaf, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown config key '{key}'{hint}; `pretrain fit --print_config` lists every key"

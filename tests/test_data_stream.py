@@ -256,5 +256,5 @@ def test_vocabulary_is_exposed_and_checked(corpus):
     assert dm.vocab_size == K.VOCAB
     assert dm.special_ids["eod"] == K.EOD and set(dm.special_ids) == {"eod", "pad", "mask", "cls", "sep"}
     dm.check_vocab(K.VOCAB)
-    with pytest.raises(UserError, match=f"model.vocab_size >= {K.VOCAB}"):
+    with pytest.raises(UserError, match=f"model.config.vocab_size >= {K.VOCAB}"):
         dm.check_vocab(50304)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from framework.errors import UserError
-from framework.models.gpt import GPT, GPTConfig, apply_rope, rope_cos_sin
+from framework.distributed import apply_activation_checkpointing
+from framework.models.gpt import GPT, Block, GPTConfig, apply_rope, rope_cos_sin
 from framework.objectives.causal_lm import causal_lm_loss, shift
 
 POS = ["learned", "rope"]
@@ -185,7 +186,9 @@ def test_activation_checkpointing_gives_same_loss_and_grads(pos):
     batch = tokens(B=2, T=33)
     results = []
     for checkpointing in (False, True):
-        model = tiny(pos_embedding=pos, dropout=0.1, activation_checkpointing=checkpointing)
+        model = tiny(pos_embedding=pos, dropout=0.1)
+        if checkpointing:
+            apply_activation_checkpointing(model, (Block,))
         torch.manual_seed(1)  # same dropout masks: checkpoint replays the RNG state in recomputation
         inputs, targets = shift(batch)
         loss = causal_lm_loss(model(inputs), targets)

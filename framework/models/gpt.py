@@ -5,14 +5,15 @@ causal attention through `F.scaled_dot_product_attention` (flash / memory-effici
 nanoGPT and the GPT-2 checkpoints (`transformer.wte`, `h.0.attn.c_attn`, ...) so weights map across by name.
 
 This file holds only the architecture. Sharding, precision, torch.compile and optimizer grouping are applied from
-outside (framework.distributed, framework.tasks); the only execution knob here is per-block activation checkpointing,
-because it has to wrap the blocks from inside `forward`.
+outside (framework.distributed, framework.tasks), activation checkpointing included
+(`framework.distributed.apply_activation_checkpointing` hooks each `Block`).
 
 Shapes in comments: B batch, T sequence length, C n_embd, nh n_head, hs head size (C // nh), V vocab (Vp padded).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -20,12 +21,11 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, ContextManager, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from framework.errors import UserError
 
@@ -53,7 +53,6 @@ class GPTConfig:
     # checkpoint shapes (and the MFU baselines measured for them). "rope" (rotary, no position parameters) extrapolates
     # better to longer contexts and is what most recent LMs use; it costs a few elementwise ops per layer.
     pos_embedding: Literal["learned", "rope"] = "learned"
-    activation_checkpointing: bool = False  # recompute blocks in backward: less memory, one more forward
     # The embedding table and logits matmul are padded to a multiple of this (nanoGPT: 50257 -> 50304 ran ~25% faster).
     # Padded rows are never predicted: forward slices the logits back to vocab_size.
     vocab_multiple: int = 64
@@ -81,9 +80,8 @@ class GPTConfig:
                 f"GPTConfig.pos_embedding='rope' needs an even head size, got n_embd/n_head={self.head_size}: "
                 "change n_embd or n_head"
             )
-        for name in ("bias", "activation_checkpointing"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"GPTConfig.{name}={getattr(self, name)!r} must be true or false")
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"GPTConfig.bias={self.bias!r} must be true or false")
 
     @property
     def head_size(self) -> int:
@@ -231,26 +229,27 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """GPT-2 init. Public so that a model built on the meta device and materialized with `to_empty` can be
-        initialized in place, shard by shard. `to_empty` gives each module its own new Parameter, which unties
-        lm_head from wte: tie them again first."""
+    def init_weights(self, gather: Callable[[nn.Module], ContextManager[Any]] | None = None) -> None:
+        """GPT-2 init. Public so that a model built on the meta device and materialized with `to_empty`, or built
+        partitioned under ZeRO-3, can be initialized in place. `gather(module)` is entered around each module's own
+        parameters (e.g. DeepSpeed's GatheredParameters); without it the parameters are used as they are.
+        `to_empty` gives each module its own new Parameter, which unties lm_head from wte: tie them again first."""
         if self.lm_head.weight is not self.transformer.wte.weight:
             self.tie_weights()
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module is not self.lm_head:  # lm_head is wte, initialized below
-                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
-            elif isinstance(module, nn.LayerNorm):
-                module.reset_parameters()
         # Each block adds two projections to the residual stream; scaling them keeps its variance independent of depth.
+        residual = {id(b.attn.c_proj) for b in self.transformer.h} | {id(b.mlp.c_proj) for b in self.transformer.h}
         residual_std = INIT_STD / math.sqrt(2 * self.config.n_layer)
-        for block in self.transformer.h:
-            nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=residual_std)
+        for module in self.modules():
+            if module is self.lm_head or not isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+                continue  # lm_head is wte, initialized as an embedding
+            with gather(module) if gather is not None else contextlib.nullcontext():
+                if isinstance(module, nn.LayerNorm):
+                    module.reset_parameters()
+                    continue
+                std = residual_std if id(module) in residual else INIT_STD
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size) for the next token at every position."""
@@ -266,9 +265,8 @@ class GPT(nn.Module):
         else:
             rope = rope_cos_sin(T, self.config.head_size, idx.device)  # (T, hs) each
         x = self.transformer.drop(x)
-        recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = checkpoint(block, x, rope, use_reentrant=False) if recompute else block(x, rope)
+            x = block(x, rope)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, Vp)
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]  # (B, T, V): padding ids can never be predicted or sampled
@@ -347,7 +345,7 @@ class GPT(nn.Module):
         cls, path: str | os.PathLike, map_location: str | torch.device = "cpu", **overrides: Any
     ) -> "GPT":
         """Load a directory written by save_pretrained. overrides replace config fields that do not change shapes,
-        e.g. dropout=0.1 or activation_checkpointing=True for fine-tuning."""
+        e.g. dropout=0.1 for fine-tuning."""
         load_file = _safetensors().load_file
         path = Path(path)
         config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE

@@ -28,13 +28,16 @@ class PretrainTask(L.LightningModule):
     weight_decay: AdamW decay, applied to matrices (dim >= 2) only; biases, norms and embeddings' 1-d params are exempt.
     betas, eps: AdamW moments.
     grad_clip: clip the global gradient norm to this (0 disables); the pre-clip norm is logged as grad_norm.
+        Under DeepSpeed the same value goes into its JSON and DeepSpeed clips.
+    activation_checkpointing: recompute each transformer block in backward instead of storing its activations.
     compile: wrap the model's forward in torch.compile (the saved weights are the uncompiled module's).
     peak_tflops: the accelerator's peak dense TFLOP/s per device for MFU; default: looked up from the device name.
     """
 
     def __init__(self, lr: float = 6e-4, min_lr_ratio: float = 0.1, warmup_steps: int = 100,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 grad_clip: float = 1.0, compile: bool = False, peak_tflops: float | None = None):
+                 grad_clip: float = 1.0, activation_checkpointing: bool = False, compile: bool = False,
+                 peak_tflops: float | None = None):
         super().__init__()
         if lr <= 0 or not 0 <= min_lr_ratio <= 1 or warmup_steps < 0 or grad_clip < 0:
             raise UserError("model.lr must be > 0, model.min_lr_ratio in [0, 1], model.warmup_steps and "
@@ -42,11 +45,14 @@ class PretrainTask(L.LightningModule):
         self.lr, self.min_lr_ratio, self.warmup_steps = lr, min_lr_ratio, warmup_steps
         self.weight_decay, self.betas, self.eps = weight_decay, tuple(betas), eps
         self.grad_clip, self.compile, self.peak_tflops = grad_clip, compile, peak_tflops
+        self.activation_checkpointing = activation_checkpointing
         self.model: nn.Module | None = None
         self._forward: Any = None  # the compiled forward, kept out of the module tree (and the state dict)
         self.val_loss = MeanMetric()
 
     # ---------------------------------------------------------------- for subclasses
+    block_types: tuple[type[nn.Module], ...] = ()  # the model's repeated blocks: units of sharding and recompute
+
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
@@ -62,7 +68,11 @@ class PretrainTask(L.LightningModule):
     # ---------------------------------------------------------------- model
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = self.build_model()
+            from framework.distributed import parallelize
+
+            # sharding (FSDP2) and activation checkpointing are applied to the built model, before compile
+            self.model = parallelize(self.build_model(), self.trainer.strategy, self.block_types,
+                                     activation_checkpointing=self.activation_checkpointing)
         if self.compile and self._forward is None:
             self._forward = torch.compile(self.model)
 
@@ -100,8 +110,10 @@ class PretrainTask(L.LightningModule):
         decay, no_decay = [], []
         for p in self.parameters():
             if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
+                # ZeRO-3 partitions parameters as they are created (their local shape is empty): use the full shape
+                (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups, which would desync the scheduler
         on_cuda = all(p.is_cuda for p in decay + no_decay)
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=on_cuda or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_at(step) / self.lr)
@@ -117,12 +129,21 @@ class PretrainTask(L.LightningModule):
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip the global gradient norm (after unscaling; on every strategy whose grads are plain tensors)."""
+        """Clip the global gradient norm (after unscaling). DeepSpeed keeps gradients in its own buffers and clips
+        them itself (gradient_clipping in its JSON); it reports the norm after its step."""
+        if _is_deepspeed(self.trainer.strategy):
+            return
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], max_norm)
         self.log("grad_norm", norm)
 
     # ---------------------------------------------------------------- checkpoint extras
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if _is_deepspeed(self.trainer.strategy):
+            norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()
+            if norm is not None:
+                self.log("grad_norm", float(norm))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["framework"] = run_metadata()
         # Lightning does not checkpoint RNG states; dropout and sampling after a resume must continue the same streams.
@@ -142,6 +163,10 @@ class PretrainTask(L.LightningModule):
             if states["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
             self._rng_states = None
+
+
+def _is_deepspeed(strategy: Any) -> bool:
+    return type(strategy).__name__ == "DeepSpeedStrategy" or "deepspeed" in type(strategy).__module__
 
 
 def run_metadata() -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from framework.errors import UserError
-from framework.models.gpt import GPT, GPTConfig
+from framework.models.gpt import GPT, Block, GPTConfig
 from framework.objectives.causal_lm import causal_lm_loss, shift
 from framework.tasks.base import PretrainTask
 
@@ -26,14 +26,17 @@ class CausalLMTask(PretrainTask):
     def __init__(self, preset: str = "gpt-small-cpu", config: dict[str, Any] | None = None, lr: float = 6e-4,
                  min_lr_ratio: float = 0.1, warmup_steps: int = 100, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, grad_clip: float = 1.0,
-                 compile: bool = False, peak_tflops: float | None = None):
+                 activation_checkpointing: bool = False, compile: bool = False, peak_tflops: float | None = None):
         super().__init__(lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                         betas=betas, eps=eps, grad_clip=grad_clip, compile=compile, peak_tflops=peak_tflops)
+                         betas=betas, eps=eps, grad_clip=grad_clip, activation_checkpointing=activation_checkpointing,
+                         compile=compile, peak_tflops=peak_tflops)
         self.save_hyperparameters()
         self.preset, self.overrides = preset, dict(config or {})
         GPTConfig.from_preset(preset, **self.overrides)  # fail on a bad preset or field now, not after data setup
         self.config: GPTConfig | None = None
         self.tokenizer_json: str | None = None
+
+    block_types = (Block,)
 
     def resolve_config(self) -> GPTConfig:
         """The preset with its overrides, sized to the data: vocabulary from the shards, context checked."""
