@@ -68,28 +68,32 @@ class PretrainCLI(LightningCLI):
                              "trainer.max_epochs": -1, "trainer.num_sanity_val_steps": 0})
 
     def before_instantiate_classes(self) -> None:
-        trainer = self.config[self.subcommand].trainer
+        trainer = self._section(self.config).trainer
         if trainer.precision is None:  # bf16 on GPUs; on CPUs it is ~20x slower than fp32, so fp32 there
             trainer.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        cfg = self.config_init[self.subcommand]
+        cfg = self._section(self.config_init)
         root = cfg.trainer.default_root_dir
         ckpt_dir = os.path.join(root, "checkpoints")
         ckpt = find_checkpoint(cfg.get("ckpt_path"), ckpt_dir)
         cfg["ckpt_path"] = ckpt
         logger = make_logger(cfg.wandb, root, peek(ckpt, RUN_ID_KEY) if ckpt else None)
         callbacks = [Throughput(), WandbRunId(), cfg.summary]
-        if self.subcommand == "fit":
+        if self.subcommand in ("fit", None):
             callbacks.append(StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep))
         trainer_config = {**cfg.trainer, **kwargs, "logger": logger if logger is not None else False,
                           "strategy": self._strategy(cfg)}
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         trainer = self._instantiate_trainer(trainer_config, callbacks + extra)
         if logger is not None:
-            logger.log_hyperparams({"config": self.config[self.subcommand].clone().as_dict(), **run_metadata()})
+            logger.log_hyperparams({"config": self._section(self.config).clone().as_dict(), **run_metadata()})
         return trainer
 
+
+    def _section(self, config: Any) -> Any:
+        """The config of the running subcommand (the whole config when built with run=False, as tests do)."""
+        return config[self.subcommand] if self.subcommand else config
 
     def _strategy(self, cfg: Any) -> Any:
         """Our strategies by name (they also run on CPU); other Lightning strategy names and objects pass through."""
