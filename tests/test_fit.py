@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from framework.data.prepare import prepare
-from framework.train import fit
+from framework.train import fit, validate
 
 ROOT = Path(__file__).parent.parent
 
@@ -78,6 +78,8 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(shards, tmp_path):
     last = torch.load(ckpt / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["wandb_run_id"] == runs[0].name.split("-")[-1]
     assert last["global_step"] == 8 and "tokenizer_json" in last and last["model_config"]["n_layer"] == 2
+    # tokens_seen kept counting across the resume: 8 steps x 4 windows x 32 trained tokens
+    assert last["callbacks"]["Throughput"]["tokens_seen"] == 8 * 4 * 32
     # the K=2 newest step checkpoints are kept (the final step 8 coincides with a periodic save)
     assert sorted(p.name for p in ckpt.glob("step*.ckpt")) == ["step0000004.ckpt", "step0000008.ckpt"]
 
@@ -104,6 +106,15 @@ def test_generate_from_a_checkpoint(shards, tmp_path):
     torch.save(state, tmp_path / "bare.ckpt")
     r = run_cli("generate", "--ckpt", str(tmp_path / "bare.ckpt"), "--prompt", "a")
     assert_one_line_error(r, "carries no tokenizer; pass --tokenizer")
+
+
+def test_validate_a_checkpoint(shards, tmp_path, capsys):
+    fit(["--config", str(write_config(tmp_path, shards, trainer__max_steps=2))])
+    capsys.readouterr()
+    validate(["--config", str(write_config(tmp_path, shards)),
+              "--ckpt_path", str(tmp_path / "run" / "checkpoints" / "last.ckpt")])
+    out = capsys.readouterr().out
+    assert "val/loss" in out and "val/ppl" in out
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -275,9 +275,11 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count, the tied embedding once. non_embedding drops the position table (a lookup, no FLOPs) but
         keeps the token table, which is also the output projection, as nanoGPT and the FLOP estimate count it."""
-        n = sum(p.numel() for p in self.parameters())
+        # a parameter partitioned by ZeRO-3 is empty locally; DeepSpeed records its full size as ds_numel
+        numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+        n = sum(numel(p) for p in self.parameters())
         if non_embedding and "wpe" in self.transformer:
-            n -= self.transformer.wpe.weight.numel()
+            n -= numel(self.transformer.wpe.weight)
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
