@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import StrategyRegistry
 
 from framework.callbacks.checkpointing import StepCheckpoint, find_checkpoint, peek
+from framework.callbacks.preemption import Preemption
 from framework.callbacks.summary import RunSummary
 from framework.callbacks.throughput import Throughput
 from framework.callbacks.wandb_run import RUN_ID_KEY, WandbOptions, WandbRunId, make_logger
@@ -81,7 +82,8 @@ class PretrainCLI(LightningCLI):
         logger = make_logger(cfg.wandb, root, peek(ckpt, RUN_ID_KEY) if ckpt else None)
         callbacks = [Throughput(), WandbRunId(), cfg.summary]
         if self.subcommand in ("fit", None):
-            callbacks.append(StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep))
+            # SIGUSR1 (SLURM's warning before the time limit): stop after this step; StepCheckpoint saves it
+            callbacks += [Preemption(), StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep)]
         trainer_config = {**cfg.trainer, **kwargs, "logger": logger if logger is not None else False,
                           "strategy": self._strategy(cfg)}
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]

@@ -9,6 +9,7 @@ by `state_dict()` (Lightning calls it when writing a checkpoint) and restored by
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 from typing import Any, Callable
 
@@ -34,6 +35,13 @@ class _ResumableLoader(DataLoader):
     def __iter__(self):  # type: ignore[override]
         self._before_iter()
         return super().__iter__()
+
+
+def _ignore_preemption_signal(worker_id: int) -> None:
+    """SLURM delivers SIGUSR1 to every process of the job step; the training process handles it (Preemption), and a
+    worker started by spawn/forkserver (not fork) would otherwise die of it."""
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -174,7 +182,7 @@ class ShardDataModule(L.LightningDataModule):
         # base seed off the global RNG, so dropout's random stream does not depend on when loaders are iterated
         # (which differs between an uninterrupted and a resumed run).
         return _ResumableLoader(stream, before_iter, generator=torch.Generator().manual_seed(self.seed),
-                                num_workers=self.num_workers,
+                                num_workers=self.num_workers, worker_init_fn=_ignore_preemption_signal,
                                 pin_memory=torch.cuda.is_available(), persistent_workers=False,
                                 prefetch_factor=4 if self.num_workers else None)
 

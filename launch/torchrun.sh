@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# `pretrain fit` under torchrun: one process per GPU on this node, on one node or several.
+#
+#   launch/torchrun.sh --config configs/gpt/smoke.yaml [more `pretrain fit` arguments]
+#
+# Environment (all optional):
+#   NPROC         processes on this node (default: the visible GPUs, or 1 without any)
+#   NNODES        nodes in the job (default 1)
+#   NODE_RANK     this node's rank, 0..NNODES-1 (default 0; static rendezvous only)
+#   MASTER_ADDR   node 0's address (default 127.0.0.1) } static rendezvous: run the same command on every node
+#   MASTER_PORT   a free port on it (default 29500)    } with its own NODE_RANK
+#   RDZV_ENDPOINT host:port of a c10d rendezvous (instead of MASTER_*; ranks are assigned, NODE_RANK is not needed)
+#   RDZV_ID       the job's rendezvous id (default "pretrain"; unique per job when the endpoint is shared)
+#   PYTHON        the interpreter that has the framework installed (default: python)
+# On one node without MASTER_PORT or RDZV_ENDPOINT, torchrun's --standalone picks a free port itself.
+#
+# Lightning sees torchrun's environment (TorchElasticEnvironment) and starts no processes of its own, so the Trainer's
+# devices and num_nodes must match what torchrun started: they are passed last, overriding any config value.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+NNODES=${NNODES:-1}
+if [[ $NNODES != 1 && -z ${RDZV_ENDPOINT:-} && -z ${MASTER_ADDR:-} ]]; then
+    echo "error: NNODES=$NNODES needs a rendezvous: set RDZV_ENDPOINT=host:port, or MASTER_ADDR (node 0) and" \
+         "NODE_RANK on every node" >&2
+    exit 2
+fi
+if [[ -z ${NPROC:-} ]]; then
+    NPROC=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)') || {
+        echo "error: '$PYTHON' cannot import torch; set PYTHON to the framework's interpreter" >&2
+        exit 2
+    }
+fi
+
+rdzv=()
+if [[ -n ${RDZV_ENDPOINT:-} ]]; then
+    rdzv=(--rdzv-backend=c10d "--rdzv-endpoint=$RDZV_ENDPOINT" "--rdzv-id=${RDZV_ID:-pretrain}")
+elif [[ $NNODES == 1 && -z ${MASTER_PORT:-} ]]; then
+    rdzv=(--standalone)
+else
+    rdzv=("--node-rank=${NODE_RANK:-0}" "--master-addr=${MASTER_ADDR:-127.0.0.1}" "--master-port=${MASTER_PORT:-29500}")
+fi
+
+# Signals: SIGUSR1 (preemption warning) goes to the training processes, which checkpoint after the current step and
+# stop (framework/callbacks/preemption.py); torchrun itself would die of it. SIGTERM/SIGINT go to torchrun, which
+# forwards them to the training processes.
+"$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC" "${rdzv[@]}" \
+    -m framework fit "$@" --trainer.devices "$NPROC" --trainer.num_nodes "$NNODES" &
+agent=$!
+woke=0
+trap 'woke=1; pkill -USR1 -P "$agent" || true' USR1
+trap 'woke=1; kill -TERM "$agent" 2>/dev/null || true' TERM INT
+# a trap runs only once `wait` returns, which a signal makes it do at once; then wait again for the real exit status
+while true; do
+    wait "$agent" && rc=0 || rc=$?
+    if [[ $woke == 1 ]]; then woke=0; continue; fi
+    exit "$rc"
+done

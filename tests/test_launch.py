@@ -1,0 +1,222 @@
+"""The launchers, for real: launch/torchrun.sh with 2 processes, and launch/slurm/pretrain.sbatch on a one-node SLURM
+cluster (tests/slurm_cluster.py) with 2 tasks, including a preemption: SIGUSR1 -> checkpoint -> requeue -> resume
+into the same W&B run at the exact data position. All on CPU, DDP over gloo, a tiny GPT.
+
+Exactness is checked against an uninterrupted torchrun run of the same config: every (step, batch digest, loss) that
+each rank recorded must match, nothing trained twice, nothing skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
+
+from framework.data.prepare import prepare
+from framework.train import fit
+
+ROOT = Path(__file__).parent.parent
+TORCHRUN = ROOT / "launch" / "torchrun.sh"
+SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
+STEPS = 40  # long enough that a signal sent after the first steps lands mid-run
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("corpus")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+    for i in range(40):
+        lines = [" ".join(words[(i * 5 + j * 3 + k) % len(words)] for k in range(8)) for j in range(40)]
+        (src / f"doc{i:03d}.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path_factory.mktemp("shards") / "data"
+    prepare([str(src)], out, tokenizer="bytes", val_fraction=0.05, seed=0, progress=False)
+    return out
+
+
+def write_config(run: Path, shards: Path, max_steps: int = STEPS, **trainer) -> Path:
+    """A tiny DDP fit on CPU; `{run}/steps.jsonl` gets one line per rank and step (tests/recorder.py)."""
+    run.mkdir(parents=True, exist_ok=True)
+    config = {
+        "seed_everything": 3,
+        "model": {"class_path": "framework.tasks.causal_lm.CausalLMTask",
+                  "init_args": {"preset": "gpt-tiny", "config": {"dropout": 0.1}, "lr": 3e-3, "warmup_steps": 2}},
+        "data": {"path": str(shards), "seq_len": 32, "batch_size": 4, "num_workers": 1, "shuffle_block": 16},
+        "trainer": {"default_root_dir": str(run / "root"), "accelerator": "cpu", "strategy": "ddp",
+                    "max_steps": max_steps, "limit_val_batches": 0, "log_every_n_steps": 1,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "callbacks": [{"class_path": "recorder.StepRecorder",
+                                   "init_args": {"path": str(run / "steps.jsonl")}}], **trainer},
+        "checkpoint": {"every_n_steps": 25, "keep": 10},
+        "summary": {"sample_tokens": 0},
+        "wandb": {"mode": "offline"},
+    }
+    path = run / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def env(**extra: str) -> dict[str, str]:
+    # one thread per process: the 2 ranks share 2 cores, and equal thread counts keep the losses bit-identical
+    # between launchers; PYTHON is the interpreter the launch scripts run
+    return {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+            "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", **extra}
+
+
+def records(run: Path) -> list[tuple]:
+    lines = (run / "steps.jsonl").read_text().splitlines()
+    return sorted((r["step"], r["tokens"], r["loss"]) for r in map(json.loads, lines))
+
+
+def wait_for_steps(run: Path, n: int, running: Callable[[], bool], timeout: float = 120) -> None:
+    """Until `n` step lines (over all ranks) are recorded; fails at once if the training stops running first."""
+    path, deadline = run / "steps.jsonl", time.monotonic() + timeout
+    while not path.exists() or len(path.read_text().splitlines()) < n:
+        assert running(), "the training ended before it was signalled"
+        assert time.monotonic() < deadline, f"fewer than {n} steps recorded after {timeout} s"
+        time.sleep(0.05)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def wandb_ids(run: Path) -> list[str]:
+    return [p.name.rsplit("-", 1)[-1] for p in sorted((run / "root" / "wandb").glob("offline-run-*"))]
+
+
+def torchrun(run: Path, *args: str) -> subprocess.Popen:
+    with open(run / "log.txt", "ab") as log:
+        return subprocess.Popen(["bash", str(TORCHRUN), "--config", str(run / "config.json"), *args], cwd=run,
+                                env=env(NPROC="2"), stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, run: Path, timeout: float = 180) -> None:
+    assert proc.wait(timeout) == 0, (run / "log.txt").read_text()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> Path:
+    """An uninterrupted 2-process torchrun run of STEPS steps."""
+    run = tmp_path_factory.mktemp("reference")
+    write_config(run, shards)
+    finish(torchrun(run), run)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------- torchrun
+
+def test_torchrun_runs_two_ranks_and_checkpoints(reference):
+    ckpts = reference / "root" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == ["step0000025.ckpt", f"step{STEPS:07d}.ckpt"]
+    last = load(ckpts / "last.ckpt")
+    assert last["global_step"] == STEPS
+    assert last["ShardDataModule"]["segment"]["world"] == 2  # the data position was laid out for 2 ranks
+    steps = Counter(step for step, _, _ in records(reference))
+    assert steps == {s: 2 for s in range(STEPS)}  # both ranks trained every step
+    assert last["wandb_run_id"] == wandb_ids(reference)[0]
+
+
+def test_torchrun_sigusr1_checkpoints_stops_and_resumes_exactly(shards, reference, tmp_path):
+    write_config(tmp_path, shards)
+    proc = torchrun(tmp_path)
+    wait_for_steps(tmp_path, 2 * 3, lambda: proc.poll() is None)
+    proc.send_signal(signal.SIGUSR1)  # to the script, which passes it to the training processes
+    finish(proc, tmp_path)
+    last = load(tmp_path / "root" / "checkpoints" / "last.ckpt")
+    stopped = last["global_step"]
+    assert 3 <= stopped < STEPS, stopped
+    assert (tmp_path / "root" / "checkpoints" / f"step{stopped:07d}.ckpt").exists()
+    assert max(step for step, _, _ in records(tmp_path)) == stopped - 1  # stopped right after that step
+
+    finish(torchrun(tmp_path, "--ckpt_path", "last"), tmp_path)
+    assert records(tmp_path) == records(reference)  # same batches, same losses, on both ranks, each step once
+    first, second = wandb_ids(tmp_path)
+    assert first == second == load(tmp_path / "root" / "checkpoints" / "last.ckpt")["wandb_run_id"]
+
+
+# ---------------------------------------------------------------------------------------------------- in process
+
+class SignalAt(L.Callback):
+    """Sends this process SIGUSR1 at the end of batch `batch`."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_preemption_stops_only_at_an_optimizer_step(shards, tmp_path):
+    """With 2 micro-batches per step, a signal after micro-batch 3 of 4 (mid-step 2) stops after step 2, not before:
+    the checkpoint never holds half an accumulation."""
+    config = write_config(tmp_path, shards, strategy="auto", devices=1, accumulate_grad_batches=2)
+    before = signal.getsignal(signal.SIGUSR1)
+    fit(["--config", str(config), "--trainer.callbacks+=test_launch.SignalAt", "--trainer.callbacks.batch=2"])
+    last = load(tmp_path / "root" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 2
+    assert last["ShardDataModule"]["batches"] == 4  # the data position: 4 micro-batches trained, no more
+    assert signal.getsignal(signal.SIGUSR1) == before  # the handler is removed with the fit
+
+
+# ---------------------------------------------------------------------------------------------------- SLURM
+
+def sbatch(cluster, run: Path, *options: str) -> str:
+    cluster.env.update(env())
+    return cluster.sbatch(["--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+                           f"--output={run / 'slurm.out'}", *options, str(SBATCH), "--config",
+                           str(run / "config.json")], cwd=run)
+
+
+def test_sbatch_runs_two_tasks(slurm_cluster, shards, tmp_path):  # noqa: F811 - the fixture
+    write_config(tmp_path, shards, max_steps=6)
+    job = sbatch(slurm_cluster, tmp_path)
+    info = slurm_cluster.wait(job, set(), timeout=120)
+    out = (tmp_path / "slurm.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-4000:]
+    assert "attempt SLURM_RESTART_COUNT=0: 1 node(s) x 2 task(s)" in out and "requeueing job" not in out
+    assert Counter(step for step, _, _ in records(tmp_path)) == {s: 2 for s in range(6)}
+    last = load(tmp_path / "root" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 6 and last["ShardDataModule"]["segment"]["world"] == 2
+
+
+def test_sbatch_preempted_checkpoints_requeues_and_resumes_exactly(slurm_cluster, shards, reference,  # noqa: F811
+                                                                    tmp_path):
+    write_config(tmp_path, shards)
+    job = sbatch(slurm_cluster, tmp_path)
+    slurm_cluster.wait(job, {"RUNNING"}, timeout=60)
+    wait_for_steps(tmp_path, 2 * 3, lambda: slurm_cluster.job(job).get("JobState") == "RUNNING")
+    # what `#SBATCH --signal=B:USR1@120` does before the time limit
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_cluster.env, check=True)
+
+    info = slurm_cluster.wait(job, {"PENDING"}, timeout=120)
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", info
+    # SLURM holds a requeued job ~2 min (Reason=BeginTime); start it now, but not within the second in which slurmd
+    # revoked the first attempt's credential (it compares whole seconds: "Job credential revoked", the job FAILS)
+    time.sleep(2)
+    slurm_cluster.scontrol("update", f"JobId={job}", "StartTime=now")
+    info = slurm_cluster.wait(job, set(), timeout=180)
+    out = (tmp_path / "slurm.out").read_text()  # both attempts: --open-mode=append
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-4000:]
+    assert "attempt SLURM_RESTART_COUNT=0" in out and "attempt SLURM_RESTART_COUNT=1" in out
+
+    ckpts = tmp_path / "root" / "checkpoints"
+    stopped = [int(p.stem[4:]) for p in ckpts.glob("step*.ckpt") if int(p.stem[4:]) % 25 and int(p.stem[4:]) < STEPS]
+    assert len(stopped) == 1, sorted(p.name for p in ckpts.iterdir())  # the preemption checkpoint
+    assert f"stopping after step {stopped[0]}" in out
+    assert f"Restored all states from the checkpoint at {ckpts / 'last.ckpt'}" in out
+    assert load(ckpts / "last.ckpt")["global_step"] == STEPS
+    assert records(tmp_path) == records(reference)  # the exact data position, on both ranks
+    first, second = wandb_ids(tmp_path)
+    assert first == second == load(ckpts / "last.ckpt")["wandb_run_id"]
