@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("framework.train:fit", "train a model (LightningCLI: --config FILE.yaml, --model.* --data.* --trainer.*)"),
     "validate": ("framework.train:validate", "compute the validation loss of a checkpoint (--ckpt_path)"),
     "generate": ("framework.generate:main", "sample text from a checkpoint or an exported model"),
+    "export": ("framework.checkpoint.export:main", "checkpoint -> model.safetensors, config.json, tokenizer.json"),
 }
 
 USAGE = "usage: pretrain {" + ",".join(COMMANDS) + "} [options]   (pretrain COMMAND --help for details)"

@@ -13,29 +13,28 @@ from framework.models.gpt import GPT, GPTConfig
 
 
 def load_checkpoint_model(path: str) -> tuple[GPT, str | None]:
-    """A GPT and its tokenizer JSON (None if the checkpoint carries none) from a `pretrain fit` checkpoint file."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint '{path}' does not exist; pass a .ckpt file written by `pretrain fit`")
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise UserError(f"cannot read checkpoint '{path}' ({type(e).__name__}); is it a `pretrain fit` checkpoint?") \
-            from None
-    if "model_config" not in ckpt:
-        raise UserError(f"checkpoint '{path}' has no model_config: it was not written by `pretrain fit`")
-    config = GPTConfig.from_dict(ckpt["model_config"])
+    """A GPT and its tokenizer JSON (None if the checkpoint carries none) from any `pretrain fit` checkpoint: a .ckpt
+    file, or a sharded FSDP2 / DeepSpeed directory, consolidated here on CPU (framework.checkpoint.consolidate)."""
+    from framework.checkpoint.consolidate import checkpoint_meta, load_state_dict
+
+    meta = checkpoint_meta(path)  # UserError for a missing path or a file that is not one of our checkpoints
+    config = GPTConfig.from_dict(meta["model_config"])
     with torch.device("meta"):
         model = GPT(config)
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state, assign=True)
+    state = {k: v for k, v in load_state_dict(path).items() if k != "lm_head.weight"}  # tied to transformer.wte
+    result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    return model, ckpt.get("tokenizer_json")
+    missing = [k for k in result.missing_keys if k != "lm_head.weight"]
+    if missing or result.unexpected_keys:
+        raise UserError(f"the weights in '{path}' do not match its model_config (missing {missing[:3]}, unexpected "
+                        f"{result.unexpected_keys[:3]}); the checkpoint is damaged")
+    return model, meta.get("tokenizer_json")
 
 
 def load_model(ckpt: str | None, model_dir: str | None, tokenizer: str | None) -> tuple[GPT, Tokenizer]:
     """The model and tokenizer named on the command line; a missing tokenizer is a UserError saying where to find one."""
     if (ckpt is None) == (model_dir is None):
-        raise UserError("pass exactly one of --ckpt CHECKPOINT.ckpt or --model EXPORTED_DIR")
+        raise UserError("pass exactly one of --ckpt CHECKPOINT or --model EXPORTED_DIR")
     if ckpt is not None:
         model, tok_json = load_checkpoint_model(ckpt)
     else:
@@ -56,7 +55,8 @@ def load_model(ckpt: str | None, model_dir: str | None, tokenizer: str | None) -
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="pretrain generate", description=__doc__)
-    p.add_argument("--ckpt", help="a checkpoint written by `pretrain fit` (e.g. runs/NAME/checkpoints/last.ckpt)")
+    p.add_argument("--ckpt", help="a checkpoint written by `pretrain fit` with any strategy "
+                   "(e.g. runs/NAME/checkpoints/last.ckpt)")
     p.add_argument("--model", help="a directory written by `pretrain export` (config.json, model.safetensors)")
     p.add_argument("--tokenizer", help="tokenizer.json to use instead of the one the checkpoint carries")
     p.add_argument("--prompt", default="", help="text to continue (default: start from an end-of-document token)")

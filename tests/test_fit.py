@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,10 +74,12 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(shards, tmp_path):
     assert [s["loss"] for s in resumed] == [s["loss"] for s in straight]  # exact: same data, RNG, optimizer, LR
 
     # the resumed run continued the same W&B run, and every checkpoint knows it
-    runs = sorted((b / "run" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]
+    # run folders are offline-run-DATE_TIME-ID, with "-1" appended when two start in the same second
+    ids = [re.match(r"offline-run-\d+_\d+-([a-z0-9]+)", p.name).group(1)
+           for p in sorted((b / "run" / "wandb").glob("offline-run-*"))]
+    assert len(ids) == 2 and ids[0] == ids[1]
     last = torch.load(ckpt / "last.ckpt", map_location="cpu", weights_only=False)
-    assert last["wandb_run_id"] == runs[0].name.split("-")[-1]
+    assert last["wandb_run_id"] == ids[0]
     assert last["global_step"] == 8 and "tokenizer_json" in last and last["model_config"]["n_layer"] == 2
     # tokens_seen kept counting across the resume: 8 steps x 4 windows x 32 trained tokens
     assert last["callbacks"]["Throughput"]["tokens_seen"] == 8 * 4 * 32

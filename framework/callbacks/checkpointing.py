@@ -1,7 +1,10 @@
 """Checkpoint policy: every N steps and at the end of training, keep the K newest, `last.ckpt` points at the newest.
 
 Lightning writes local checkpoint files atomically (torch.save to memory, then an fsspec transaction that writes a
-temporary file and moves it into place), so a killed job never leaves a half-written `step*.ckpt`.
+temporary file and moves it into place), so a killed job never leaves a half-written `step*.ckpt` file. FSDP2 and
+DeepSpeed write a directory per checkpoint instead (framework/checkpoint/formats.py), rank by rank, which a killed
+job can leave half-written; `last.ckpt` is re-linked only after a save completes, so it never points at one.
+A sharded checkpoint resumes on any world size (framework/checkpoint/reshard.py).
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ import os
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from framework.errors import UserError
@@ -26,9 +28,33 @@ class StepCheckpoint(ModelCheckpoint):
                          every_n_train_steps=every_n_steps, save_top_k=keep, monitor="step", mode="max",
                          save_last="link", enable_version_counter=False, save_on_train_epoch_end=False)
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_before_batch = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Every N steps (ModelCheckpoint's); and the last step, as soon as the fit is about to end after it.
+
+        The last step is saved here rather than in `on_train_end`: by then Lightning has counted the interrupted
+        epoch as completed, and a resume would start the next epoch (current_epoch one ahead of the data, and a run
+        with max_epochs ending early). Only at the end of an optimizer step (not inside gradient accumulation).
+        `trainer.should_stop` is set alike on all ranks by whoever sets it (Preemption all-reduces its signal), as
+        Lightning's loops require; other callbacks run before this one (Lightning orders checkpoint callbacks last).
+        """
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        stepped = trainer.global_step != getattr(self, "_step_before_batch", None)
+        max_steps = trainer.max_steps if trainer.max_steps is not None else -1
+        if stepped and (trainer.should_stop or 0 <= max_steps <= trainer.global_step):
+            self._save_now(trainer)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Also save the final step when it is not a multiple of every_n_steps."""
-        if not self._should_skip_saving_checkpoint(trainer):
+        """Also save the final step when it is not a multiple of every_n_steps (and was not saved above, e.g. the
+        epoch ran out of data with max_epochs reached)."""
+        self._save_now(trainer)
+
+    def _save_now(self, trainer: L.Trainer) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # skips a step that is already saved
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
@@ -43,16 +69,14 @@ def find_checkpoint(ckpt_path: str | None, dirpath: str) -> str | None:
         last = os.path.join(dirpath, "last.ckpt")
         return last if os.path.exists(last) else None
     if not os.path.exists(ckpt_path):
-        raise UserError(f"checkpoint '{ckpt_path}' does not exist; pass an existing .ckpt file, or "
+        raise UserError(f"checkpoint '{ckpt_path}' does not exist; pass an existing step*.ckpt (file or directory), or "
                         "--ckpt_path last to resume the newest checkpoint of this run (if any)")
     return ckpt_path
 
 
 def peek(path: str, key: str) -> Any:
-    """One top-level entry of a checkpoint file, read without loading its tensors into memory."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise UserError(f"cannot read checkpoint '{path}' ({type(e).__name__}: {e}); it is not a checkpoint "
-                        "of this framework or is damaged") from None
-    return ckpt.get(key)
+    """One top-level entry of a checkpoint (a .ckpt file, a DeepSpeed or a torch.distributed.checkpoint directory),
+    read without loading its tensors into memory."""
+    from framework.checkpoint.formats import read_meta
+
+    return read_meta(path).get(key)

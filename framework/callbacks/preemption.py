@@ -7,7 +7,7 @@ hook). The job script then requeues the job, and the requeued job resumes with `
 The signal handler only sets a flag. At the end of each optimizer step (never inside a gradient-accumulation cycle,
 whose partial gradients a checkpoint would not hold) the ranks agree on the flag with one all-reduce, so that all of
 them stop after the same step even though the signal reaches them at different moments; then `trainer.should_stop`
-ends the fit, and `StepCheckpoint.on_train_end` saves that step and points `last.ckpt` at it. The data position
+ends the fit, and `StepCheckpoint` saves that step (at the end of the step) and points `last.ckpt` at it. The data position
 saved with it is exactly the batches trained so far, as for any step checkpoint.
 
 Why not Lightning's own SLURM auto-requeue (`SLURMEnvironment(auto_requeue=True)`): its handler saves from inside

@@ -146,6 +146,14 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         self.parallel_devices = [torch.device("cpu", i) for i in range(len(self.parallel_devices))]
         DDPStrategy.setup_environment(self)
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's, on any world size: framework.checkpoint.reshard converts a checkpoint written by another
+        number of ranks to a DeepSpeed universal checkpoint first (optimizer states included)."""
+        from framework.checkpoint.reshard import deepspeed_load_checkpoint
+
+        return deepspeed_load_checkpoint(self, checkpoint_path, lambda p: super(DeepSpeedStrategy, self)
+                                         .load_checkpoint(p, weights_only))
+
 
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 over all processes: a 1-D data-parallel mesh of world size (no tensor parallelism).

@@ -1,0 +1,128 @@
+"""`pretrain export CKPT OUT_DIR`: any training checkpoint -> a model directory for inference and fine-tuning.
+
+    OUT_DIR/model.safetensors   the full weights (fp32 master weights for DeepSpeed), tied lm_head stored once
+    OUT_DIR/config.json         the GPTConfig
+    OUT_DIR/tokenizer.json      the tokenizer the model was trained with (when the checkpoint carries it)
+
+The same files as `GPT.save_pretrained` (framework.models.gpt), so `GPT.from_pretrained(OUT_DIR)` and
+`pretrain generate --model OUT_DIR` load them. CKPT is any checkpoint `pretrain fit` writes: a .ckpt file (DDP,
+one process), a torch.distributed.checkpoint directory (FSDP2) or a DeepSpeed ZeRO-1/2/3 directory, on any number
+of ranks; `last.ckpt` works too. No process group and no GPU are needed, and the weights are streamed tensor by
+tensor from the (memory-mapped) checkpoint into the output file (framework.checkpoint.consolidate), so the host
+never holds the whole model. OUT_DIR appears complete or not at all: it is written under a temporary name beside
+it and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from framework.checkpoint.consolidate import TensorSource, checkpoint_meta, model_tensors
+from framework.checkpoint.formats import checkpoint_kind
+from framework.checkpoint.safetensors_stream import save_safetensors, total_bytes
+from framework.errors import UserError
+from framework.models.gpt import CONFIG_FILE, GPT, WEIGHTS_FILE, GPTConfig
+
+TOKENIZER_FILE = "tokenizer.json"
+TIED = ("lm_head.weight",)  # GPT.save_pretrained stores the tied output matrix once, as transformer.wte.weight
+
+
+def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> dict:
+    """Write OUT_DIR from CKPT (see the module docstring); returns a summary. UserError on bad input."""
+    ckpt, out = os.fspath(ckpt), Path(out_dir)
+    kind = checkpoint_kind(ckpt)  # a missing path or a directory that is no checkpoint -> UserError
+    meta = checkpoint_meta(ckpt)
+    _check_out_dir(out, overwrite)
+    try:
+        config = GPTConfig.from_dict(dict(meta["model_config"]))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"checkpoint '{ckpt}' has a model_config this framework cannot read ({e})") from None
+    sources = [s for s in model_tensors(ckpt) if s.name not in TIED]
+    _check_matches(ckpt, config, sources)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_safetensors(tmp / WEIGHTS_FILE, sources, metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        tokenizer = meta.get("tokenizer_json")
+        if tokenizer is not None:
+            (tmp / TOKENIZER_FILE).write_text(tokenizer)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"kind": kind, "step": meta.get("global_step"), "tensors": len(sources),
+            "parameters": sum(int(torch.Size(s.shape).numel()) for s in sources), "bytes": total_bytes(sources),
+            "tokenizer": tokenizer is not None, "out": str(out)}
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output '{out}' exists and is not a directory; pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output directory '{out}' is not empty; pass --overwrite to replace it, or another OUT_DIR")
+
+
+def _check_matches(ckpt: str, config: GPTConfig, sources: list[TensorSource]) -> None:
+    """The weights must be exactly the parameters of the GPT that the checkpoint's model_config describes."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k not in TIED}
+    got = {s.name: s.shape for s in sources}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for what, names in
+                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names)
+        raise UserError(f"the weights in '{ckpt}' do not match its model_config ({detail}); the checkpoint is "
+                        "damaged or was not written by `pretrain fit` of a GPT")
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory `src` to `dst`, replacing whatever `dst` was only once `src` is in place."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.export-old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="pretrain export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", metavar="CKPT", help="a checkpoint of `pretrain fit` (file or directory; last.ckpt works)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (must be empty or absent)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    args = p.parse_args(argv)
+    summary = export(args.ckpt, args.out_dir, overwrite=args.overwrite)
+    step = f" (step {summary['step']})" if summary["step"] is not None else ""
+    print(f"exported {summary['parameters']:,} parameters ({_size(summary['bytes'])}) from the {summary['kind']} "
+          f"checkpoint {args.ckpt}{step} to {summary['out']}")
+    if not summary["tokenizer"]:
+        print(f"note: the checkpoint carries no tokenizer; copy the {TOKENIZER_FILE} beside its training shards into "
+              f"{summary['out']} (or pass --tokenizer to `pretrain generate`)")
+    print(f"use it: pretrain generate --model {summary['out']}   or   GPT.from_pretrained('{summary['out']}')")
