@@ -111,6 +111,13 @@ def test_generate_from_a_checkpoint(shards, tmp_path):
     assert_one_line_error(r, "carries no tokenizer; pass --tokenizer")
 
 
+def test_fit_with_torch_compile(shards, tmp_path):
+    fit(["--config", str(write_config(tmp_path, shards, trainer__max_steps=3)), "--model.init_args.compile", "true"])
+    assert len(steps(tmp_path)) == 3
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert not any("_orig_mod" in k for k in saved["state_dict"])  # the uncompiled module's names are saved
+
+
 def test_validate_a_checkpoint(shards, tmp_path, capsys):
     fit(["--config", str(write_config(tmp_path, shards, trainer__max_steps=2))])
     capsys.readouterr()

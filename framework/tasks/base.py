@@ -74,11 +74,13 @@ class PretrainTask(L.LightningModule):
             self.model = parallelize(self.build_model(), self.trainer.strategy, self.block_types,
                                      activation_checkpointing=self.activation_checkpointing)
         if self.compile and self._forward is None:
-            self._forward = torch.compile(self.model)
+            # object.__setattr__: as a plain attribute, not a submodule (its parameters would be saved twice)
+            object.__setattr__(self, "_forward", torch.compile(self.model))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         assert self.model is not None, "the model is built in configure_model()"
-        return (self._forward or self.model)(*args, **kwargs)
+        forward = self._forward if self._forward is not None else self.model  # a compiled module has no truth value
+        return forward(*args, **kwargs)
 
     # ---------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
