@@ -37,6 +37,17 @@ def make_corpus(src: Path, docs: int = 12, words: int = 60, seed: int = 0) -> No
         (src / f"doc{i:03d}.txt").write_text(f"# {i}\n{text}\n")
 
 
+def make_shards(tmp_path_factory: Any, val_fraction: float) -> Path:
+    """make_corpus prepared with the byte tokenizer into a fresh temp dir."""
+    from framework.data.prepare import prepare
+
+    src = tmp_path_factory.mktemp("corpus")
+    make_corpus(src)
+    out = tmp_path_factory.mktemp("shards") / "data"
+    prepare([str(src)], out, tokenizer="bytes", val_fraction=val_fraction, seed=0, progress=False)
+    return out
+
+
 def write_config(tmp: Path, shards: Path, *, strategy: str, devices: int, max_steps: int, stop_at: int | None = None,
                  every_n_steps: int = 100, callbacks: list[dict] | None = None, label: int = 0,
                  **trainer: Any) -> Path:

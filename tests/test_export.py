@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_fit import build_deepspeed_ops, cli, fit, make_corpus, write_config
+from dist_fit import build_deepspeed_ops, cli, fit, make_shards, write_config
 from framework.callbacks.checkpointing import peek
 from framework.checkpoint.consolidate import TensorSource
 from framework.checkpoint.export import export
 from framework.checkpoint.safetensors_stream import save_safetensors
-from framework.data.prepare import prepare
 from framework.errors import UserError
 from framework.models.gpt import GPT
 
@@ -30,11 +29,7 @@ STRATEGIES = ["ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3"]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("corpus")
-    make_corpus(src)
-    out = tmp_path_factory.mktemp("shards") / "data"
-    prepare([str(src)], out, tokenizer="bytes", val_fraction=0.2, seed=0, progress=False)
-    return out
+    return make_shards(tmp_path_factory, val_fraction=0.2)
 
 
 @pytest.fixture(scope="module")

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_fit import build_deepspeed_ops, fit, make_corpus, records, write_config
+from dist_fit import build_deepspeed_ops, fit, make_shards, records, write_config
 from framework.callbacks.checkpointing import peek
 from framework.data.datamodule import ShardDataModule
-from framework.data.prepare import prepare
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 BATCH = 4  # windows per rank per step (write_config's data.batch_size)
@@ -48,11 +47,7 @@ FIRST_STOP, STOP_EVERY = 3, 2  # run 0 stops after 3 steps, each later run but t
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """~5 KB of random words: 155 windows of 33 tokens, all distinct; one epoch is ~20 steps of 2 ranks x 4."""
-    src = tmp_path_factory.mktemp("corpus")
-    make_corpus(src)
-    out = tmp_path_factory.mktemp("shards") / "data"
-    prepare([str(src)], out, tokenizer="bytes", val_fraction=0.0, seed=0, progress=False)
-    return out
+    return make_shards(tmp_path_factory, val_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
