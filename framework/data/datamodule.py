@@ -223,11 +223,6 @@ class ShardDataModule(L.LightningDataModule):
                     self._batches = j + 1
         return batch
 
-    @property
-    def epoch(self) -> int:
-        """The data epoch of the position (counts full passes over the train split)."""
-        return self._segment.epoch if self._segment is not None else 0
-
     # ---------------------------------------------------------------- checkpointed position
     def state_dict(self) -> dict[str, Any]:
         if self._segment is None:

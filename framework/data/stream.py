@@ -23,6 +23,8 @@ class TokenStream(IterableDataset):
     Documents are concatenated with the end-of-document token between them and cut into windows of seq_len + 1
     tokens (inputs are window[:-1], targets window[1:]), so no token is padding. Set `segment` and `start_batch`
     before iterating to continue from a saved position; by default iteration covers epoch 0 from its start.
+    It has no `__len__` on purpose: Lightning would combine a length with its own restored batch counters and end a
+    resumed epoch early; without one it reads until the stream ends, which every rank reaches at the same batch.
     """
 
     def __init__(self, shards: list[Shard], *, seq_len: int, batch_size: int, eod: int, vocab_size: int,
@@ -49,14 +51,6 @@ class TokenStream(IterableDataset):
 
     def fresh_segment(self, epoch: int) -> Segment:
         return Segment(epoch, 0, [(0, self.windows_per_epoch)], self.layout)
-
-    def batches_remaining(self) -> int:
-        """Batches this rank delivers from the current position to the end of the segment.
-
-        Deliberately not `__len__`: Lightning would combine a length with its own restored batch counters and end a
-        resumed epoch early; without one it reads until the stream ends, which every rank reaches at the same batch.
-        """
-        return max(0, self._segment().batches_per_rank - self.start_batch)
 
     def _segment(self) -> Segment:
         return self.segment if self.segment is not None else self.fresh_segment(0)
