@@ -34,7 +34,7 @@ def webdataset_baseline(urls: list[str]) -> float:
 
 def reader(dm: ShardDataModule, workers: int, world: int) -> tuple[float, int]:
     """The full reader for rank 0 of `world`: tokens/s and tokens delivered."""
-    stream = dm._stream(dm._train, dm.batch_size, shuffle=True)
+    stream = dm._stream(dm._train, dm.batch_size, shuffle=True, train=True)
     stream.layout = type(stream.layout)(world, max(1, workers), dm.batch_size)
     stream.segment = stream.fresh_segment(0)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)

@@ -106,6 +106,20 @@ def test_order_is_a_pure_function_of_seed_epoch_and_shards(corpus):
     assert not np.array_equal(read(1), read(2))
 
 
+def test_sample_ids_name_each_window_by_its_place_in_the_epoch(corpus):
+    path, docs = corpus(5, seed=3)
+    shards = manifest_shards(json.loads((path / "manifest.json").read_text()), "train", str(path))
+    stream = TokenStream(shards, seq_len=SEQ, batch_size=3, eod=K.EOD, vocab_size=K.VOCAB, seed=5, shuffle_block=4)
+    expected = epoch_windows(docs, seed=5, epoch=0)
+    seen = []
+    for batch in stream:
+        for row, g in zip(batch["tokens"].numpy(), batch["sample_ids"].tolist()):
+            assert np.array_equal(row, expected[g])
+            seen.append(g)
+    assert len(seen) == len(set(seen)) > 0
+    assert seen != sorted(seen)  # shuffled, yet every id still names its window
+
+
 # ------------------------------------------------------------------------------------------- resume
 def test_resume_same_layout_gives_exactly_the_uninterrupted_batches(tmp_path, corpus):
     path, _ = corpus(5)

@@ -170,12 +170,16 @@ class ShardDataModule(L.LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
-    def _stream(self, shards: list[Shard], batch_size: int, shuffle: bool) -> TokenStream:
+    def batch_transform(self, train: bool) -> Callable[[dict, int], dict] | None:
+        """What a subclass does to each batch in the DataLoader worker (e.g. masking for masked LM); None: nothing."""
+        return None
+
+    def _stream(self, shards: list[Shard], batch_size: int, shuffle: bool, train: bool) -> TokenStream:
         rank, world = self._world()
         eod = self.special_ids["eod"]
         return TokenStream(shards, seq_len=self.seq_len, batch_size=batch_size, eod=eod, vocab_size=self.vocab_size,
                            seed=self.seed, shuffle=shuffle, shuffle_block=self.shuffle_block, rank=rank, world=world,
-                           workers=max(1, self.num_workers))
+                           workers=max(1, self.num_workers), transform=self.batch_transform(train))
 
     def _loader(self, stream: TokenStream, before_iter: Callable[[], None]) -> DataLoader:
         # Our streams draw no random numbers from torch; a private generator also keeps the DataLoader's per-iterator
@@ -188,12 +192,12 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        self._train_stream = self._stream(self._train, self.batch_size, self.shuffle)
+        self._train_stream = self._stream(self._train, self.batch_size, self.shuffle, train=True)
         return self._loader(self._train_stream, self._start_train_iteration)
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
-        stream = self._stream(self._val, self.val_batch_size, shuffle=False)
+        stream = self._stream(self._val, self.val_batch_size, shuffle=False, train=False)
         return self._loader(stream, lambda: None)  # validation always reads the whole split from its start
 
     def _start_train_iteration(self) -> None:

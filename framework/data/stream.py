@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -18,7 +18,12 @@ from framework.data.shards import EpochReader, Shard
 
 
 class TokenStream(IterableDataset):
-    """Batches `{"tokens": LongTensor (B, seq_len + 1), "position": LongTensor [epoch, segment, batch]}`.
+    """Batches `{"tokens": LongTensor (B, seq_len + 1), "sample_ids": LongTensor (B,), "position": LongTensor
+    [epoch, segment, batch]}`. `sample_ids` names each window by its index in the epoch stream: the same window has
+    the same id whatever the layout (world size, workers, batch size) and however the run was resumed, so anything
+    random per sample (e.g. masked-LM masking) can be seeded by (seed, epoch, id). `transform(batch, epoch)`, when
+    given, maps each batch dict to another one in the process that reads it (a DataLoader worker); it must keep
+    "position" and be picklable.
 
     Documents are concatenated with the end-of-document token between them and cut into windows of seq_len + 1
     tokens (inputs are window[:-1], targets window[1:]), so no token is padding. Set `segment` and `start_batch`
@@ -29,13 +34,14 @@ class TokenStream(IterableDataset):
 
     def __init__(self, shards: list[Shard], *, seq_len: int, batch_size: int, eod: int, vocab_size: int,
                  seed: int = 0, shuffle: bool = True, shuffle_block: int = 1024, rank: int = 0, world: int = 1,
-                 workers: int = 1):
+                 workers: int = 1, transform: Callable[[dict, int], dict] | None = None):
         if seq_len < 1 or batch_size < 1 or shuffle_block < 1:
             raise ValueError("seq_len, batch_size and shuffle_block must be >= 1")
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside world size {world}")
         self.shards, self.seq_len, self.eod, self.vocab_size = shards, seq_len, eod, vocab_size
         self.seed, self.shuffle, self.shuffle_block, self.rank = seed, shuffle, shuffle_block, rank
+        self.transform = transform
         self.layout = Layout(world, workers, batch_size)
         self.segment: Segment | None = None
         self.start_batch = 0
@@ -78,21 +84,25 @@ class TokenStream(IterableDataset):
         done_batches = seg.worker_batches(worker, 0, self.start_batch)  # this worker's batches already consumed
         done = done_batches * B
         rows: list[np.ndarray] = []
+        ids: list[int] = []
         for block in range(done // S, -(-length // S)):
             lo, hi = block * S, min(length, (block + 1) * S)
             if not self.shuffle:  # in order, a resumed worker can start reading at its exact position
                 lo = max(lo, done)
             windows = self._read(seg, reader, offset + lo, offset + hi)  # (n, L+1)
+            window_ids = np.concatenate([np.arange(g0, g1) for g0, g1 in seg.flat_to_ranges(offset + lo, offset + hi)])
             # shuffled, the block is re-read from its start so that its permutation is the same as before
             perm = (block_permutation(self.seed, seg, self.rank, worker, block, hi - lo) if self.shuffle
                     else np.arange(hi - lo))
             for p in perm[max(0, done - lo):]:
                 rows.append(windows[p])
+                ids.append(int(window_ids[p]))
                 if len(rows) == B:
                     j = worker + K * done_batches  # this batch's index among the rank's batches
-                    yield {"tokens": torch.from_numpy(np.stack(rows)),
-                           "position": torch.tensor([seg.epoch, seg.index, j])}
-                    rows, done_batches = [], done_batches + 1
+                    batch = {"tokens": torch.from_numpy(np.stack(rows)), "sample_ids": torch.tensor(ids),
+                             "position": torch.tensor([seg.epoch, seg.index, j])}
+                    yield self.transform(batch, seg.epoch) if self.transform is not None else batch
+                    rows, ids, done_batches = [], [], done_batches + 1
 
     def _read(self, seg: Segment, reader: EpochReader, flat_lo: int, flat_hi: int) -> np.ndarray:
         """Windows at flat positions [flat_lo, flat_hi) of the segment, as an int64 array (n, seq_len + 1)."""
