@@ -3,7 +3,9 @@
     pretrain prepare ...   corpus -> tokenized webdataset shards (framework.data.prepare)
     pretrain fit ...       train (framework.train)
     pretrain validate ...  validation loss of a checkpoint (framework.train)
-    pretrain generate ...  sample from a checkpoint (framework.generate)
+    pretrain generate ...  sample from a GPT checkpoint (framework.generate)
+    pretrain fill-mask ... top-k guesses for each <|mask|> of a text, from a masked-LM checkpoint (framework.fill_mask)
+    pretrain export ...    any checkpoint -> safetensors + config.json + tokenizer.json (framework.checkpoint.export)
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("framework.data.prepare:main", "tokenize a corpus into webdataset shards with a manifest"),
     "fit": ("framework.train:fit", "train a model (LightningCLI: --config FILE.yaml, --model.* --data.* --trainer.*)"),
     "validate": ("framework.train:validate", "compute the validation loss of a checkpoint (--ckpt_path)"),
-    "generate": ("framework.generate:main", "sample text from a checkpoint or an exported model"),
+    "generate": ("framework.generate:main", "sample text from a GPT checkpoint or an exported GPT"),
+    "fill-mask": ("framework.fill_mask:main", "top-k guesses for each <|mask|> in a text, from a masked-LM encoder"),
     "export": ("framework.checkpoint.export:main", "checkpoint -> model.safetensors, config.json, tokenizer.json"),
 }
 

@@ -1,4 +1,7 @@
-"""`pretrain generate`: sample text from a training checkpoint or an exported model directory."""
+"""`pretrain generate`: sample text from a GPT's training checkpoint or exported model directory.
+
+`load_model` is shared with `pretrain fill-mask`: it loads any family and checks it is the one the command needs.
+"""
 
 from __future__ import annotations
 
@@ -9,38 +12,60 @@ import torch
 
 from framework.data.tokenizer import Tokenizer
 from framework.errors import UserError
-from framework.models.gpt import GPT, GPTConfig
+from framework.models import TIED, build_model, config_from_dict, model_type_of
+from framework.models.gpt import GPT
 
 
-def load_checkpoint_model(path: str) -> tuple[GPT, str | None]:
-    """A GPT and its tokenizer JSON (None if the checkpoint carries none) from any `pretrain fit` checkpoint: a .ckpt
-    file, or a sharded FSDP2 / DeepSpeed directory, consolidated here on CPU (framework.checkpoint.consolidate)."""
+def load_checkpoint_model(path: str, model_type: str | None = None) -> tuple[torch.nn.Module, str | None]:
+    """The model and its tokenizer JSON (None if the checkpoint carries none) from any `pretrain fit` checkpoint: a
+    .ckpt file, or a sharded FSDP2 / DeepSpeed directory, consolidated here on CPU (framework.checkpoint.consolidate).
+    With `model_type`, a checkpoint of another family is one clear UserError, before any weight is read."""
     from framework.checkpoint.consolidate import checkpoint_meta, load_state_dict
 
     meta = checkpoint_meta(path)  # UserError for a missing path or a file that is not one of our checkpoints
-    config = GPTConfig.from_dict(meta["model_config"])
+    _check_type(model_type_of(meta["model_config"]), model_type, path)
+    config = config_from_dict(meta["model_config"])
+    tied = TIED[config.model_type]
     with torch.device("meta"):
-        model = GPT(config)
-    state = {k: v for k, v in load_state_dict(path).items() if k != "lm_head.weight"}  # tied to transformer.wte
+        model = build_model(config)
+    state = {k: v for k, v in load_state_dict(path).items() if k not in tied}  # tied to transformer.wte
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    missing = [k for k in result.missing_keys if k != "lm_head.weight"]
+    missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
         raise UserError(f"the weights in '{path}' do not match its model_config (missing {missing[:3]}, unexpected "
                         f"{result.unexpected_keys[:3]}); the checkpoint is damaged")
     return model, meta.get("tokenizer_json")
 
 
-def load_model(ckpt: str | None, model_dir: str | None, tokenizer: str | None) -> tuple[GPT, Tokenizer]:
-    """The model and tokenizer named on the command line; a missing tokenizer is a UserError saying where to find one."""
+COMMAND_OF = {"gpt": "generate", "bert": "fill-mask"}
+
+
+def _check_type(found: str, expected: str | None, path: str) -> None:
+    if expected is not None and found != expected:
+        raise UserError(f"'{path}' holds a {found!r} model, but this command works with {expected!r} models; "
+                        f"use `pretrain {COMMAND_OF.get(found, 'export')}` for it")
+
+
+def load_model(ckpt: str | None, model_dir: str | None, tokenizer: str | None,
+               model_type: str | None = None) -> tuple[torch.nn.Module, Tokenizer]:
+    """The model and tokenizer named on the command line, of the family `model_type` when given; a missing tokenizer
+    or another family is a UserError saying what to do."""
     if (ckpt is None) == (model_dir is None):
         raise UserError("pass exactly one of --ckpt CHECKPOINT or --model EXPORTED_DIR")
     if ckpt is not None:
-        model, tok_json = load_checkpoint_model(ckpt)
+        model, tok_json = load_checkpoint_model(ckpt, model_type)
     else:
-        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        config_file = os.path.join(model_dir, "config.json")
+        if not os.path.isfile(config_file):
             raise UserError(f"'{model_dir}' is not an exported model (no config.json); run `pretrain export` first")
-        model = GPT.from_pretrained(model_dir)
+        import json
+
+        from framework.models import from_pretrained
+
+        with open(config_file) as f:
+            _check_type(model_type_of(json.load(f)), model_type, model_dir)
+        model = from_pretrained(model_dir)
         exported = os.path.join(model_dir, "tokenizer.json")
         tok_json = open(exported).read() if os.path.isfile(exported) else None
     if tokenizer is not None:
@@ -69,7 +94,8 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0 or args.num_samples < 1:
         raise UserError("--max-new-tokens and --num-samples must be >= 1, --temperature and --top-k >= 0")
-    model, tok = load_model(args.ckpt, args.model, args.tokenizer)
+    model, tok = load_model(args.ckpt, args.model, args.tokenizer, model_type="gpt")
+    assert isinstance(model, GPT)
     model.to(args.device).eval()
     torch.manual_seed(args.seed)
     ids = tok.encode(args.prompt) if args.prompt else [tok.special_ids["eod"]]

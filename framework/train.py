@@ -30,6 +30,7 @@ from framework.errors import UserError
 from framework.tasks.base import PretrainTask, run_metadata
 
 DEFAULT_TASK = "framework.tasks.causal_lm.CausalLMTask"
+DEFAULT_DATA = "framework.data.datamodule.ShardDataModule"
 
 
 @dataclass
@@ -65,8 +66,14 @@ class PretrainCLI(LightningCLI):
         parser.add_class_arguments(CheckpointOptions, "checkpoint")
         parser.add_class_arguments(DistributedOptions, "distributed")
         parser.add_class_arguments(RunSummary, "summary")
-        parser.set_defaults({"model": {"class_path": DEFAULT_TASK}, "trainer.default_root_dir": "runs/pretrain",
+        parser.set_defaults({"model": {"class_path": DEFAULT_TASK}, "data": {"class_path": DEFAULT_DATA},
+                             "trainer.default_root_dir": "runs/pretrain",
                              "trainer.max_epochs": -1, "trainer.num_sanity_val_steps": 0})
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI would replace the model section with the hyperparameters saved in a --ckpt_path file, class
+        included. Here the config is the truth (a resume continues it; a checkpoint of another task or model family
+        is refused in one line by the task's on_load_checkpoint), so nothing is taken from the checkpoint here."""
 
     def before_instantiate_classes(self) -> None:
         trainer = self._section(self.config).trainer
@@ -114,7 +121,8 @@ def run(subcommand: str, argv: list[str]) -> None:
     # we hand LightningCLI the arguments after the subcommand ourselves; its warning about sys.argv is noise here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     try:
-        PretrainCLI(PretrainTask, ShardDataModule, subclass_mode_model=True, args=[subcommand, *argv],
+        PretrainCLI(PretrainTask, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                    args=[subcommand, *argv],
                     save_config_kwargs={"overwrite": True}, load_from_checkpoint_support=False,
                     parser_kwargs={"exit_on_error": False, "allow_abbrev": False}, auto_configure_optimizers=False)
     except UserError:
@@ -124,7 +132,7 @@ def run(subcommand: str, argv: list[str]) -> None:
         if inner is not None:
             raise inner from None
         if type(e).__name__ in ("ArgumentError", "NSKeyError") or "jsonargparse" in type(e).__module__:
-            raise UserError(config_error(str(e))) from None
+            raise UserError(config_error(str(e), _chosen_classes(argv))) from None
         raise
     finally:
         _finish_wandb()
@@ -148,8 +156,54 @@ def _user_error_in(e: BaseException | None, depth: int = 0) -> UserError | None:
     return _user_error_in(e.__cause__, depth + 1) or _user_error_in(e.__context__, depth + 1)
 
 
-def config_error(message: str) -> str:
-    """jsonargparse's (multi-line) complaint about a config -> one line, with a "did you mean" for unknown keys."""
+def _chosen_classes(argv: list[str]) -> list[type]:
+    """The task and datamodule classes a command line chooses (its --config files and --model/--data class paths,
+    else the defaults): unknown-key suggestions come from their signatures."""
+    import importlib
+    import json
+
+    import yaml
+
+    paths = {"model": DEFAULT_TASK, "data": DEFAULT_DATA}
+    for i, arg in enumerate(argv[:-1]):
+        value = argv[i + 1]
+        if arg == "--config":
+            try:
+                with open(value) as f:
+                    cfg = (json.load(f) if value.endswith(".json") else yaml.safe_load(f)) or {}
+            except (OSError, ValueError, yaml.YAMLError):
+                continue
+            for section in paths:
+                if isinstance(cfg.get(section), dict) and "class_path" in cfg[section]:
+                    paths[section] = cfg[section]["class_path"]
+        for section in paths:
+            if arg in (f"--{section}", f"--{section}.class_path") and not value.startswith("{"):
+                paths[section] = value
+    classes = []
+    for path in paths.values():
+        module, _, name = path.rpartition(".")
+        try:
+            classes.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError, ValueError):
+            pass
+    return classes
+
+
+def _init_params(cls: type) -> list[str]:
+    """Every named __init__ parameter of a class and its bases (what **kwargs forwards to)."""
+    import inspect
+
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            names += [p.name for p in inspect.signature(klass.__init__).parameters.values()
+                      if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return names
+
+
+def config_error(message: str, classes: list[type] | None = None) -> str:
+    """jsonargparse's (multi-line) complaint about a config -> one line, with a "did you mean" for unknown keys drawn
+    from the chosen task's and datamodule's signatures (`classes`), the trainer's and our sections'."""
     flat = " ".join(line.strip() for line in message.splitlines() if line.strip())
     unknown = re.search(r"[Kk]ey[s]? \"?'?([\w.\-]+)\"?'? (?:is|are) not expected", flat) or \
         re.search(r"[Uu]nrecognized arguments: (\S+)", flat)
@@ -157,13 +211,9 @@ def config_error(message: str) -> str:
     if unknown or option:
         key = f"{option.group(1)}.{option.group(2)}" if option else unknown.group(1).lstrip("-")
         leaf = key.split(".")[-1]
-        from framework.tasks.causal_lm import CausalLMTask  # the known keys of the default task, data and trainer
-        import inspect
-
-        known = [*inspect.signature(CausalLMTask.__init__).parameters, *inspect.signature(
-            ShardDataModule.__init__).parameters, *inspect.signature(Trainer.__init__).parameters,
-            *CheckpointOptions.__dataclass_fields__, *WandbOptions.__dataclass_fields__,
-            *DistributedOptions.__dataclass_fields__]
+        known = [name for cls in (classes or []) for name in _init_params(cls)]
+        known += [*_init_params(Trainer), *CheckpointOptions.__dataclass_fields__, *WandbOptions.__dataclass_fields__,
+                  *DistributedOptions.__dataclass_fields__]
         close = difflib.get_close_matches(leaf, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown config key '{key}'{hint}; `pretrain fit --print_config` lists every key"

@@ -48,18 +48,27 @@ def make_shards(tmp_path_factory: Any, val_fraction: float) -> Path:
     return out
 
 
+FAMILY_TASKS = {  # family -> (task, tiny preset, datamodule)
+    "gpt": ("framework.tasks.causal_lm.CausalLMTask", "gpt-tiny", "framework.data.datamodule.ShardDataModule"),
+    "bert": ("framework.tasks.masked_lm.MaskedLMTask", "bert-test", "framework.data.datamodule.MaskedLMDataModule"),
+}
+
+
 def write_config(tmp: Path, shards: Path, *, strategy: str, devices: int, max_steps: int, stop_at: int | None = None,
-                 every_n_steps: int = 100, callbacks: list[dict] | None = None, label: int = 0,
+                 every_n_steps: int = 100, callbacks: list[dict] | None = None, label: int = 0, family: str = "gpt",
                  **trainer: Any) -> Path:
-    """A tiny GPT fit (fp32, no dropout, 1 data worker) with a RankRecorder writing `tmp/steps.rank{R}.jsonl`;
-    `label` tells this fit's records from those of earlier fits in the same directory."""
+    """A tiny GPT (family="gpt") or masked-LM encoder (family="bert") fit (fp32, no dropout, 1 data worker) with a
+    RankRecorder writing `tmp/steps.rank{R}.jsonl`; `label` tells this fit's records from those of earlier fits in
+    the same directory."""
     recorder = {"class_path": "dist_fit.RankRecorder",
                 "init_args": {"path": str(tmp / "steps"), "stop_at": stop_at, "label": label}}
     config = {
         "seed_everything": 7,
-        "model": {"class_path": "framework.tasks.causal_lm.CausalLMTask",
-                  "init_args": {"preset": "gpt-tiny", "lr": 3e-3, "warmup_steps": 2}},
-        "data": {"path": str(shards), "seq_len": 32, "batch_size": 4, "num_workers": 1, "shuffle_block": 16},
+        "model": {"class_path": FAMILY_TASKS[family][0],
+                  "init_args": {"preset": FAMILY_TASKS[family][1], "lr": 3e-3, "warmup_steps": 2}},
+        "data": {"class_path": FAMILY_TASKS[family][2],
+                 "init_args": {"path": str(shards), "seq_len": 32, "batch_size": 4, "num_workers": 1,
+                               "shuffle_block": 16}},
         "trainer": {"default_root_dir": str(tmp / "run"), "accelerator": "cpu", "devices": devices,
                     "strategy": strategy, "max_steps": max_steps, "max_epochs": 1, "log_every_n_steps": 1,
                     "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0,
@@ -117,7 +126,8 @@ class RankRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         record = {"run": self.label, "step": trainer.global_step - 1, "rank": trainer.global_rank,
-                  "world": trainer.world_size, "loss": float(outputs["loss"]), "windows": batch["tokens"].tolist()}
+                  "world": trainer.world_size, "loss": float(outputs["loss"]),
+                  "windows": (batch["tokens"] if "tokens" in batch else batch["input_ids"]).tolist()}
         with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.stop_at is not None and trainer.global_step >= self.stop_at:

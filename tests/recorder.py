@@ -12,9 +12,11 @@ class StepRecorder(L.Callback):
         self.path, self.stop_at = path, stop_at
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        tokens = batch["tokens"]
-        record = {"step": trainer.global_step - 1, "loss": float(outputs["loss"]),
-                  "tokens": int((tokens * (1 + tokens.new_tensor(range(tokens.shape[1])))).sum())}
+        record = {"step": trainer.global_step - 1, "loss": float(outputs["loss"])}
+        for key in ("tokens", "input_ids", "labels"):  # causal-LM windows; masked-LM inputs and labels
+            if key in batch:
+                t = batch[key]
+                record[key] = int((t * (1 + t.new_tensor(range(t.shape[1])))).sum())
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.stop_at is not None and trainer.global_step >= self.stop_at:

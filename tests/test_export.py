@@ -21,10 +21,13 @@ from framework.checkpoint.consolidate import TensorSource
 from framework.checkpoint.export import export
 from framework.checkpoint.safetensors_stream import save_safetensors
 from framework.errors import UserError
-from framework.models.gpt import GPT
+from framework.models import GPT, Encoder, from_pretrained
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 STRATEGIES = ["ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3"]
+# (strategy, model family): every strategy with the GPT; the sharding ones with the masked-LM encoder too
+CASES = [(s, "gpt") for s in STRATEGIES] + [("fsdp", "bert"), ("deepspeed_stage_3", "bert")]
+PARAMS = {"gpt": 124_672, "bert": 129_280}  # gpt-tiny / bert-test with the 261-token byte vocabulary (padded to 320)
 
 
 @pytest.fixture(scope="module")
@@ -37,36 +40,38 @@ def fitted(shards, tmp_path_factory):
     """strategy -> the run directory of a 4-step fit on 2 ranks (made on first use, shared by this module's tests)."""
     runs: dict[str, Path] = {}
 
-    def get(strategy: str) -> Path:
-        if strategy not in runs:
+    def get(strategy: str, family: str = "gpt") -> Path:
+        if (strategy, family) not in runs:
             if strategy.startswith("deepspeed"):
                 if not HAS_DEEPSPEED:
                     pytest.skip("deepspeed is not installed (pip install deepspeed)")
                 build_deepspeed_ops()
-            tmp = tmp_path_factory.mktemp(strategy)
+            tmp = tmp_path_factory.mktemp(f"{strategy}-{family}")
             probe = {"class_path": "dist_fit.LogitsProbe", "init_args": {"path": str(tmp / "logits.pt")}}
-            fit(write_config(tmp, shards, strategy=strategy, devices=2, max_steps=4, callbacks=[probe]))
-            runs[strategy] = tmp
-        return runs[strategy]
+            fit(write_config(tmp, shards, strategy=strategy, devices=2, max_steps=4, callbacks=[probe], family=family))
+            runs[strategy, family] = tmp
+        return runs[strategy, family]
 
     return get
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_export_gives_the_live_models_logits(strategy, fitted, shards, tmp_path):
-    run = fitted(strategy)
+@pytest.mark.parametrize("strategy,family", CASES)
+def test_export_gives_the_live_models_logits(strategy, family, fitted, shards, tmp_path):
+    run = fitted(strategy, family)
     ckpt = run / "run" / "checkpoints" / "last.ckpt"  # a file (ddp) or a directory (fsdp, deepspeed): all sharded
     out = tmp_path / "exported"
     r = cli("export", str(ckpt), str(out))
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "exported 124,672 parameters" in r.stdout and "(step 4)" in r.stdout
+    assert f"exported a '{family}' model: {PARAMS[family]:,} parameters" in r.stdout and "(step 4)" in r.stdout
+    assert json.loads((out / "config.json").read_text())["model_type"] == family
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert (out / "tokenizer.json").read_text() == (shards / "tokenizer.json").read_text()
     assert not list(tmp_path.glob(".exported*")), "a temporary directory was left behind"
 
     live = torch.load(run / "logits.pt")
-    model = GPT.from_pretrained(out).eval()
+    model = from_pretrained(out).eval()
+    assert type(model) is {"gpt": GPT, "bert": Encoder}[family]
     with torch.no_grad():
         logits = model(live["input"])
     torch.testing.assert_close(logits, live["logits"], rtol=0, atol=1e-5)

@@ -31,15 +31,20 @@ class RunSummary(L.Callback):
             lines.append(f"train/loss: {float(metrics['train/loss']):.4f}")
         dm = trainer.datamodule
         if "val/loss" in metrics:
-            line = f"val/loss:   {float(metrics['val/loss']):.4f} nats/token (ppl {float(metrics['val/ppl']):.2f})"
+            loss = float(metrics["val/loss"])
+            ppl = f" (ppl {float(metrics['val/ppl']):.2f})" if "val/ppl" in metrics else ""
+            lines.append(f"val/loss:   {loss:.4f} nats/token{ppl}")
             if self.baseline and dm is not None and getattr(dm, "_val", None):
-                from framework.data.shards import unigram_cross_entropy
-
-                base = unigram_cross_entropy(dm._train, dm._val, dm.special_ids["eod"], dm.vocab_size)
-                line += f"   unigram baseline: {base:.4f} ({float(metrics['val/loss']) / base:.0%} of it)"
+                base = dm.unigram_baseline()  # the best context-free guess, on the same val split
+                lines[-1] += f"   unigram baseline: {base['loss']:.4f} ({loss / base['loss']:.0%} of it)"
+                if "val/accuracy" in metrics and "accuracy" in base:
+                    lines.append(f"val/accuracy: {float(metrics['val/accuracy']):.2%} of masked tokens   unigram "
+                                 f"baseline: {base['accuracy']:.2%}")
                 for logger in trainer.loggers:
-                    logger.log_metrics({"val/unigram_baseline": base}, step=trainer.global_step)
-            lines.append(line)
+                    logger.log_metrics({f"val/unigram_baseline_{k}": v for k, v in base.items()},
+                                       step=trainer.global_step)
+            elif "val/accuracy" in metrics:
+                lines.append(f"val/accuracy: {float(metrics['val/accuracy']):.2%}")
         ckpt = trainer.checkpoint_callback
         if ckpt is not None and getattr(ckpt, "last_model_path", ""):
             lines.append(f"checkpoint: {ckpt.last_model_path} -> {ckpt.best_model_path}")

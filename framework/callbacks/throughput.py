@@ -1,4 +1,7 @@
-"""Tokens seen, tokens per second and model FLOPs utilization, logged every `log_every_n_steps`."""
+"""Tokens seen, tokens per second and model FLOPs utilization, logged every `log_every_n_steps`.
+
+What a batch costs comes from the task (`batch_tokens`, `batch_flops`), so every objective reports its own.
+"""
 
 from __future__ import annotations
 
@@ -36,28 +39,28 @@ class Throughput(L.Callback):
     def __init__(self) -> None:
         self.tokens_seen = 0
         self._window_tokens = 0
+        self._window_flops = 0
         self._window_start: float | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        tokens = batch["tokens"]
-        step_tokens = tokens.shape[0] * (tokens.shape[1] - 1) * trainer.world_size  # every rank trains a batch
+        step_tokens = pl_module.batch_tokens(batch) * trainer.world_size  # every rank trains a batch like this one
         self.tokens_seen += step_tokens
         self._window_tokens += step_tokens
+        self._window_flops += pl_module.batch_flops(batch)  # this rank's
         pl_module.log("tokens_seen", float(self.tokens_seen), rank_zero_only=True)
         now = time.perf_counter()
         if self._window_start is None:  # the first step includes compile and warm-up: start timing after it
-            self._window_start, self._window_tokens = now, 0
+            self._window_start, self._window_tokens, self._window_flops = now, 0, 0
             return
         if (trainer.global_step % max(1, trainer.log_every_n_steps)) != 0:
             return
-        rate = self._window_tokens / max(now - self._window_start, 1e-9)
-        pl_module.log("tokens_per_sec", rate, rank_zero_only=True)
+        seconds = max(now - self._window_start, 1e-9)
+        pl_module.log("tokens_per_sec", self._window_tokens / seconds, rank_zero_only=True)
         peak = getattr(pl_module, "peak_tflops", None) or peak_tflops(pl_module.device)
-        flops = getattr(pl_module, "flops_per_token", 0)
-        if peak and flops:
-            pl_module.log("mfu", rate * flops / (peak * 1e12 * trainer.world_size), rank_zero_only=True)
-        self._window_start, self._window_tokens = now, 0
+        if peak and self._window_flops:
+            pl_module.log("mfu", self._window_flops / seconds / (peak * 1e12), rank_zero_only=True)
+        self._window_start, self._window_tokens, self._window_flops = now, 0, 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"tokens_seen": self.tokens_seen}

@@ -14,7 +14,7 @@ that tensor, so an exporter holds one tensor in memory at a time, beyond what th
   partition (ZeRO-1/2: concatenated, i.e. the whole model) first; here nothing is read before it is needed.
 
 Names are the model's own (`transformer.wte.weight`, ...): the task keeps its model under `model.`, which is dropped,
-and so are aliases of tied weights (`lm_head.weight` is `transformer.wte.weight`).
+and the readers drop aliases of tied weights (framework.models.TIED: `lm_head.weight` is `transformer.wte.weight`).
 """
 
 from __future__ import annotations
@@ -233,6 +233,6 @@ def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     """Lightning's metadata of a checkpoint (see formats.read_meta), checked to be one of ours with a model config."""
     meta = read_meta(path)
     if "model_config" not in meta:
-        raise UserError(f"checkpoint '{path}' has no model_config: it was not written by `pretrain fit` with a "
-                        "causal-LM (GPT) task")
+        raise UserError(f"checkpoint '{path}' has no model_config: it was not written by `pretrain fit` of this "
+                        "framework")
     return meta

@@ -1,11 +1,12 @@
 """`pretrain export CKPT OUT_DIR`: any training checkpoint -> a model directory for inference and fine-tuning.
 
-    OUT_DIR/model.safetensors   the full weights (fp32 master weights for DeepSpeed), tied lm_head stored once
-    OUT_DIR/config.json         the GPTConfig
+    OUT_DIR/model.safetensors   the full weights (fp32 master weights for DeepSpeed), tied output matrix stored once
+    OUT_DIR/config.json         the model config, with its `model_type` (gpt, bert)
     OUT_DIR/tokenizer.json      the tokenizer the model was trained with (when the checkpoint carries it)
 
-The same files as `GPT.save_pretrained` (framework.models.gpt), so `GPT.from_pretrained(OUT_DIR)` and
-`pretrain generate --model OUT_DIR` load them. CKPT is any checkpoint `pretrain fit` writes: a .ckpt file (DDP,
+The same files as the models' `save_pretrained`, so `framework.models.from_pretrained(OUT_DIR)` (or
+`GPT.from_pretrained`, `Encoder.from_pretrained`), `pretrain generate --model OUT_DIR` (GPT) and
+`pretrain fill-mask --model OUT_DIR` (encoder) load them. CKPT is any checkpoint `pretrain fit` writes: a .ckpt file (DDP,
 one process), a torch.distributed.checkpoint directory (FSDP2) or a DeepSpeed ZeRO-1/2/3 directory, on any number
 of ranks; `last.ckpt` works too. No process group and no GPU are needed, and the weights are streamed tensor by
 tensor from the (memory-mapped) checkpoint into the output file (framework.checkpoint.consolidate), so the host
@@ -27,10 +28,10 @@ from framework.checkpoint.consolidate import TensorSource, checkpoint_meta, mode
 from framework.checkpoint.formats import checkpoint_kind
 from framework.checkpoint.safetensors_stream import save_safetensors, total_bytes
 from framework.errors import UserError
-from framework.models.gpt import CONFIG_FILE, GPT, WEIGHTS_FILE, GPTConfig
+from framework.models import TIED, build_model, config_from_dict
+from framework.models.transformer import CONFIG_FILE, WEIGHTS_FILE, TransformerConfig
 
 TOKENIZER_FILE = "tokenizer.json"
-TIED = ("lm_head.weight",)  # GPT.save_pretrained stores the tied output matrix once, as transformer.wte.weight
 
 
 def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> dict:
@@ -40,10 +41,10 @@ def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool 
     meta = checkpoint_meta(ckpt)
     _check_out_dir(out, overwrite)
     try:
-        config = GPTConfig.from_dict(dict(meta["model_config"]))
+        config = config_from_dict(dict(meta["model_config"]))
     except (TypeError, ValueError) as e:
         raise UserError(f"checkpoint '{ckpt}' has a model_config this framework cannot read ({e})") from None
-    sources = [s for s in model_tensors(ckpt) if s.name not in TIED]
+    sources = [s for s in model_tensors(ckpt) if s.name not in TIED[config.model_type]]
     _check_matches(ckpt, config, sources)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,7 @@ def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool 
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"kind": kind, "step": meta.get("global_step"), "tensors": len(sources),
+    return {"kind": kind, "model_type": config.model_type, "step": meta.get("global_step"), "tensors": len(sources),
             "parameters": sum(int(torch.Size(s.shape).numel()) for s in sources), "bytes": total_bytes(sources),
             "tokenizer": tokenizer is not None, "out": str(out)}
 
@@ -71,10 +72,11 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise UserError(f"output directory '{out}' is not empty; pass --overwrite to replace it, or another OUT_DIR")
 
 
-def _check_matches(ckpt: str, config: GPTConfig, sources: list[TensorSource]) -> None:
-    """The weights must be exactly the parameters of the GPT that the checkpoint's model_config describes."""
+def _check_matches(ckpt: str, config: TransformerConfig, sources: list[TensorSource]) -> None:
+    """The weights must be exactly the parameters of the model that the checkpoint's model_config describes."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k not in TIED}
+        expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()
+                    if k not in TIED[config.model_type]}
     got = {s.name: s.shape for s in sources}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
@@ -83,7 +85,7 @@ def _check_matches(ckpt: str, config: GPTConfig, sources: list[TensorSource]) ->
         detail = "; ".join(f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for what, names in
                            (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names)
         raise UserError(f"the weights in '{ckpt}' do not match its model_config ({detail}); the checkpoint is "
-                        "damaged or was not written by `pretrain fit` of a GPT")
+                        f"damaged or was not written by `pretrain fit` of a {config.model_type!r} model")
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -120,9 +122,11 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     summary = export(args.ckpt, args.out_dir, overwrite=args.overwrite)
     step = f" (step {summary['step']})" if summary["step"] is not None else ""
-    print(f"exported {summary['parameters']:,} parameters ({_size(summary['bytes'])}) from the {summary['kind']} "
+    print(f"exported a {summary['model_type']!r} model: {summary['parameters']:,} parameters ({_size(summary['bytes'])}) from the {summary['kind']} "
           f"checkpoint {args.ckpt}{step} to {summary['out']}")
     if not summary["tokenizer"]:
         print(f"note: the checkpoint carries no tokenizer; copy the {TOKENIZER_FILE} beside its training shards into "
               f"{summary['out']} (or pass --tokenizer to `pretrain generate`)")
-    print(f"use it: pretrain generate --model {summary['out']}   or   GPT.from_pretrained('{summary['out']}')")
+    command = "fill-mask" if summary["model_type"] == "bert" else "generate"
+    print(f"use it: pretrain {command} --model {summary['out']}   or   "
+          f"framework.models.from_pretrained('{summary['out']}')")

@@ -307,6 +307,22 @@ class EpochReader:
             self._cur = None
 
 
+def unigram_counts(shards: list[Shard], eod: int, vocab_size: int, max_tokens: int = 50_000_000) -> np.ndarray:
+    """How often each id occurs in the epoch stream of `shards` (eod after each document), over at most max_tokens."""
+    reader = EpochReader(shards, eod, vocab_size)
+    n = min(reader.total, max_tokens)
+    total = np.zeros(vocab_size, dtype=np.int64)
+    buf = np.empty(1 << 20, dtype=np.int64)
+    try:
+        for t0 in range(0, n, len(buf)):
+            k = min(len(buf), n - t0)
+            reader.read(t0, t0 + k, buf[:k])
+            total += np.bincount(buf[:k], minlength=vocab_size)
+    finally:
+        reader.close()
+    return total
+
+
 def unigram_cross_entropy(train: list[Shard], val: list[Shard], eod: int, vocab_size: int,
                           max_tokens: int = 50_000_000) -> float:
     """Cross-entropy (nats/token) of the val stream under the train split's unigram distribution (add-one smoothed).
@@ -314,20 +330,7 @@ def unigram_cross_entropy(train: list[Shard], val: list[Shard], eod: int, vocab_
     The loss of a model that ignores context entirely: a language model must get far below it. At most `max_tokens` of
     each split are read (from the start of the stream) to keep this cheap on large corpora.
     """
-    def counts(shards: list[Shard]) -> np.ndarray:
-        reader = EpochReader(shards, eod, vocab_size)
-        n = min(reader.total, max_tokens)
-        total = np.zeros(vocab_size, dtype=np.int64)
-        buf = np.empty(1 << 20, dtype=np.int64)
-        try:
-            for t0 in range(0, n, len(buf)):
-                k = min(len(buf), n - t0)
-                reader.read(t0, t0 + k, buf[:k])
-                total += np.bincount(buf[:k], minlength=vocab_size)
-        finally:
-            reader.close()
-        return total
-
-    train_counts, val_counts = counts(train), counts(val)
+    train_counts = unigram_counts(train, eod, vocab_size, max_tokens)
+    val_counts = unigram_counts(val, eod, vocab_size, max_tokens)
     p = (train_counts + 1) / (train_counts.sum() + vocab_size)
     return float(-(val_counts * np.log(p)).sum() / max(1, val_counts.sum()))

@@ -1,8 +1,9 @@
 """What every objective shares: the optimizer, the LR schedule, gradient clipping, compile, logging and checkpoint extras.
 
-A task subclass only says how to build its model (`build_model`) and how a batch becomes named losses
-(`compute_losses`, whose "loss" entry is optimized). The model is built in `configure_model`, after the data is set up,
-so that its vocabulary comes from the shards and a sharding strategy can wrap it.
+A task subclass names its model family (`model_class`, whose config has presets) and says how a batch becomes named
+measures (`compute_losses`: name -> (mean, count); "loss" is the one optimized) and how many tokens and FLOPs a batch
+costs (`batch_tokens`, `batch_flops`, for throughput and MFU). The model is built in `configure_model`, after the data
+is set up, so that its vocabulary comes from the shards and a sharding strategy can wrap it.
 """
 
 from __future__ import annotations
@@ -13,14 +14,19 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torchmetrics import MeanMetric
 
 from framework.errors import UserError
+from framework.models.transformer import TransformerConfig
+
+# name -> (mean over the batch, how many items that mean is over): validation weights each batch by its count
+Measures = dict[str, tuple[torch.Tensor, torch.Tensor | float]]
 
 
 class PretrainTask(L.LightningModule):
-    """Shared training logic. Args (all become `--model.NAME` options and YAML keys):
+    """Shared training logic. Args (all become `--model.NAME` options and YAML keys; subclasses take them as
+    **kwargs, so they are declared here once):
 
     lr: peak learning rate, reached after `warmup_steps`.
     min_lr_ratio: the cosine decay ends at lr * min_lr_ratio, at trainer.max_steps.
@@ -48,24 +54,65 @@ class PretrainTask(L.LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.model: nn.Module | None = None
         self._forward: Any = None  # the compiled forward, kept out of the module tree (and the state dict)
-        self.val_loss = MeanMetric()
+        self._val_sums: dict[str, list[torch.Tensor]] = {}  # name -> [sum of mean * count, sum of counts]
+        self.preset: str = ""
+        self.overrides: dict[str, Any] = {}
+        self.config: TransformerConfig | None = None
+        self.tokenizer_json: str | None = None
 
     # ---------------------------------------------------------------- for subclasses
+    model_class: type[nn.Module]  # the model family; its `config_class` has the presets and the model_type
     block_types: tuple[type[nn.Module], ...] = ()  # the model's repeated blocks: units of sharding and recompute
+    perplexity = False  # log val/ppl = exp(val/loss): only where the loss is a per-token log-likelihood of the data
 
-    def build_model(self) -> nn.Module:
+    def set_model_config(self, preset: str, config: dict[str, Any] | None) -> None:
+        """Remember the preset and its overrides; fail on a bad preset or field now, not after data setup."""
+        self.preset, self.overrides = preset, dict(config or {})
+        self.model_class.config_class.from_preset(preset, **self.overrides)
+
+    def check_data(self, datamodule: Any) -> None:
+        """Fail at start-up, with one line, when the datamodule does not deliver what this task needs."""
+
+    def compute_losses(self, batch: dict[str, Any]) -> Measures:
+        """Named measures of a batch: name -> (mean, count). "loss" is optimized; all are logged as train/NAME and,
+        reduced over ranks as count-weighted means, val/NAME."""
         raise NotImplementedError
 
-    def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Named losses of a batch; "loss" is the one optimized. Also returns "tokens": how many it was averaged over."""
+    def batch_tokens(self, batch: dict[str, Any]) -> int:
+        """Tokens the model processed for this batch (tokens_seen, tokens_per_sec)."""
         raise NotImplementedError
 
-    @property
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token (forward + backward) for MFU; 0 when unknown."""
+    def batch_flops(self, batch: dict[str, Any]) -> int:
+        """Training FLOPs (forward + backward) of this batch, for MFU; 0 when unknown. Must not sync the device."""
         return 0
 
     # ---------------------------------------------------------------- model
+    def datamodule(self) -> Any:
+        return self.trainer.datamodule if self._trainer is not None else None
+
+    def resolve_config(self) -> TransformerConfig:
+        """The preset with its overrides, sized to the data: vocabulary from the shards, context checked."""
+        overrides = dict(self.overrides)
+        dm = self.datamodule()
+        if dm is not None:
+            overrides.setdefault("vocab_size", dm.vocab_size)
+        config = self.model_class.config_class.from_preset(self.preset, **overrides)
+        if dm is not None:
+            self.check_data(dm)
+            dm.check_vocab(config.vocab_size)
+            if dm.seq_len > config.seq_len:
+                raise UserError(f"data.seq_len={dm.seq_len} is longer than the model's context "
+                                f"(seq_len={config.seq_len}); lower data.seq_len or set model.config.seq_len")
+        return config
+
+    def build_model(self) -> nn.Module:
+        self.config = self.resolve_config()
+        dm = self.datamodule()
+        if dm is not None and os.path.exists(dm.tokenizer_path):  # checkpoints carry their tokenizer
+            with open(dm.tokenizer_path) as f:
+                self.tokenizer_json = f.read()
+        return self.model_class(self.config)
+
     def configure_model(self) -> None:
         if self.model is None:
             from framework.distributed import parallelize
@@ -83,25 +130,35 @@ class PretrainTask(L.LightningModule):
         return forward(*args, **kwargs)
 
     # ---------------------------------------------------------------- steps
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        losses = self.compute_losses(batch)
-        for name, value in losses.items():
-            if name != "tokens":
-                self.log(f"train/{name}", value.detach(), prog_bar=name == "loss")
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        measures = self.compute_losses(batch)
+        for name, (value, _) in measures.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=name == "loss")
         self.log("lr", self.lr_at(self.global_step), prog_bar=False)
-        return losses["loss"]
+        return measures["loss"][0]
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        losses = self.compute_losses(batch)
-        self.val_loss.update(losses["loss"].detach().float(), weight=losses["tokens"])
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        for name, (value, count) in self.compute_losses(batch).items():
+            count = torch.as_tensor(count, dtype=torch.float64, device=self.device)
+            total = value.detach().double() * count
+            acc = self._val_sums.setdefault(name, [torch.zeros((), dtype=torch.float64, device=self.device)] * 2)
+            self._val_sums[name] = [acc[0] + total, acc[1] + count]
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_loss.update_count == 0:  # nothing was validated (no val batches on this run)
+        if not self._val_sums:  # nothing was validated (no val batches on this run)
             return
-        loss = self.val_loss.compute()  # token-weighted mean, reduced over ranks
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, rank_zero_only=True)
-        self.log("val/ppl", torch.exp(loss.clamp(max=30)), rank_zero_only=True)
+        names = sorted(self._val_sums)
+        sums = torch.stack([torch.stack(self._val_sums[n]) for n in names])  # (names, 2): [weighted sum, count]
+        self._val_sums = {}
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # every rank validated the same number of batches
+        means = sums[:, 0] / sums[:, 1]  # a NaN or inf batch makes its measure NaN/inf: divergence must show
+        for name, mean in zip(names, means.float()):
+            self.log(f"val/{name}", mean, prog_bar=name == "loss", rank_zero_only=True)
+        loss = means[names.index("loss")].float()
+        if not torch.isfinite(loss):
+            rank_zero_warn(f"val/loss is {float(loss)}: the model has diverged (or a val batch is broken)")
+        if self.perplexity:
+            self.log("val/ppl", torch.exp(loss.clamp(max=30)), rank_zero_only=True)
 
     # ---------------------------------------------------------------- optimization
     def configure_optimizers(self) -> dict[str, Any]:
@@ -148,12 +205,18 @@ class PretrainTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["framework"] = run_metadata()
+        checkpoint["task"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        assert self.config is not None
+        checkpoint["model_config"] = self.config.to_dict()  # with its model_type: every reader dispatches on it
+        if self.tokenizer_json is not None:
+            checkpoint["tokenizer_json"] = self.tokenizer_json
         # Lightning does not checkpoint RNG states; dropout and sampling after a resume must continue the same streams.
         # Every rank is seeded alike (seed_everything), so rank 0's states stand for all of them.
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
                                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_family(checkpoint.get("model_config"), self.model_class.config_class.model_type, type(self).__name__)
         states = checkpoint.get("rng_states")
         if states is not None:
             self._rng_states = states  # applied at fit start: Lightning seeds again after loading the checkpoint
@@ -165,6 +228,16 @@ class PretrainTask(L.LightningModule):
             if states["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
             self._rng_states = None
+
+
+def check_family(model_config: dict[str, Any] | None, expected: str, user: str) -> None:
+    """One line when a checkpoint's model family is not the one `user` (a task or a command) works with."""
+    from framework.models import model_type_of
+
+    found = model_type_of(model_config or {})
+    if found != expected:
+        raise UserError(f"the checkpoint holds a {found!r} model but {user} needs a {expected!r} one; pass a "
+                        f"checkpoint of a {expected!r} model (or a config whose model.class_path trains {found!r})")
 
 
 def _is_deepspeed(strategy: Any) -> bool:

@@ -1,0 +1,335 @@
+"""What every transformer family shares: the config fields and their checks, the Block (attention + MLP, with a causal
+flag and an optional padding mask), rotary positions, the init, the FLOP count and the weight files.
+
+A family (framework.models.gpt, framework.models.encoder) is a config subclass with its presets and `model_type`,
+plus the embedding and the head around a stack of these Blocks. Pure PyTorch: no Lightning, DeepSpeed or W&B.
+
+Shapes in comments: B batch, T sequence length, C n_embd, nh n_head, hs head size (C // nh), V vocab (Vp padded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, ContextManager, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from framework.errors import UserError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ROPE_THETA = 10_000.0  # RoPE base frequency, as in RoFormer / LLaMA
+INIT_STD = 0.02  # GPT-2 / BERT init
+
+
+class ConfigError(UserError, ValueError):
+    """A bad model config value. A ValueError for library callers; a UserError so the CLI prints one line, exit 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------- config
+@dataclass
+class TransformerConfig:
+    """Fields every transformer family has. Subclasses set `model_type`, `PRESETS` and their own defaults."""
+
+    model_type: ClassVar[str] = ""
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    vocab_size: int = 50304
+    seq_len: int = 1024  # the longest context the model sees
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # pre-training with lots of data needs none; fine-tuning may want 0.1
+    bias: bool = True  # biases in Linear and LayerNorm (False is slightly faster and no worse)
+    # "learned" reproduces GPT-2's / BERT's parameter counts and checkpoint shapes. "rope" (rotary, no position
+    # parameters) extrapolates better to longer contexts and is what most recent models use.
+    pos_embedding: Literal["learned", "rope"] = "learned"
+    # The embedding table and logits matmul are padded to a multiple of this (nanoGPT: 50257 -> 50304 ran ~25% faster).
+    # Padded rows are never predicted: the heads slice the logits back to vocab_size.
+    vocab_multiple: int = 64
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "vocab_multiple"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}.{field}={value!r} must be a positive integer")
+        if self.n_embd % self.n_head:
+            lo = self.n_embd // self.n_head * self.n_head
+            raise ConfigError(
+                f"{name}.n_embd={self.n_embd} must be divisible by n_head={self.n_head}: "
+                f"use n_embd={lo or self.n_head} or {lo + self.n_head}, or an n_head that divides {self.n_embd}"
+            )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"{name}.dropout={self.dropout!r} must be a number in [0, 1)")
+        if self.pos_embedding not in ("learned", "rope"):
+            raise ConfigError(f"{name}.pos_embedding={self.pos_embedding!r} is not one of 'learned', 'rope'"
+                              + did_you_mean(str(self.pos_embedding), ["learned", "rope"]))
+        if self.pos_embedding == "rope" and self.head_size % 2:
+            raise ConfigError(f"{name}.pos_embedding='rope' needs an even head size, got n_embd/n_head="
+                              f"{self.head_size}: change n_embd or n_head")
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"{name}.bias={self.bias!r} must be true or false")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    @classmethod
+    def presets(cls) -> list[str]:
+        return list(cls.PRESETS)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "TransformerConfig":
+        """The named preset with some fields replaced, e.g. `GPTConfig.from_preset("gpt2-124m", vocab_size=32000)`."""
+        if name not in cls.PRESETS:
+            raise ConfigError(f"unknown {cls.model_type} preset {name!r}{did_you_mean(name, cls.PRESETS)}; known "
+                              f"presets: {', '.join(cls.PRESETS)}")
+        cls._check_fields(overrides)
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TransformerConfig":
+        values = dict(values)
+        model_type = values.pop("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ConfigError(f"the config is of a {model_type!r} model, not a {cls.model_type!r} one")
+        cls._check_fields(values)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+
+    @classmethod
+    def _check_fields(cls, values: dict[str, Any]) -> None:
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in fields:
+                raise ConfigError(f"unknown {cls.__name__} field {key!r}{did_you_mean(key, fields)}; "
+                                  f"fields: {', '.join(fields)}")
+
+
+def did_you_mean(name: str, choices: Any) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ----------------------------------------------------------------------------------------------------------- blocks
+def rope_cos_sin(seq_len: int, head_size: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for rotary embeddings, each (T, hs) float32. Computed per forward: it is tiny, needs no buffer
+    (so meta-device init, dtype casts and state dicts never touch it) and torch.compile folds it."""
+    inv_freq = ROPE_THETA ** -(torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size)  # (hs/2,)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, hs): "rotate half" layout (GPT-NeoX, LLaMA)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, nh, T, hs) queries or keys by position, in float32 so bf16 does not blur the angles."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
+
+
+def attention_bias(attention_mask: torch.Tensor | None, causal: bool, T: int) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for F.scaled_dot_product_attention from a (B, T) padding mask (1/True = a real token).
+
+    Without a padding mask, a causal model passes is_causal alone, which lets SDPA pick the flash kernel on GPU.
+    """
+    if attention_mask is None:
+        return None, causal
+    keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): which keys each query may attend to
+    if causal:
+        keep = keep & torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()  # (B, 1, T, T)
+    return keep, False
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.dropout = dropout
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU, so its weights reproduce its outputs
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block. The unit that FSDP shards and activation checkpointing recomputes.
+
+    `causal` is fixed per model (a GPT's blocks are causal, an encoder's are not); the padding mask, when there is
+    one, arrives per batch as the (attn_mask, is_causal) pair made by `attention_bias`.
+    """
+
+    def __init__(self, config: TransformerConfig, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = SelfAttention(config.n_embd, config.n_head, config.bias, config.dropout)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config.n_embd, config.bias, config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attn_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
+        is_causal = self.causal if is_causal is None else is_causal
+        x = x + self.attn(self.ln_1(x), rope, attn_mask, is_causal)  # pre-LN: the residual stream is never normalized
+        return x + self.mlp(self.ln_2(x))
+
+
+def make_trunk(config: TransformerConfig, causal: bool) -> nn.ModuleDict:
+    """Token (+ learned position) embedding, the blocks and the final LayerNorm, under GPT-2's names
+    (`transformer.{wte,wpe,h,ln_f}` in a family's state dict, so GPT-2 weights map across); `run_trunk` runs them."""
+    layers: dict[str, nn.Module] = {"wte": nn.Embedding(config.padded_vocab_size, config.n_embd)}
+    if config.pos_embedding == "learned":
+        layers["wpe"] = nn.Embedding(config.seq_len, config.n_embd)
+    layers["drop"] = nn.Dropout(config.dropout)
+    layers["h"] = nn.ModuleList(Block(config, causal) for _ in range(config.n_layer))
+    layers["ln_f"] = nn.LayerNorm(config.n_embd, bias=config.bias)
+    return nn.ModuleDict(layers)
+
+
+def run_trunk(trunk: nn.ModuleDict, config: TransformerConfig, idx: torch.Tensor, causal: bool,
+              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Token ids (B, T) [+ padding mask (B, T)] -> final hidden states (B, T, C), after ln_f."""
+    if idx.dim() != 2:
+        raise ValueError(f"expected token ids of shape (batch, time), got {tuple(idx.shape)}")
+    B, T = idx.shape
+    if T > config.seq_len:
+        raise ValueError(f"sequence length {T} exceeds {type(config).__name__}.seq_len={config.seq_len}: crop the "
+                         "input")
+    if attention_mask is not None and attention_mask.shape != idx.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have the shape of the ids {(B, T)}")
+    x = trunk.wte(idx)  # (B, T, C)
+    rope = None
+    if config.pos_embedding == "learned":
+        x = x + trunk.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
+    else:
+        rope = rope_cos_sin(T, config.head_size, idx.device)  # (T, hs) each
+    attn_mask, is_causal = attention_bias(attention_mask, causal, T)
+    x = trunk.drop(x)
+    for block in trunk.h:
+        x = block(x, rope, attn_mask, is_causal)
+    return trunk.ln_f(x)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, config: TransformerConfig, skip: tuple[nn.Module, ...] = (),
+                 gather: Callable[[nn.Module], ContextManager[Any]] | None = None) -> None:
+    """GPT-2 init: N(0, 0.02) for matrices and embeddings, zero biases, and the two projections each block adds to the
+    residual stream scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth. `skip`: modules to leave
+    alone (a tied output matrix is initialized as the embedding it is). `gather(module)` is entered around each
+    module's own parameters (e.g. DeepSpeed's GatheredParameters under ZeRO-3)."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    residual = {id(b.attn.c_proj) for b in blocks} | {id(b.mlp.c_proj) for b in blocks}
+    residual_std = INIT_STD / math.sqrt(2 * config.n_layer)
+    for module in model.modules():
+        if any(module is s for s in skip) or not isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+            continue
+        with gather(module) if gather is not None else contextlib.nullcontext():
+            if isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+                continue
+            nn.init.normal_(module.weight, mean=0.0, std=residual_std if id(module) in residual else INIT_STD)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def block_flops(config: TransformerConfig, tokens: int, seq_len: int) -> int:
+    """Training FLOPs (forward + backward) of the blocks for `tokens` tokens in sequences of `seq_len`.
+
+    Only matrix multiplies count (elementwise ops, norms and biases are a rounding error at scale and are not what
+    MFU measures). Per token and layer, forward: 2 FLOPs per weight of the 12*C^2 weights (q, k, v, output and the 4x
+    MLP), plus 4*T*C for attention (QK^T and the weighted sum of V over the full T: causal-mask savings are not
+    subtracted, as in the PaLM paper, appendix B). Backward costs twice the forward.
+    """
+    c = config
+    forward = c.n_layer * (2 * 12 * c.n_embd * c.n_embd + 4 * seq_len * c.n_embd)
+    return 3 * forward * tokens
+
+
+def num_params(model: nn.Module, exclude: tuple[str, ...] = ()) -> int:
+    """Parameters counted once (tied ones too), at full size under ZeRO-3 (whose local shards are empty)."""
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+    return sum(numel(p) for name, p in model.named_parameters() if not name.endswith(exclude))
+
+
+# ----------------------------------------------------------------------------------------------------------- files
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError as e:
+        raise ImportError("saving and loading weights needs safetensors: pip install safetensors") from e
+    return safetensors.torch
+
+
+def save_pretrained(out_dir: str | os.PathLike, config: TransformerConfig, state_dict: dict[str, torch.Tensor],
+                    tied: tuple[str, ...] = ()) -> None:
+    """Write config.json (with the model_type) and model.safetensors, each atomically. A function, not only a method,
+    so export code can pass a state dict consolidated from FSDP or DeepSpeed shards. `tied` names are stored once,
+    under the name of the tensor they are tied to."""
+    save_file = _safetensors().save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k not in tied}
+    # weights first: a directory with a config.json has its weights
+    write_atomic(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    write_atomic(out_dir / CONFIG_FILE, lambda tmp: tmp.write_text(text))
+
+
+def load_pretrained_files(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                          ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json as a dict, the state dict) of a directory written by save_pretrained or `pretrain export`."""
+    path = Path(path)
+    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: expected a directory written by save_pretrained or "
+                                    "`pretrain export`")
+    return json.loads(config_file.read_text()), _safetensors().load_file(str(weights_file), device=str(map_location))
+
+
+def write_atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
