@@ -6,7 +6,8 @@ import torch
 
 from framework.errors import UserError
 from framework.distributed import apply_activation_checkpointing
-from framework.models.gpt import GPT, Block, GPTConfig, apply_rope, rope_cos_sin
+from framework.models.gpt import GPT, GPTConfig
+from framework.models.transformer import Block, apply_rope, rope_cos_sin
 from framework.objectives.causal_lm import causal_lm_loss, shift
 
 POS = ["learned", "rope"]
@@ -29,7 +30,6 @@ def test_every_preset_builds_on_meta():
         with torch.device("meta"):
             model = GPT(config)
         assert model.num_params() > 0
-        assert model.flops_per_token() > 6 * model.num_params()
 
 
 @pytest.mark.parametrize(
@@ -47,8 +47,11 @@ def test_gpt2_124m_matches_nanogpt_counts():
     with torch.device("meta"):
         model = GPT(GPTConfig.from_preset("gpt2-124m"))
     assert round(model.num_params() / 1e6, 2) == 123.69  # nanoGPT prints "number of parameters: 123.69M"
-    # 6N + 12*L*H*Q*T by hand
-    assert model.flops_per_token() == 6 * model.num_params() + 12 * 12 * 12 * 64 * 1024
+    # matmul FLOPs by hand: 6 per weight of the blocks' 12*C^2 and the C x Vp output matrix, plus attention 12*L*C*T
+    # (torch's FlopCounterMode agrees exactly at tiny size: tests/test_masked_lm.py)
+    assert model.flops_per_token() == 6 * (12 * 12 * 768**2 + 768 * 50304) + 12 * 12 * 768 * 1024
+    # nanoGPT's 6N (N with biases and norms) + 12*L*H*Q*T differs by the ~0.1% that biases and norms add
+    assert model.flops_per_token() == pytest.approx(6 * model.num_params() + 12 * 12 * 12 * 64 * 1024, rel=2e-3)
 
 
 def test_from_preset_overrides_and_padding():

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -29,8 +28,8 @@ MASK = 252
 
 
 def masked(tokens, ids, rate=0.3, seed=0, epoch=0):
-    return mask_tokens(torch.as_tensor(np.asarray(tokens)), rate=rate, mask_id=MASK, special_ids=SPECIALS, vocab_size=256,
-                       seed=seed, epoch=epoch, sample_ids=ids)
+    return mask_tokens(torch.as_tensor(np.asarray(tokens)), rate=rate, mask_id=MASK, special_ids=SPECIALS,
+                       vocab_size=256, seed=seed, epoch=epoch, sample_ids=ids)
 
 
 # ------------------------------------------------------------------------------------------------ masking
@@ -292,3 +291,19 @@ def test_wrong_family_and_bad_input_are_one_line_and_exit_2(shards, checkpoints,
     (bad / "manifest.json").write_text(json.dumps(manifest))
     assert_one_line_error(run_cli("fit", "--config", config, "--data.init_args.path", str(bad), cwd=tmp_path),
                           "has no <|mask|> token, which masked LM needs")
+
+
+def test_activation_checkpointing_and_compile_train_the_encoder_alike(shards, tmp_path):
+    """The same 3 steps eager, with every block recomputed in backward, and under torch.compile (which must cope with
+    the data-dependent number of gathered positions): the same losses."""
+    losses = {}
+    for name, args in (("eager", []), ("recompute", ["--model.init_args.activation_checkpointing", "true"]),
+                       ("compiled", ["--model.init_args.compile", "true"])):
+        run = tmp_path / name
+        run.mkdir()
+        fit(["--config", str(write_config(run, shards, trainer__max_steps=3, trainer__limit_val_batches=0)),
+             "--model.init_args.config", "{dropout: 0.0}", *args])
+        losses[name] = [s["loss"] for s in steps(run)]
+    assert len(losses["eager"]) == 3
+    assert losses["recompute"] == pytest.approx(losses["eager"], abs=1e-6)
+    assert losses["compiled"] == pytest.approx(losses["eager"], abs=1e-4)

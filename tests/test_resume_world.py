@@ -28,7 +28,7 @@ import pytest
 
 from dist_fit import build_deepspeed_ops, fit, make_shards, records, write_config
 from framework.callbacks.checkpointing import peek
-from framework.data.datamodule import ShardDataModule
+from framework.data.datamodule import MaskedLMDataModule, ShardDataModule
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 BATCH = 4  # windows per rank per step (write_config's data.batch_size)
@@ -36,10 +36,13 @@ BATCH = 4  # windows per rank per step (write_config's data.batch_size)
 # strategy -> world size of each run of the chain. Same-size resumes are Lightning's and DeepSpeed's own paths: run
 # once per checkpoint layout (DCP and DeepSpeed directories); a .ckpt file's is test_fit's exact resume.
 CHAINS = {
-    "ddp": [2, 1, 2],
-    "fsdp": [2, 2, 1, 2],
-    "deepspeed_stage_2": [2, 1, 2],
-    "deepspeed_stage_3": [2, 2, 1, 2],
+    ("ddp", "gpt"): [2, 1, 2],
+    ("fsdp", "gpt"): [2, 2, 1, 2],
+    ("deepspeed_stage_2", "gpt"): [2, 1, 2],
+    ("deepspeed_stage_3", "gpt"): [2, 2, 1, 2],
+    # the masked-LM encoder (tied decoder, head bias, masks seeded per window) through both resharding paths
+    ("fsdp", "bert"): [2, 1, 2],
+    ("deepspeed_stage_3", "bert"): [2, 1, 2],
 }
 FIRST_STOP, STOP_EVERY = 3, 2  # run 0 stops after 3 steps, each later run but the last after 2 more
 
@@ -51,11 +54,17 @@ def shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def universe(shards) -> list[tuple[int, ...]]:
-    """Every window of the epoch, read in order by one reader."""
-    dm = ShardDataModule(str(shards), seq_len=32, batch_size=1, num_workers=0, shuffle=False)
-    dm.setup("fit")
-    return [tuple(b["tokens"][0].tolist()) for b in dm.train_dataloader()]
+def universe(shards) -> dict[str, list[tuple[int, ...]]]:
+    """family -> every example of the epoch, read in order by one reader: the GPT's windows, and the encoder's masked
+    inputs (each window's masks depend on its place in the epoch only, so they are the same in any order)."""
+    out = {}
+    for family, dm in (("gpt", ShardDataModule(str(shards), seq_len=32, batch_size=1, num_workers=0, shuffle=False)),
+                       ("bert", MaskedLMDataModule(path=str(shards), seq_len=32, batch_size=1, num_workers=0,
+                                                   shuffle=False))):
+        dm.setup("fit")
+        key = "tokens" if family == "gpt" else "input_ids"
+        out[family] = [tuple(b[key][0].tolist()) for b in dm.train_dataloader()]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +73,19 @@ def deepspeed_ops():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", list(CHAINS))
-def test_resume_on_another_world_size(strategy, shards, universe, tmp_path, request):
+@pytest.mark.parametrize("strategy,family", list(CHAINS), ids=[f"{s}-{f}" for s, f in CHAINS])
+def test_resume_on_another_world_size(strategy, family, shards, universe, tmp_path, request):
     if strategy.startswith("deepspeed"):
         if not HAS_DEEPSPEED:
             pytest.skip("deepspeed is not installed (pip install deepspeed)")
         request.getfixturevalue("deepspeed_ops")
-    worlds = CHAINS[strategy]
+    worlds, universe = CHAINS[strategy, family], universe[family]
     stop_at = [FIRST_STOP + STOP_EVERY * i for i in range(len(worlds) - 1)] + [None]  # the last run ends the epoch
     times = []
     for i, (world, stop) in enumerate(zip(worlds, stop_at)):
         probe = {"class_path": "dist_fit.OptimizerProbe", "init_args": {"path": str(tmp_path / f"probe{i}")}}
         config = write_config(tmp_path, shards, strategy=strategy, devices=world, max_steps=1000, stop_at=stop,
-                              callbacks=[probe], label=i)
+                              callbacks=[probe], label=i, family=family)
         t0 = time.perf_counter()
         fit(config, *(["--ckpt_path", "last"] if i else []))
         times.append(time.perf_counter() - t0)
@@ -84,7 +93,7 @@ def test_resume_on_another_world_size(strategy, shards, universe, tmp_path, requ
             assert_same_training_state(tmp_path / f"probe{i - 1}.end.json", tmp_path / f"probe{i}.start.json")
     final = json.loads((tmp_path / f"probe{len(worlds) - 1}.end.json").read_text())
     assert final["adam_steps"] == [final["global_step"]], "Adam step counts ran off after a resume"
-    print(f"{strategy} {worlds}: " + ", ".join(f"{t:.1f} s" for t in times))
+    print(f"{strategy} {family} {worlds}: " + ", ".join(f"{t:.1f} s" for t in times))
 
     recs = records(tmp_path)
     # the global step continues: run i trains steps [stop_at[i-1], stop_at[i]), every rank of its world each step

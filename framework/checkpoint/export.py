@@ -6,8 +6,8 @@
 
 The same files as the models' `save_pretrained`, so `framework.models.from_pretrained(OUT_DIR)` (or
 `GPT.from_pretrained`, `Encoder.from_pretrained`), `pretrain generate --model OUT_DIR` (GPT) and
-`pretrain fill-mask --model OUT_DIR` (encoder) load them. CKPT is any checkpoint `pretrain fit` writes: a .ckpt file (DDP,
-one process), a torch.distributed.checkpoint directory (FSDP2) or a DeepSpeed ZeRO-1/2/3 directory, on any number
+`pretrain fill-mask --model OUT_DIR` (encoder) load them.
+CKPT is any checkpoint `pretrain fit` writes: a .ckpt file (DDP, one process), a torch.distributed.checkpoint directory (FSDP2) or a DeepSpeed ZeRO-1/2/3 directory, on any number
 of ranks; `last.ckpt` works too. No process group and no GPU are needed, and the weights are streamed tensor by
 tensor from the (memory-mapped) checkpoint into the output file (framework.checkpoint.consolidate), so the host
 never holds the whole model. OUT_DIR appears complete or not at all: it is written under a temporary name beside
@@ -122,7 +122,8 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     summary = export(args.ckpt, args.out_dir, overwrite=args.overwrite)
     step = f" (step {summary['step']})" if summary["step"] is not None else ""
-    print(f"exported a {summary['model_type']!r} model: {summary['parameters']:,} parameters ({_size(summary['bytes'])}) from the {summary['kind']} "
+    print(f"exported a {summary['model_type']!r} model: {summary['parameters']:,} parameters "
+          f"({_size(summary['bytes'])}) from the {summary['kind']} "
           f"checkpoint {args.ckpt}{step} to {summary['out']}")
     if not summary["tokenizer"]:
         print(f"note: the checkpoint carries no tokenizer; copy the {TOKENIZER_FILE} beside its training shards into "

@@ -190,8 +190,9 @@ class ShardDataModule(L.LightningDataModule):
     def _stream(self, shards: list[Shard], batch_size: int, shuffle: bool, train: bool) -> TokenStream:
         rank, world = self._world()
         eod = self.special_ids["eod"]
-        return TokenStream(shards, seq_len=self.window_len - 1, batch_size=batch_size, eod=eod, vocab_size=self.vocab_size,
-                           seed=self.seed, shuffle=shuffle, shuffle_block=self.shuffle_block, rank=rank, world=world,
+        return TokenStream(shards, seq_len=self.window_len - 1, batch_size=batch_size, eod=eod,
+                           vocab_size=self.vocab_size, seed=self.seed, shuffle=shuffle,
+                           shuffle_block=self.shuffle_block, rank=rank, world=world,
                            workers=max(1, self.num_workers), transform=self.batch_transform(train))
 
     def _loader(self, stream: TokenStream, before_iter: Callable[[], None]) -> DataLoader:

@@ -40,11 +40,15 @@ def build_model(config: TransformerConfig) -> nn.Module:
     return FAMILIES[config.model_type](config)
 
 
-def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
-    """Load a directory written by save_pretrained or `pretrain export`, whatever its family. overrides replace config
-    fields that do not change shapes, e.g. dropout=0.1 for fine-tuning."""
+def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    model_class: type[nn.Module] | None = None, **overrides: Any) -> nn.Module:
+    """Load a directory written by save_pretrained or `pretrain export`, whatever its family (or, with model_class,
+    only that family's). overrides replace config fields that do not change shapes, e.g. dropout=0.1 for fine-tuning."""
     values, state = load_pretrained_files(path, map_location)
     config = config_from_dict({**values, **overrides})
+    if model_class is not None and FAMILIES[config.model_type] is not model_class:
+        raise ConfigError(f"'{path}' holds a {config.model_type!r} model, not a "
+                          f"{model_class.config_class.model_type!r} one")
     with torch.device("meta"):  # no init work for weights that are about to be replaced
         model = build_model(config)
     tied = TIED[config.model_type]

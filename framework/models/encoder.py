@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 
 from framework.models.transformer import (
-    ConfigError,
     TransformerConfig,
     block_flops,
     init_weights,
@@ -130,7 +129,4 @@ class Encoder(nn.Module):
                         **overrides: Any) -> "Encoder":
         from framework.models import from_pretrained
 
-        model = from_pretrained(path, map_location, **overrides)
-        if not isinstance(model, cls):
-            raise ConfigError(f"'{path}' holds a {model.config.model_type!r} model, not a {cls.config_class.model_type!r}")
-        return model
+        return from_pretrained(path, map_location, model_class=cls, **overrides)

@@ -22,19 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from framework.models.transformer import (  # noqa: F401 - re-exported: the GPT's building blocks
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    Block,
-    ConfigError,
+from framework.models.transformer import (
     TransformerConfig,
-    apply_rope,
     block_flops,
     init_weights,
-    load_pretrained_files,
     make_trunk,
     num_params,
-    rope_cos_sin,
     run_trunk,
     save_pretrained,
 )
@@ -164,7 +157,4 @@ class GPT(nn.Module):
         not change shapes, e.g. dropout=0.1 for fine-tuning."""
         from framework.models import from_pretrained
 
-        model = from_pretrained(path, map_location, **overrides)
-        if not isinstance(model, cls):
-            raise ConfigError(f"'{path}' holds a {model.config.model_type!r} model, not a {cls.config_class.model_type!r}")
-        return model
+        return from_pretrained(path, map_location, model_class=cls, **overrides)

@@ -96,8 +96,9 @@ class TransformerConfig:
     def from_preset(cls, name: str, **overrides: Any) -> "TransformerConfig":
         """The named preset with some fields replaced, e.g. `GPTConfig.from_preset("gpt2-124m", vocab_size=32000)`."""
         if name not in cls.PRESETS:
-            raise ConfigError(f"unknown {cls.model_type} preset {name!r}{did_you_mean(name, cls.PRESETS)}; known "
-                              f"presets: {', '.join(cls.PRESETS)}")
+            family = cls.__name__.removesuffix("Config")
+            raise ConfigError(f"unknown {family} preset {name!r}{did_you_mean(name, cls.PRESETS)}; known presets: "
+                              f"{', '.join(cls.PRESETS)}")
         cls._check_fields(overrides)
         return cls(**{**cls.PRESETS[name], **overrides})
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from framework.models.gpt import GPT, Block
+from framework.models.gpt import GPT
+from framework.models.transformer import Block
 from framework.objectives.causal_lm import causal_lm_loss, shift
 from framework.tasks.base import Measures, PretrainTask
 
