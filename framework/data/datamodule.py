@@ -22,7 +22,7 @@ from framework.data.shards import Shard, check_shards, describe, expand, fingerp
 from framework.data.stream import TokenStream
 from framework.errors import UserError
 
-POSITION_VERSION = 1
+POSITION_VERSION = 2  # 2: the epoch's order is a global permutation; segments continue their parent's slots
 
 
 class _ResumableLoader(DataLoader):
@@ -53,9 +53,11 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: windows per batch, per rank (the micro-batch).
         val_batch_size: windows per validation batch, per rank (default: batch_size).
         num_workers: DataLoader worker processes per rank (0 reads in the training process).
-        seed: seeds the shard order of each epoch and the shuffle of each block.
+        seed: seeds the shard order and the permutation of the windows of each epoch.
         shuffle: shuffle the train split (validation is always read in order).
-        shuffle_block: windows shuffled together by each worker; memory is shuffle_block * (seq_len + 1) * 8 bytes.
+        shuffle_block: only for shards that cannot seek (`pipe:`, http): windows shuffled together by each worker,
+            which interleaves 8 sequential streams over its share of the epoch; memory is shuffle_block * (seq_len +
+            1) * 8 bytes. Local shards are read by random access in a permutation of the whole epoch.
         train_shards: shard paths, globs, brace patterns or URLs to read instead of the manifest's train split.
         val_shards: the same for validation.
         manifest: manifest path or URL when the shards are given explicitly and it is not `path/manifest.json`.
@@ -209,9 +211,7 @@ class ShardDataModule(L.LightningDataModule):
         if self._segment is None:
             self._segment = stream.fresh_segment(0)
         if self._segment.layout != stream.layout:  # resumed on another world size, worker count or batch size
-            avail = cursor.remaining(self._segment, self._batches, self.seed, self.shuffle_block, self.shuffle)
-            self._segment = cursor.Segment(self._segment.epoch, self._segment.index + 1, avail, stream.layout)
-            self._batches = 0
+            self._segment, self._batches = cursor.continue_on(self._segment, self._batches, stream.layout), 0
         if self._batches >= self._segment.batches_per_rank:  # the epoch is done: the next one starts fresh
             self._segment, self._batches = stream.fresh_segment(self._segment.epoch + 1), 0
         stream.segment, stream.start_batch = self._segment, self._batches
@@ -232,7 +232,7 @@ class ShardDataModule(L.LightningDataModule):
         if self._segment is None:
             return {}
         return {"version": POSITION_VERSION, "seq_len": self.seq_len, "seed": self.seed, "shuffle": self.shuffle,
-                "shuffle_block": self.shuffle_block, "shards": fingerprint(self._train),
+                "shuffle_block": self.shuffle_block, "order": self._segment.order, "shards": fingerprint(self._train),
                 "segment": self._segment.state(), "batches": self._batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -251,6 +251,10 @@ class ShardDataModule(L.LightningDataModule):
         if state["shards"] != fingerprint(stream.shards):
             raise UserError("the checkpoint's data position belongs to a different set of train shards; resume on "
                             "the same data (same data.path / data.train_shards) or start a new run without --ckpt_path")
+        if state["order"] != stream.order:
+            raise UserError(f"the checkpoint's data position reads the shards in the '{state['order']}' order but "
+                            f"these shards give '{stream.order}' (local files: global; pipe:/http: stream); resume "
+                            "with the shards given the same way (local paths or URLs) as when it was written")
         self._segment = cursor.Segment.from_state(state["segment"])
         self._batches = int(state["batches"])
 
