@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from framework.data import cursor
-from framework.data.shards import Shard, check_shards, describe, expand, fingerprint, manifest_shards, read_manifest
+from framework.data.shards import (Shard, beside, check_shards, describe, expand, fingerprint, manifest_shards,
+                                   read_manifest)
 from framework.data.stream import TokenStream
 from framework.errors import UserError
 
@@ -84,7 +85,8 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers, self.seed, self.shuffle, self.shuffle_block = num_workers, seed, shuffle, shuffle_block
         self.train_spec, self.val_spec, self.manifest_url = train_shards, val_shards, manifest
         self.skip_corrupt, self.prepare_if_missing, self.tokenizer_spec = skip_corrupt, prepare_if_missing, tokenizer
-        self._manifest: dict | None = None
+        self._manifest: dict | None = None  # the train shards' manifest: vocabulary and special tokens
+        self._manifests: dict[str, dict] = {}  # every manifest read, by location
         self._train: list[Shard] = []
         self._val: list[Shard] = []
         # the data position: current segment and how many of its batches every rank has trained on
@@ -94,13 +96,31 @@ class ShardDataModule(L.LightningDataModule):
         self._train_stream: TokenStream | None = None
 
     # ---------------------------------------------------------------- shards and tokenizer
-    def _manifest_location(self) -> str:
+    def _manifest_location(self, spec: str | list[str] | None = None) -> str:
+        """The manifest describing `spec`'s shards (default: the train shards): data.manifest when set, else the
+        one beside the shards, else the one in data.path. Never data.path's for explicit shards: it describes others."""
+        spec = spec if spec is not None else self.train_spec
         if self.manifest_url:
             return self.manifest_url
-        if self.train_spec and not (self.path and os.path.isdir(self.path)):
-            first = expand(self.train_spec)[0]
-            return os.path.join(os.path.dirname(first), "manifest.json") if "://" not in first else ""
+        if spec:
+            first = expand(spec)[0]
+            location = beside(first, "manifest.json")
+            if location is None:
+                raise UserError(f"cannot tell where the manifest of '{first}' is; pass --data.manifest PATH_OR_URL "
+                                "(the manifest.json that `pretrain prepare` wrote beside these shards)")
+            return location
         return os.path.join(self.path, "manifest.json")
+
+    def _read_manifest(self, spec: str | list[str] | None) -> dict:
+        location = self._manifest_location(spec)
+        if location not in self._manifests:
+            try:
+                self._manifests[location] = read_manifest(location)
+            except UserError as e:
+                if not spec or self.manifest_url:
+                    raise
+                raise UserError(f"{e}; pass --data.manifest PATH_OR_URL if the manifest is elsewhere") from None
+        return self._manifests[location]
 
     def prepare_data(self) -> None:
         """Prepare the embedded corpus when asked to and its shards are absent (Lightning runs this on one process)."""
@@ -113,13 +133,12 @@ class ShardDataModule(L.LightningDataModule):
     @property
     def manifest(self) -> dict:
         if self._manifest is None:
-            location = self._manifest_location()
             if not self.train_spec and not os.path.isdir(self.path):
                 hint = (" (set data.prepare_if_missing=true to prepare the default corpus there)"
                         if not self.prepare_if_missing else "")
                 raise UserError(f"data directory '{self.path}' does not exist; run `pretrain prepare --output "
                                 f"{self.path}` or set data.path{hint}")
-            self._manifest = read_manifest(location) if location else {}
+            self._manifest = self._read_manifest(self.train_spec)
         return self._manifest
 
     @property
@@ -137,11 +156,13 @@ class ShardDataModule(L.LightningDataModule):
         return os.path.join(os.path.dirname(self._manifest_location()) or ".", "tokenizer.json")
 
     def _shards(self, split: str, spec: str | list[str] | None) -> list[Shard]:
+        train = self.manifest
         if spec:
-            shards = describe(expand(spec), self.manifest or None)
-        else:
-            base = os.path.dirname(self._manifest_location())
-            shards = manifest_shards(self.manifest, split, base)
+            manifest = self._read_manifest(spec)
+            _check_same_tokenizer(train, manifest, self._manifest_location(), self._manifest_location(spec))
+            shards = describe(expand(spec), manifest)
+        else:  # the split as listed in the train shards' manifest
+            shards = manifest_shards(train, split, os.path.dirname(self._manifest_location()))
         return check_shards(shards, self.skip_corrupt)
 
     def setup(self, stage: str | None = None) -> None:
@@ -258,3 +279,13 @@ class ShardDataModule(L.LightningDataModule):
         self._segment = cursor.Segment.from_state(state["segment"])
         self._batches = int(state["batches"])
 
+
+def _check_same_tokenizer(a: dict, b: dict, where_a: str, where_b: str) -> None:
+    """Shards from two `prepare` outputs can be mixed only when their token ids mean the same thing."""
+    keys = ("vocab_size", "special_tokens", "sha256")
+    ta, tb = ({k: m.get("tokenizer", {}).get(k) for k in keys} for m in (a, b))
+    if ta != tb:
+        diff = next(k for k in keys if ta[k] != tb[k])
+        raise UserError(f"the shards described by '{where_b}' use another tokenizer than those of '{where_a}' "
+                        f"({diff} differs); prepare both with the same tokenizer (e.g. `pretrain prepare --tokenizer "
+                        f"{os.path.join(os.path.dirname(where_a) or '.', 'tokenizer.json')}`)")

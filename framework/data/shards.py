@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -91,6 +92,9 @@ def read_manifest(url: str) -> dict:
         raise UserError(f"no manifest at '{url}': the shards are incomplete or were not made by `pretrain prepare`; "
                         "run `pretrain prepare --output DIR` (a killed prepare leaves no manifest)") from None
     except (OSError, ValueError) as e:
+        if not _is_local(url):  # webdataset's pipe errors carry the whole Popen call: keep only the exit status
+            reason = re.search(r"exit \d+", str(e))
+            raise UserError(f"cannot read manifest '{url}' ({reason.group(0) if reason else e})") from None
         raise UserError(f"cannot read manifest '{url}' ({e}); re-run `pretrain prepare --overwrite`") from None
     if manifest.get("format") != "framework-shards":
         raise UserError(f"'{url}' is not a shard manifest written by `pretrain prepare`")
@@ -108,34 +112,48 @@ def _join(base: str, name: str) -> str:
     return str(Path(base) / name) if _is_local(base) else base.rstrip("/") + "/" + name
 
 
-def describe(urls: list[str], manifest: dict | None) -> list[Shard]:
-    """Shard records for explicit URLs: counts from the manifest, or from a header scan when there is none."""
+def describe(urls: list[str], manifest: dict) -> list[Shard]:
+    """Shard records for explicit URLs, with their counts from the manifest that lists them."""
     by_name = {}
-    if manifest is not None:
-        for split in manifest.get("splits", {}):
-            by_name.update({s.name: s for s in manifest_shards(manifest, split, ".")})
+    for split in manifest.get("splits", {}):
+        by_name.update({s.name: s for s in manifest_shards(manifest, split, ".")})
     out = []
     for url in urls:
-        name = url.rstrip("/").rsplit("/", 1)[-1]
-        if name in by_name:
-            s = by_name[name]
-            out.append(Shard(url, name, s.samples, s.tokens, s.bytes))
-        elif manifest is not None:
-            raise UserError(f"shard '{url}' is not in the manifest; point the data at shards of one `prepare` output")
-        else:
-            out.append(scan(url))
+        name = _name(url)
+        if name not in by_name:
+            raise UserError(f"shard '{url}' is not in its manifest; point the data at shards of one `prepare` output "
+                            "or pass the --data.manifest that lists them")
+        s = by_name[name]
+        out.append(Shard(url, name, s.samples, s.tokens, s.bytes))
     return out
 
 
-def scan(url: str) -> Shard:
-    """Count a shard's documents and tokens from its tar headers (used only when no manifest is available)."""
-    warnings.warn(f"no manifest for '{url}': counting its tokens from the tar headers", stacklevel=2)
-    samples = tokens = 0
-    with _open_tar(url) as tf:
-        for m in _members(tf, url):
-            samples += 1
-            tokens += m.size // DTYPES[_ext(m.name)].itemsize
-    return Shard(url, url.rsplit("/", 1)[-1], samples, tokens)
+_TAR_IN_COMMAND = re.compile(r"[^\s'\"]+\.tar\b")
+
+
+def _name(url: str) -> str:
+    """A shard's file name, also inside a `pipe:` command (`pipe:aws s3 cp s3://b/train-000001.tar -`)."""
+    if url.startswith("pipe:"):
+        tars = _TAR_IN_COMMAND.findall(url)
+        if tars:
+            return tars[-1].rsplit("/", 1)[-1]
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def beside(url: str, name: str) -> str | None:
+    """The file `name` in the same directory as the shard `url` (a path, a URL, or the .tar in a `pipe:` command);
+    None when a `pipe:` command names no .tar."""
+    if url.startswith("pipe:"):
+        tars = list(_TAR_IN_COMMAND.finditer(url))
+        if not tars:
+            return None
+        m = tars[-1]
+        directory = m.group(0).rsplit("/", 1)[0] + "/" if "/" in m.group(0) else ""
+        return url[:m.start()] + directory + name + url[m.end():]
+    if _is_local(url):
+        prefix = "file:" if url.startswith("file:") else ""
+        return prefix + os.path.join(os.path.dirname(_local_path(url)), name)
+    return url.rsplit("/", 1)[0] + "/" + name
 
 
 def check_shards(shards: list[Shard], skip_corrupt: bool) -> list[Shard]:
