@@ -4,7 +4,8 @@
 
 Without --shards, the embedded corpus (the Python standard library, byte tokenizer) is prepared into a temp dir.
 Figures are per rank: each configuration reads one rank's share of an epoch (rank 0 of --world) through a real
-DataLoader with 0, 1 and 2 worker processes (decode + pack into windows + block shuffle + batch to int64 tensors).
+DataLoader with 0, 1 and 2 worker processes (index the shards, read each window of the default order by random
+access, pack, batch to int64 tensors).
 With --prepare it also runs benchmarks/prepare_throughput.py (MB/s of `pretrain prepare`, bytes and bpe:32000).
 """
 

@@ -10,6 +10,7 @@ to any token offset by skipping whole shards without opening them and skipping d
 from __future__ import annotations
 
 import bisect
+import contextlib
 import glob
 import hashlib
 import json
@@ -220,7 +221,9 @@ def _open_tar(url: str) -> tarfile.TarFile:
         from webdataset.gopen import gopen
 
         stream: IO[bytes] = gopen(url, "rb")
-        return tarfile.open(fileobj=stream, mode="r|")
+        tf = tarfile.open(fileobj=stream, mode="r|")
+        tf.source = stream  # type: ignore[attr-defined]  # tarfile leaves a given fileobj open: ShardReader closes it
+        return tf
     except (OSError, tarfile.TarError) as e:
         raise ShardError(f"cannot open shard '{url}': {e}") from None
 
@@ -421,6 +424,10 @@ class ShardReader:
 
     def close(self) -> None:
         self._tf.close()
+        source = getattr(self._tf, "source", None)
+        if source is not None:  # a pipe closed before its end stops its command by SIGPIPE: not an error here
+            with contextlib.suppress(OSError, ValueError):
+                source.close()
 
 
 class EpochReader:
