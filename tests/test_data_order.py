@@ -135,3 +135,24 @@ def test_val_shards_from_another_prepare_output_need_the_same_tokenizer(tmp_path
     dm = ShardDataModule(path=str(path), val_shards=str(tmp_path / "bpe" / "val-*.tar"), seq_len=SEQ, batch_size=2)
     with pytest.raises(UserError, match="another tokenizer .*sha256 differs"):
         dm.setup("fit")
+
+
+def test_positions_of_another_reader_or_order_are_refused_in_one_line(tmp_path):
+    path, _ = make(tmp_path / "d", shards=2)
+    dm = ShardDataModule(path=str(path), seq_len=SEQ, batch_size=2, num_workers=0)
+    dm.setup("fit")
+    dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    state = dm.state_dict()
+    assert state["order"] == "global"
+
+    def resume(saved: dict, **kw) -> None:
+        other = ShardDataModule(seq_len=SEQ, batch_size=2, num_workers=0, **kw)
+        other.setup("fit")
+        other.load_state_dict(saved)
+        iter(other.train_dataloader())
+
+    with pytest.raises(UserError, match="version 1, this framework reads 2"):  # written by the block-shuffle reader
+        resume({**state, "version": 1}, path=str(path))
+    piped = [f"pipe:cat {path}/train-{i:06d}.tar" for i in range(2)]
+    with pytest.raises(UserError, match="'global' order but these shards give 'stream'"):
+        resume(state, path="", train_shards=piped)

@@ -61,7 +61,8 @@ class ShardDataModule(L.LightningDataModule):
             1) * 8 bytes. Local shards are read by random access in a permutation of the whole epoch.
         train_shards: shard paths, globs, brace patterns or URLs to read instead of the manifest's train split.
         val_shards: the same for validation.
-        manifest: manifest path or URL when the shards are given explicitly and it is not `path/manifest.json`.
+        manifest: manifest path or URL for explicit shards whose manifest is not beside them (by default the
+            `manifest.json` beside the first train shard, or the one in `path` without explicit shards).
         skip_corrupt: drop shards that fail the start-up check (size or tar headers vs the manifest) with a warning,
             instead of failing.
         prepare_if_missing: when `path` has no manifest, prepare the embedded default corpus (the Python standard
