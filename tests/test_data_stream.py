@@ -80,6 +80,12 @@ def test_every_token_once_per_epoch_across_2_ranks_x_2_workers(tmp_path, corpus,
     assert 0 <= tail < 2 * 2
     assert rows(got) == rows(expected[: len(got)])
     assert not set(map(tuple, windows[0].tolist())) & set(map(tuple, windows[1].tolist()))
+    # every rank draws from the whole epoch, not from a contiguous share of it
+    place = {w: g for g, w in enumerate(map(tuple, expected.tolist()))}
+    n = len(expected)
+    for w in windows:
+        ids = [place[tuple(r)] for r in w.tolist()]
+        assert n < 40 or (min(ids) < n // 4 and max(ids) >= 3 * n // 4), (n, sorted(ids))
 
 
 def test_two_epochs_reshuffle_and_each_is_exactly_once(tmp_path, corpus):
