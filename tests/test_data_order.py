@@ -99,8 +99,10 @@ def test_explicit_train_shards_use_their_own_manifest_not_data_path(tmp_path):
 
 def test_pipe_shards_find_the_manifest_beside_them_or_fail_in_one_line(tmp_path):
     path, docs = make(tmp_path / "d", shards=2)
+    other, _ = make(tmp_path / "other", shards=2, seed=4)  # an existing data.path describing other shards
     piped = [f"pipe:cat {path}/train-{i:06d}.tar" for i in range(2)]
-    dm = ShardDataModule(path="", train_shards=piped, seq_len=SEQ, batch_size=2, num_workers=0, shuffle=False)
+    dm = ShardDataModule(path=str(other), train_shards=piped, seq_len=SEQ, batch_size=2, num_workers=0,
+                         shuffle=False)
     dm.setup("fit")
     assert dm.vocab_size == K.VOCAB
     got = np.concatenate([b["tokens"].numpy() for b in dm.train_dataloader()])
