@@ -2,9 +2,10 @@
 
 A shard is a webdataset tar written by `pretrain prepare`: one member `KEY.u16` (or `.u32`) per document holding its
 token ids, little-endian, without the end-of-document token; `manifest.json` beside the shards records each shard's
-document and token counts. From those counts alone we know where every token of an epoch lives, so a reader can jump
-to any token offset by skipping whole shards without opening them and skipping documents by their tar headers
-(a seek on local files) without reading or decoding their tokens.
+document and token counts. From those counts alone we know which shard holds every token of an epoch. A local shard
+is then read by random access (`LocalShard`: an index of its documents from the tar headers, one `pread` per window);
+a shard that cannot seek (`pipe:`, http) is read sequentially (`ShardReader`), skipping documents by their headers
+without decoding their tokens.
 """
 
 from __future__ import annotations
