@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from framework.data import cursor
-from framework.data.shards import (Shard, beside, check_shards, describe, expand, fingerprint, manifest_shards,
-                                   read_manifest)
+from framework.data.shards import (Shard, beside, check_same_tokenizer, check_shards, describe, expand, fingerprint,
+                                   manifest_shards, read_manifest)
 from framework.data.stream import TokenStream
 from framework.errors import UserError
 
@@ -160,7 +160,7 @@ class ShardDataModule(L.LightningDataModule):
         train = self.manifest
         if spec:
             manifest = self._read_manifest(spec)
-            _check_same_tokenizer(train, manifest, self._manifest_location(), self._manifest_location(spec))
+            check_same_tokenizer(train, manifest, self._manifest_location(), self._manifest_location(spec))
             shards = describe(expand(spec), manifest)
         else:  # the split as listed in the train shards' manifest
             shards = manifest_shards(train, split, os.path.dirname(self._manifest_location()))
@@ -280,13 +280,3 @@ class ShardDataModule(L.LightningDataModule):
         self._segment = cursor.Segment.from_state(state["segment"])
         self._batches = int(state["batches"])
 
-
-def _check_same_tokenizer(a: dict, b: dict, where_a: str, where_b: str) -> None:
-    """Shards from two `prepare` outputs can be mixed only when their token ids mean the same thing."""
-    keys = ("vocab_size", "special_tokens", "sha256")
-    ta, tb = ({k: m.get("tokenizer", {}).get(k) for k in keys} for m in (a, b))
-    if ta != tb:
-        diff = next(k for k in keys if ta[k] != tb[k])
-        raise UserError(f"the shards described by '{where_b}' use another tokenizer than those of '{where_a}' "
-                        f"({diff} differs); prepare both with the same tokenizer (e.g. `pretrain prepare --tokenizer "
-                        f"{os.path.join(os.path.dirname(where_a) or '.', 'tokenizer.json')}`)")

@@ -158,6 +158,17 @@ def beside(url: str, name: str) -> str | None:
     return url.rsplit("/", 1)[0] + "/" + name
 
 
+def check_same_tokenizer(a: dict, b: dict, where_a: str, where_b: str) -> None:
+    """Shards from two `prepare` outputs can be mixed only when their token ids mean the same thing."""
+    keys = ("vocab_size", "special_tokens", "sha256")
+    ta, tb = ({k: m.get("tokenizer", {}).get(k) for k in keys} for m in (a, b))
+    if ta != tb:
+        diff = next(k for k in keys if ta[k] != tb[k])
+        raise UserError(f"the shards described by '{where_b}' use another tokenizer than those of '{where_a}' "
+                        f"({diff} differs); prepare both with the same tokenizer (e.g. `pretrain prepare --tokenizer "
+                        f"{os.path.join(os.path.dirname(where_a) or '.', 'tokenizer.json')}`)")
+
+
 def check_shards(shards: list[Shard], skip_corrupt: bool) -> list[Shard]:
     """Pre-flight on local shards: a file whose size differs from the manifest's is truncated or replaced.
 
