@@ -4,7 +4,9 @@
 
 Without --shards, the embedded corpus (the Python standard library, byte tokenizer) is prepared into a temp dir.
 Figures are per rank: each configuration reads one rank's share of an epoch (rank 0 of --world) through a real
-DataLoader with 0, 1 and 2 worker processes (decode + pack into windows + block shuffle + batch to int64 tensors).
+DataLoader with 0, 1 and 2 worker processes (index the shards, read each window of the default order by random
+access, pack, batch to int64 tensors). Two more rows read the same shards through `pipe:cat`: a stream that cannot
+seek, read in the fallback order (interleaved sequential streams + block shuffle).
 With --prepare it also runs benchmarks/prepare_throughput.py (MB/s of `pretrain prepare`, bytes and bpe:32000).
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +35,11 @@ def webdataset_baseline(urls: list[str]) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def reader(dm: ShardDataModule, workers: int, world: int) -> tuple[float, int]:
-    """The full reader for rank 0 of `world`: tokens/s and tokens delivered."""
-    stream = dm._stream(dm._train, dm.batch_size, shuffle=True, train=True)
+def reader(dm: ShardDataModule, workers: int, world: int, pipe: bool = False) -> tuple[float, int]:
+    """The full reader for rank 0 of `world`: tokens/s and tokens delivered. `pipe`: the same shards read through
+    `pipe:cat`, which cannot seek, so in the fallback order (interleaved streams + block shuffle)."""
+    shards = [replace(s, url=f"pipe:cat {s.url}") for s in dm._train] if pipe else dm._train
+    stream = dm._stream(shards, dm.batch_size, shuffle=True, train=True)
     stream.layout = type(stream.layout)(world, max(1, workers), dm.batch_size)
     stream.segment = stream.fresh_segment(0)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
@@ -71,6 +76,10 @@ def main() -> None:
                 rate, n = reader(dm, workers, world)
                 label = f"reader, rank 0 of {world}, {workers} worker(s)"
                 print(f"{label:<52} {rate / 1e6:8.2f}M tokens/s   {rate / base:4.2f}x   ({n / 1e6:.1f}M tokens)")
+        for workers in (0, 2):
+            rate, n = reader(dm, workers, 1, pipe=True)
+            label = f"reader, pipe:cat shards (fallback), {workers} worker(s)"
+            print(f"{label:<52} {rate / 1e6:8.2f}M tokens/s   {rate / base:4.2f}x   ({n / 1e6:.1f}M tokens)")
         if args.prepare:
             import prepare_throughput
 

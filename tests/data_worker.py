@@ -5,6 +5,7 @@ DataLoader (with worker processes), feeds each one through the datamodule's batc
 all ranks got the same number of batches, and saves what it saw.
 """
 
+import glob
 import json
 import os
 import sys
@@ -19,8 +20,11 @@ from framework.data.datamodule import ShardDataModule
 def main(args: dict) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    dm = ShardDataModule(path=args["path"], seq_len=args["seq_len"], batch_size=args["batch_size"],
-                         num_workers=args["workers"], seed=7, shuffle_block=args.get("shuffle_block", 5))
+    # "pipe": the same shards through `pipe:cat`, a stream that cannot seek, with the manifest found beside them
+    shards = sorted(glob.glob(os.path.join(args["path"], "train-*.tar"))) if args.get("pipe") else None
+    dm = ShardDataModule(path="" if shards else args["path"], seq_len=args["seq_len"], batch_size=args["batch_size"],
+                         num_workers=args["workers"], seed=7, shuffle_block=args.get("shuffle_block", 5),
+                         train_shards=[f"pipe:cat {s}" for s in shards] if shards else None)
     dm.setup("fit")
     if args.get("load"):
         with open(args["load"]) as f:

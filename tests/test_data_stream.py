@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import shardkit as K
-from framework.data.cursor import Layout, Segment, remaining, shard_order
+from framework.data.cursor import ORDERS, Layout, Segment, consumed, continue_on, shard_order
 from framework.data.datamodule import ShardDataModule
 from framework.data.shards import ShardError, manifest_shards
 from framework.data.stream import TokenStream
@@ -80,6 +80,12 @@ def test_every_token_once_per_epoch_across_2_ranks_x_2_workers(tmp_path, corpus,
     assert 0 <= tail < 2 * 2
     assert rows(got) == rows(expected[: len(got)])
     assert not set(map(tuple, windows[0].tolist())) & set(map(tuple, windows[1].tolist()))
+    # every rank draws from the whole epoch, not from a contiguous share of it
+    place = {w: g for g, w in enumerate(map(tuple, expected.tolist()))}
+    n = len(expected)
+    for w in windows:
+        ids = [place[tuple(r)] for r in w.tolist()]
+        assert n < 40 or (min(ids) < n // 4 and max(ids) >= 3 * n // 4), (n, sorted(ids))
 
 
 def test_two_epochs_reshuffle_and_each_is_exactly_once(tmp_path, corpus):
@@ -146,21 +152,20 @@ def test_resume_on_another_world_size_loses_and_repeats_nothing(tmp_path, corpus
     assert state2["segment"]["index"] == 1 and state2["segment"]["world"] == after
 
 
-def test_segments_compose_over_repeated_layout_changes():
-    """Pure cursor arithmetic: 3 -> 2 -> 5 ranks, with shuffle blocks, delivers each window at most once."""
-    seed, S = 3, 7
-    seg = Segment(0, 0, [(0, 1000)], Layout(3, 2, 4))
+@pytest.mark.parametrize("order", ORDERS)
+def test_segments_compose_over_repeated_layout_changes(order):
+    """Pure cursor arithmetic: 3 -> 2 -> 5 ranks delivers each window at most once, in every order."""
+    seg = Segment(0, 0, [(0, 1000)], Layout(3, 2, 4), order, seed=3, block=7)
     delivered: list[int] = []
     for batches, nxt in ((11, Layout(2, 1, 3)), (29, Layout(5, 3, 2)), (None, None)):
         batches = seg.batches_per_rank if batches is None else batches
-        from framework.data.cursor import consumed_flat
-        for a, b in consumed_flat(seg, batches, seed, S, True):
-            for lo, hi in seg.flat_to_ranges(a, b):
-                delivered += range(lo, hi)
+        for a, b in consumed(seg, batches):
+            delivered += seg.windows(np.arange(a, b)).tolist()
         if nxt is not None:
-            seg = Segment(0, seg.index + 1, remaining(seg, batches, seed, S, True), nxt)
-    assert len(delivered) == len(set(delivered))
+            seg = continue_on(Segment.from_state(json.loads(json.dumps(seg.state()))), batches, nxt)
+    assert len(delivered) == len(set(delivered)) and set(delivered) <= set(range(1000))
     assert 1000 - len(delivered) < 5 * 2  # only the last layout's tail is left
+    assert len(json.dumps(seg.state())) < 2000  # the saved position stays small: ranges of slots, not windows
 
 
 def test_resume_skips_earlier_shards_without_opening_them(corpus):

@@ -344,6 +344,20 @@ def test_cli_prepares_and_verifies(tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("OK"), proc.stderr
 
 
+def test_val_input_is_the_validation_split(tmp_path):
+    c = write_corpus(tmp_path / "c")
+    held = write_corpus(tmp_path / "held", {"v1.txt": "held out one\n", "v2.jsonl": '{"text": "two"}\n'})
+    proc = run_cli("--input", str(c), "--output", str(tmp_path / "o"), "--val-input", str(held))
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["args"]["val_fraction"] == 0.0 and m["sources"]["val_inputs"] == [str(held)]
+    tok = load_tokenizer(str(tmp_path / "o" / "tokenizer.json"))
+    val = [tok.decode(ids.tolist()) for _, ids in read_tars(tmp_path / "o", "val")]
+    train = [name for name, _ in read_tars(tmp_path / "o", "train")]
+    assert val == ["held out one\n", "two"]
+    assert len(train) == len(TEXTS) and not any("v1" in n or "v2" in n for n in train)
+
+
 def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
     """case -> (CLI arguments, substrings the error line must contain)."""
     c = write_corpus(tmp / "c", {"a.txt": "text"})
@@ -374,13 +388,17 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
         "bad option": (["--input", str(c), "--output", out, "--shards", "3"], ["--shards", "--help"]),
         "no output": (["--input", str(c)], ["--output"]),
         "verify without manifest": (["--verify", str(tmp / "full")], ["manifest.json", "full"]),
+        "val input missing": (["--input", str(c), "--output", out, "--val-input", str(tmp / "nope")],
+                              ["nope", "does not exist"]),
+        "val input is an input": (["--input", str(c), "--output", out, "--val-input", str(c / "a.txt")],
+                                  ["a.txt", "--val-input", "must not be trained on"]),
     }
 
 
 BAD_CASES = ["missing input", "glob matches nothing", "empty corpus", "binary under strict", "only binary",
              "bad jsonl", "output not empty", "output unwritable", "bad shard size", "bad tokenizer",
              "missing tokenizer file", "bpe vocab too small", "bad val fraction", "bad option", "no output",
-             "verify without manifest"]
+             "verify without manifest", "val input missing", "val input is an input"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

@@ -20,11 +20,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from framework.data import cursor
-from framework.data.shards import Shard, check_shards, describe, expand, fingerprint, manifest_shards, read_manifest
+from framework.data.shards import (Shard, beside, check_same_tokenizer, check_shards, describe, expand, fingerprint,
+                                   manifest_shards, read_manifest)
 from framework.data.stream import TokenStream
 from framework.errors import UserError
 
-POSITION_VERSION = 1
+POSITION_VERSION = 2  # 2: the epoch's order is a global permutation; segments continue their parent's slots
 
 
 class _ResumableLoader(DataLoader):
@@ -55,12 +56,15 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: windows per batch, per rank (the micro-batch).
         val_batch_size: windows per validation batch, per rank (default: batch_size).
         num_workers: DataLoader worker processes per rank (0 reads in the training process).
-        seed: seeds the shard order of each epoch and the shuffle of each block.
+        seed: seeds the shard order and the permutation of the windows of each epoch.
         shuffle: shuffle the train split (validation is always read in order).
-        shuffle_block: windows shuffled together by each worker; memory is shuffle_block * (seq_len + 1) * 8 bytes.
+        shuffle_block: only for shards that cannot seek (`pipe:`, http): windows shuffled together by each worker,
+            which interleaves 8 sequential streams over its share of the epoch; memory is shuffle_block * (seq_len +
+            1) * 8 bytes. Local shards are read by random access in a permutation of the whole epoch.
         train_shards: shard paths, globs, brace patterns or URLs to read instead of the manifest's train split.
         val_shards: the same for validation.
-        manifest: manifest path or URL when the shards are given explicitly and it is not `path/manifest.json`.
+        manifest: manifest path or URL for explicit shards whose manifest is not beside them (by default the
+            `manifest.json` beside the first train shard, or the one in `path` without explicit shards).
         skip_corrupt: drop shards that fail the start-up check (size or tar headers vs the manifest) with a warning,
             instead of failing.
         prepare_if_missing: when `path` has no manifest, prepare the embedded default corpus (the Python standard
@@ -84,7 +88,8 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers, self.seed, self.shuffle, self.shuffle_block = num_workers, seed, shuffle, shuffle_block
         self.train_spec, self.val_spec, self.manifest_url = train_shards, val_shards, manifest
         self.skip_corrupt, self.prepare_if_missing, self.tokenizer_spec = skip_corrupt, prepare_if_missing, tokenizer
-        self._manifest: dict | None = None
+        self._manifest: dict | None = None  # the train shards' manifest: vocabulary and special tokens
+        self._manifests: dict[str, dict] = {}  # every manifest read, by location
         self._train: list[Shard] = []
         self._val: list[Shard] = []
         # the data position: current segment and how many of its batches every rank has trained on
@@ -94,13 +99,31 @@ class ShardDataModule(L.LightningDataModule):
         self._train_stream: TokenStream | None = None
 
     # ---------------------------------------------------------------- shards and tokenizer
-    def _manifest_location(self) -> str:
+    def _manifest_location(self, spec: str | list[str] | None = None) -> str:
+        """The manifest describing `spec`'s shards (default: the train shards): data.manifest when set, else the
+        one beside the shards, else the one in data.path. Never data.path's for explicit shards: it describes others."""
+        spec = spec if spec is not None else self.train_spec
         if self.manifest_url:
             return self.manifest_url
-        if self.train_spec and not (self.path and os.path.isdir(self.path)):
-            first = expand(self.train_spec)[0]
-            return os.path.join(os.path.dirname(first), "manifest.json") if "://" not in first else ""
+        if spec:
+            first = expand(spec)[0]
+            location = beside(first, "manifest.json")
+            if location is None:
+                raise UserError(f"cannot tell where the manifest of '{first}' is; pass --data.manifest PATH_OR_URL "
+                                "(the manifest.json that `pretrain prepare` wrote beside these shards)")
+            return location
         return os.path.join(self.path, "manifest.json")
+
+    def _read_manifest(self, spec: str | list[str] | None) -> dict:
+        location = self._manifest_location(spec)
+        if location not in self._manifests:
+            try:
+                self._manifests[location] = read_manifest(location)
+            except UserError as e:
+                if not spec or self.manifest_url:
+                    raise
+                raise UserError(f"{e}; pass --data.manifest PATH_OR_URL if the manifest is elsewhere") from None
+        return self._manifests[location]
 
     def prepare_data(self) -> None:
         """Prepare the embedded corpus when asked to and its shards are absent (Lightning runs this on one process)."""
@@ -113,13 +136,12 @@ class ShardDataModule(L.LightningDataModule):
     @property
     def manifest(self) -> dict:
         if self._manifest is None:
-            location = self._manifest_location()
             if not self.train_spec and not os.path.isdir(self.path):
                 hint = (" (set data.prepare_if_missing=true to prepare the default corpus there)"
                         if not self.prepare_if_missing else "")
                 raise UserError(f"data directory '{self.path}' does not exist; run `pretrain prepare --output "
                                 f"{self.path}` or set data.path{hint}")
-            self._manifest = read_manifest(location) if location else {}
+            self._manifest = self._read_manifest(self.train_spec)
         return self._manifest
 
     @property
@@ -137,11 +159,13 @@ class ShardDataModule(L.LightningDataModule):
         return os.path.join(os.path.dirname(self._manifest_location()) or ".", "tokenizer.json")
 
     def _shards(self, split: str, spec: str | list[str] | None) -> list[Shard]:
+        train = self.manifest
         if spec:
-            shards = describe(expand(spec), self.manifest or None)
-        else:
-            base = os.path.dirname(self._manifest_location())
-            shards = manifest_shards(self.manifest, split, base)
+            manifest = self._read_manifest(spec)
+            check_same_tokenizer(train, manifest, self._manifest_location(), self._manifest_location(spec))
+            shards = describe(expand(spec), manifest)
+        else:  # the split as listed in the train shards' manifest
+            shards = manifest_shards(train, split, os.path.dirname(self._manifest_location()))
         return check_shards(shards, self.skip_corrupt)
 
     def setup(self, stage: str | None = None) -> None:
@@ -223,9 +247,7 @@ class ShardDataModule(L.LightningDataModule):
         if self._segment is None:
             self._segment = stream.fresh_segment(0)
         if self._segment.layout != stream.layout:  # resumed on another world size, worker count or batch size
-            avail = cursor.remaining(self._segment, self._batches, self.seed, self.shuffle_block, self.shuffle)
-            self._segment = cursor.Segment(self._segment.epoch, self._segment.index + 1, avail, stream.layout)
-            self._batches = 0
+            self._segment, self._batches = cursor.continue_on(self._segment, self._batches, stream.layout), 0
         if self._batches >= self._segment.batches_per_rank:  # the epoch is done: the next one starts fresh
             self._segment, self._batches = stream.fresh_segment(self._segment.epoch + 1), 0
         stream.segment, stream.start_batch = self._segment, self._batches
@@ -246,7 +268,7 @@ class ShardDataModule(L.LightningDataModule):
         if self._segment is None:
             return {}
         return {"version": POSITION_VERSION, "seq_len": self.seq_len, "seed": self.seed, "shuffle": self.shuffle,
-                "shuffle_block": self.shuffle_block, "shards": fingerprint(self._train),
+                "shuffle_block": self.shuffle_block, "order": self._segment.order, "shards": fingerprint(self._train),
                 "segment": self._segment.state(), "batches": self._batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -265,6 +287,10 @@ class ShardDataModule(L.LightningDataModule):
         if state["shards"] != fingerprint(stream.shards):
             raise UserError("the checkpoint's data position belongs to a different set of train shards; resume on "
                             "the same data (same data.path / data.train_shards) or start a new run without --ckpt_path")
+        if state["order"] != stream.order:
+            raise UserError(f"the checkpoint's data position reads the shards in the '{state['order']}' order but "
+                            f"these shards give '{stream.order}' (local files: global; pipe:/http: stream); resume "
+                            "with the shards given the same way (local paths or URLs) as when it was written")
         self._segment = cursor.Segment.from_state(state["segment"])
         self._batches = int(state["batches"])
 

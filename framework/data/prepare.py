@@ -1,6 +1,7 @@
 """`pretrain prepare`: a corpus of text files -> tokenized webdataset tar shards, `tokenizer.json` and `manifest.json`.
 
     pretrain prepare --input corpus/ --output data/ [--tokenizer bytes|bpe:VOCAB|FILE.json] [--val-fraction 0.01]
+                     [--val-input heldout/]
     pretrain prepare --verify data/
 
 Output format (the streaming reader in framework/data/shards.py depends on it):
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import glob
 import gzip
 import hashlib
@@ -74,6 +76,7 @@ UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 class SourceFile:
     path: Path  # where to read it
     source: str  # path relative to its input root (posix): names the document in keys and the split hash
+    held_out: bool = False  # from --val-input: every document goes to the validation split
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class Doc:
     source: str
     line: int  # 1-based line of a .jsonl document; 0 for a whole-file document
     text: str
+    held_out: bool = False
 
 
 @dataclass
@@ -185,7 +189,7 @@ def _file_doc(f: SourceFile, stats: Stats, strict: bool) -> Iterator[Doc]:
                             "UTF-8, or drop --strict to skip such files") from None
         stats.skipped_binary += 1
         return
-    yield Doc(f.source, 0, text)
+    yield Doc(f.source, 0, text, f.held_out)
 
 
 def _decode_text(data: bytes) -> str:
@@ -220,7 +224,7 @@ def _jsonl_docs(f: SourceFile) -> Iterator[Doc]:
         with _open(f.path) as fh:
             for lineno, raw in enumerate(fh, start=1):
                 if raw.strip():  # blank lines separate nothing and are not documents
-                    yield Doc(f.source, lineno, _jsonl_text(f.path, lineno, raw))
+                    yield Doc(f.source, lineno, _jsonl_text(f.path, lineno, raw), f.held_out)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise UserError(f"'{f.path}' is not a valid gzip file ({e}, after line {lineno}); re-create it") from None
     except OSError as e:
@@ -513,7 +517,7 @@ def _write_shards(files: list[SourceFile], tok: Tokenizer, out: Path, seed: int,
                     if not data:
                         stats.skipped_empty += 1
                         continue
-                    split = "val" if is_val(seed, doc.source, doc.line, val_fraction) else "train"
+                    split = "val" if doc.held_out or is_val(seed, doc.source, doc.line, val_fraction) else "train"
                     writers[split].add(make_key(stats.documents, doc.source, doc.line), data)
                     stats.documents += 1
                     stats.tokens[split] += len(data) // tok.dtype.itemsize
@@ -539,9 +543,9 @@ def _split_entry(shards: list[dict]) -> dict:
 
 def build_manifest(tok: Tokenizer, spec: str, tokenizer_text: str, inputs: list[str] | None, stats: Stats,
                    splits: dict[str, list[dict]], seed: int, val_fraction: float, shard_size: int,
-                   strict: bool) -> dict:
+                   strict: bool, val_inputs: list[str] | None = None) -> dict:
     """The manifest: no timestamps or absolute output paths, so reruns are byte-identical."""
-    return {
+    manifest = {
         "format": "framework-shards",
         "version": 1,
         "dtype": tok.dtype.name,
@@ -563,12 +567,31 @@ def build_manifest(tok: Tokenizer, spec: str, tokenizer_text: str, inputs: list[
         "args": {"seed": seed, "val_fraction": val_fraction, "shard_size": shard_size, "strict": strict},
         "created_by": f"framework {__version__}",
     }
+    if val_inputs:  # only then, so that the manifests of earlier runs stay byte-identical
+        manifest["sources"]["val_inputs"] = list(val_inputs)
+    return manifest
 
 
-def prepare(inputs: list[str] | None, output: str | Path, tokenizer: str = "bytes", val_fraction: float = 0.01,
+def _held_out(val_inputs: list[str], train: list[SourceFile], out: Path) -> list[SourceFile]:
+    """The --val-input files; one that is also a train input would leak validation text into training."""
+    val = resolve_inputs(val_inputs, exclude=out)
+    if not val:
+        raise UserError(f"--val-input {' '.join(val_inputs)} holds no files; point it at text files")
+    train_paths = {f.path.resolve() for f in train}
+    both = [f.path for f in val if f.path.resolve() in train_paths]
+    if both:
+        raise UserError(f"'{both[0]}' is both an --input and a --val-input ({len(both)} such files); validation "
+                        "text must not be trained on: keep the two apart")
+    return [dataclasses.replace(f, held_out=True) for f in val]
+
+
+def prepare(inputs: list[str] | None, output: str | Path, tokenizer: str = "bytes", val_fraction: float | None = None,
             seed: int = 0, shard_size: int | str = 64 << 20, workers: int = 1, overwrite: bool = False,
-            strict: bool = False, progress: bool = True) -> dict:
+            strict: bool = False, progress: bool = True, val_inputs: list[str] | None = None) -> dict:
     """Tokenize `inputs` (None: the stdlib corpus) into shards under `output`; returns the manifest.
+
+    `val_inputs` (files, directories, globs, .jsonl, as `inputs`) all go to the validation split, tokenized with the
+    same tokenizer (a trained BPE never sees them); `val_fraction` then defaults to 0 instead of 0.01.
 
     Raises UserError on bad input, after removing whatever this run wrote. `workers` > 1 starts processes with
     spawn (safe after HF's threads have run), so a script calling this must guard its entry point with
@@ -577,11 +600,13 @@ def prepare(inputs: list[str] | None, output: str | Path, tokenizer: str = "byte
     started = time.perf_counter()
     out = Path(output).expanduser()
     shard_size = parse_size(shard_size)
+    val_fraction = (0.0 if val_inputs else 0.01) if val_fraction is None else val_fraction
     _check_args(val_fraction, workers)
     parse_spec(tokenizer)  # a bad spec fails now, not after reading the corpus
     files = resolve_inputs(inputs, exclude=out)
     if not files:
         raise UserError("no input files found; pass --input PATH (files, directories, globs, .jsonl)")
+    val_files = _held_out(val_inputs, files, out) if val_inputs else []
     created = _prepare_output_dir(out, overwrite)
     written: list[Path] = []
     try:
@@ -591,11 +616,11 @@ def prepare(inputs: list[str] | None, output: str | Path, tokenizer: str = "byte
             _remove_previous(out)
         tokenizer_text = tok.to_str()
         _atomic_write(out / TOKENIZER, tokenizer_text, written)
-        stats, splits = _write_shards(files, tok, out, seed, val_fraction, shard_size, workers, strict, progress,
-                                      written)
+        stats, splits = _write_shards(files + val_files, tok, out, seed, val_fraction, shard_size, workers, strict,
+                                      progress, written)
         _check_result(stats, splits)
         manifest = build_manifest(tok, spec, tokenizer_text, inputs, stats, splits, seed, val_fraction, shard_size,
-                                  strict)
+                                  strict, val_inputs)
         _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n", written)  # last: commits the run
     except OSError as e:  # reading errors are UserErrors already: this is the output side (disk full, I/O error)
         _cleanup(written, out, created)
@@ -681,7 +706,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="DIR", help="directory for the shards, tokenizer.json and manifest.json")
     p.add_argument("--tokenizer", default="bytes", metavar="SPEC",
                    help="bytes (default), bpe:VOCAB (train a byte-level BPE) or FILE.json (a HF tokenizer)")
-    p.add_argument("--val-fraction", type=float, default=0.01, metavar="F", help="share of documents for val")
+    p.add_argument("--val-input", nargs="+", action="extend", metavar="PATH_OR_GLOB",
+                   help="a separate validation corpus (as --input), tokenized with the same tokenizer; every "
+                        "document goes to the val split")
+    p.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                   help="share of the --input documents for val, by a seeded hash (default 0.01; 0 with --val-input)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     p.add_argument("--shard-size", default="64MB", metavar="SIZE", help="token bytes per shard (default 64MB)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
@@ -702,7 +731,8 @@ def main(argv: list[str]) -> None:
     if not args.output:
         raise UserError("--output DIR is required; e.g. `pretrain prepare --input corpus/ --output data/`")
     prepare(args.input, args.output, tokenizer=args.tokenizer, val_fraction=args.val_fraction, seed=args.seed,
-            shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite, strict=args.strict)
+            shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite, strict=args.strict,
+            val_inputs=args.val_input)
 
 
 def check(directory: str | Path) -> None:

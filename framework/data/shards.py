@@ -2,18 +2,21 @@
 
 A shard is a webdataset tar written by `pretrain prepare`: one member `KEY.u16` (or `.u32`) per document holding its
 token ids, little-endian, without the end-of-document token; `manifest.json` beside the shards records each shard's
-document and token counts. From those counts alone we know where every token of an epoch lives, so a reader can jump
-to any token offset by skipping whole shards without opening them and skipping documents by their tar headers
-(a seek on local files) without reading or decoding their tokens.
+document and token counts. From those counts alone we know which shard holds every token of an epoch. A local shard
+is then read by random access (`LocalShard`: an index of its documents from the tar headers, one `pread` per window);
+a shard that cannot seek (`pipe:`, http) is read sequentially (`ShardReader`), skipping documents by their headers
+without decoding their tokens.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import glob
 import hashlib
 import json
 import os
+import re
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -47,6 +50,11 @@ class Shard:
 
 def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
+
+
+def seekable(shards: list[Shard]) -> bool:
+    """Whether every shard is a local file, so windows can be read by random access."""
+    return all(_is_local(s.url) for s in shards)
 
 
 def _local_path(url: str) -> str:
@@ -86,6 +94,9 @@ def read_manifest(url: str) -> dict:
         raise UserError(f"no manifest at '{url}': the shards are incomplete or were not made by `pretrain prepare`; "
                         "run `pretrain prepare --output DIR` (a killed prepare leaves no manifest)") from None
     except (OSError, ValueError) as e:
+        if not _is_local(url):  # webdataset's pipe errors carry the whole Popen call: keep only the exit status
+            reason = re.search(r"exit \d+", str(e))
+            raise UserError(f"cannot read manifest '{url}' ({reason.group(0) if reason else e})") from None
         raise UserError(f"cannot read manifest '{url}' ({e}); re-run `pretrain prepare --overwrite`") from None
     if manifest.get("format") != "framework-shards":
         raise UserError(f"'{url}' is not a shard manifest written by `pretrain prepare`")
@@ -103,34 +114,59 @@ def _join(base: str, name: str) -> str:
     return str(Path(base) / name) if _is_local(base) else base.rstrip("/") + "/" + name
 
 
-def describe(urls: list[str], manifest: dict | None) -> list[Shard]:
-    """Shard records for explicit URLs: counts from the manifest, or from a header scan when there is none."""
+def describe(urls: list[str], manifest: dict) -> list[Shard]:
+    """Shard records for explicit URLs, with their counts from the manifest that lists them."""
     by_name = {}
-    if manifest is not None:
-        for split in manifest.get("splits", {}):
-            by_name.update({s.name: s for s in manifest_shards(manifest, split, ".")})
+    for split in manifest.get("splits", {}):
+        by_name.update({s.name: s for s in manifest_shards(manifest, split, ".")})
     out = []
     for url in urls:
-        name = url.rstrip("/").rsplit("/", 1)[-1]
-        if name in by_name:
-            s = by_name[name]
-            out.append(Shard(url, name, s.samples, s.tokens, s.bytes))
-        elif manifest is not None:
-            raise UserError(f"shard '{url}' is not in the manifest; point the data at shards of one `prepare` output")
-        else:
-            out.append(scan(url))
+        name = _name(url)
+        if name not in by_name:
+            raise UserError(f"shard '{url}' is not in its manifest; point the data at shards of one `prepare` output "
+                            "or pass the --data.manifest that lists them")
+        s = by_name[name]
+        out.append(Shard(url, name, s.samples, s.tokens, s.bytes))
     return out
 
 
-def scan(url: str) -> Shard:
-    """Count a shard's documents and tokens from its tar headers (used only when no manifest is available)."""
-    warnings.warn(f"no manifest for '{url}': counting its tokens from the tar headers", stacklevel=2)
-    samples = tokens = 0
-    with _open_tar(url) as tf:
-        for m in _members(tf, url):
-            samples += 1
-            tokens += m.size // DTYPES[_ext(m.name)].itemsize
-    return Shard(url, url.rsplit("/", 1)[-1], samples, tokens)
+_TAR_IN_COMMAND = re.compile(r"[^\s'\"]+\.tar\b")
+
+
+def _name(url: str) -> str:
+    """A shard's file name, also inside a `pipe:` command (`pipe:aws s3 cp s3://b/train-000001.tar -`)."""
+    if url.startswith("pipe:"):
+        tars = _TAR_IN_COMMAND.findall(url)
+        if tars:
+            return tars[-1].rsplit("/", 1)[-1]
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def beside(url: str, name: str) -> str | None:
+    """The file `name` in the same directory as the shard `url` (a path, a URL, or the .tar in a `pipe:` command);
+    None when a `pipe:` command names no .tar."""
+    if url.startswith("pipe:"):
+        tars = list(_TAR_IN_COMMAND.finditer(url))
+        if not tars:
+            return None
+        m = tars[-1]
+        directory = m.group(0).rsplit("/", 1)[0] + "/" if "/" in m.group(0) else ""
+        return url[:m.start()] + directory + name + url[m.end():]
+    if _is_local(url):
+        prefix = "file:" if url.startswith("file:") else ""
+        return prefix + os.path.join(os.path.dirname(_local_path(url)), name)
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+def check_same_tokenizer(a: dict, b: dict, where_a: str, where_b: str) -> None:
+    """Shards from two `prepare` outputs can be mixed only when their token ids mean the same thing."""
+    keys = ("vocab_size", "special_tokens", "sha256")
+    ta, tb = ({k: m.get("tokenizer", {}).get(k) for k in keys} for m in (a, b))
+    if ta != tb:
+        diff = next(k for k in keys if ta[k] != tb[k])
+        raise UserError(f"the shards described by '{where_b}' use another tokenizer than those of '{where_a}' "
+                        f"({diff} differs); prepare both with the same tokenizer (e.g. `pretrain prepare --tokenizer "
+                        f"{os.path.join(os.path.dirname(where_a) or '.', 'tokenizer.json')}`)")
 
 
 def check_shards(shards: list[Shard], skip_corrupt: bool) -> list[Shard]:
@@ -197,7 +233,9 @@ def _open_tar(url: str) -> tarfile.TarFile:
         from webdataset.gopen import gopen
 
         stream: IO[bytes] = gopen(url, "rb")
-        return tarfile.open(fileobj=stream, mode="r|")
+        tf = tarfile.open(fileobj=stream, mode="r|")
+        tf.source = stream  # type: ignore[attr-defined]  # tarfile leaves a given fileobj open: ShardReader closes it
+        return tf
     except (OSError, tarfile.TarError) as e:
         raise ShardError(f"cannot open shard '{url}': {e}") from None
 
@@ -213,17 +251,144 @@ def _members(tf: tarfile.TarFile, url: str) -> Iterator[tarfile.TarInfo]:
                          "`pretrain prepare --verify DIR`") from None
 
 
+class LocalShard:
+    """Random access to a local shard's token stream: an index of its documents, built once from the tar headers.
+
+    The index holds two int64 per document (where its tokens start in the shard's stream and in the file), so a
+    window is one `pread` however far it is from the last one. Headers are parsed directly (a few microseconds each,
+    against tens in `tarfile`); a tar with pax or GNU long-name records falls back to `tarfile` for the index.
+    """
+
+    def __init__(self, shard: Shard):
+        self.shard = shard
+        self._fd: int | None = None
+        offsets, sizes, itemsize = _index_tar(shard)
+        self.dtype = np.dtype(f"<u{itemsize}")
+        self.data = np.asarray(offsets, dtype=np.int64)  # file offset of each document's tokens
+        lengths = np.asarray(sizes, dtype=np.int64) // itemsize
+        self.starts = np.concatenate([[0], np.cumsum(lengths + 1)])  # stream offset of each document (+ its EOD)
+        if (len(lengths), int(lengths.sum())) != (shard.samples, shard.tokens):
+            raise ShardError(f"shard '{shard.url}' holds {len(lengths)} documents / {int(lengths.sum())} tokens but "
+                             f"the manifest says {shard.samples} / {shard.tokens}; it is truncated or replaced: "
+                             "re-run `pretrain prepare`")
+
+    def read(self, offset: int, out: np.ndarray, eod: int) -> None:
+        """Fill `out` with the shard's stream tokens [offset, offset + len(out)): one read covers every document."""
+        end = offset + len(out)
+        first = int(np.searchsorted(self.starts, offset, side="right")) - 1
+        last = int(np.searchsorted(self.starts, end, side="left"))  # documents first..last-1 overlap
+        isz = self.dtype.itemsize
+        docs = []
+        for i in range(first, last):
+            s0, s1 = int(self.starts[i]), int(self.starts[i + 1])
+            a, b = max(offset, s0) - s0, min(end, s1) - s0  # this document's part, in its own token offsets
+            docs.append((i, min(a, s1 - s0 - 1), min(b, s1 - s0 - 1), b == s1 - s0))
+        base = int(self.data[docs[0][0]]) + docs[0][1] * isz
+        stop = int(self.data[docs[-1][0]]) + docs[-1][2] * isz
+        raw = os.pread(self.fd, stop - base, base) if stop > base else b""
+        if len(raw) != stop - base:
+            raise ShardError(f"shard '{self.shard.url}' is truncated (a read at byte {base} came back short); "
+                             "re-run `pretrain prepare`")
+        filled = 0
+        for i, a, b, with_eod in docs:
+            if b > a:
+                at = int(self.data[i]) + a * isz - base
+                out[filled:filled + b - a] = np.frombuffer(raw, self.dtype, b - a, at)
+                filled += b - a
+            if with_eod:
+                out[filled] = eod
+                filled += 1
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            try:
+                self._fd = os.open(_local_path(self.shard.url), os.O_RDONLY)
+            except OSError as e:
+                raise ShardError(f"cannot open shard '{self.shard.url}': {e}") from None
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def _index_tar(shard: Shard) -> tuple[list[int], list[int], int]:
+    """(data offsets, byte sizes, itemsize) of the token members of a local tar, from its headers."""
+    offsets, sizes, itemsizes = [], [], set()
+    try:
+        with open(_local_path(shard.url), "rb", buffering=0) as f:
+            pos = 0
+            while True:
+                header = os.pread(f.fileno(), 512, pos)
+                if not header or header == _ZERO_BLOCK:
+                    break
+                name, size, kind = _parse_header(header, shard.url, pos)
+                if kind in b"xgLK":  # pax or GNU long-name records: let tarfile resolve them
+                    return _index_with_tarfile(shard)
+                ext = _ext(name)
+                if kind in b"0\0" and ext in DTYPES:
+                    offsets.append(pos + 512)
+                    sizes.append(size)
+                    itemsizes.add(DTYPES[ext].itemsize)
+                pos += 512 + -(-size // 512) * 512
+    except OSError as e:
+        raise ShardError(f"cannot read shard '{shard.url}': {e}") from None
+    return offsets, sizes, _one_itemsize(itemsizes, shard)
+
+
+def _parse_header(header: bytes, url: str, pos: int) -> tuple[str, int, bytes]:
+    """(name, size, type flag) of one 512-byte tar header; a bad one is a ShardError naming the shard."""
+    problem = f"shard '{url}' is corrupt (bad tar header at byte {pos}); re-run `pretrain prepare` or check it " \
+              "with `pretrain prepare --verify DIR`"
+    if len(header) < 512:
+        raise ShardError(problem)
+    try:
+        checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+        field_ = header[124:136]
+        size = (int.from_bytes(field_[1:], "big") if field_[0] & 0x80
+                else int(field_.split(b"\0", 1)[0].strip() or b"0", 8))
+    except ValueError:
+        raise ShardError(problem) from None
+    if checksum != sum(header[:148]) + 256 + sum(header[156:]):  # the checksum field counts as 8 spaces
+        raise ShardError(problem)
+    return header[:100].split(b"\0", 1)[0].decode("utf-8", "replace"), size, header[156:157] or b"0"
+
+
+def _index_with_tarfile(shard: Shard) -> tuple[list[int], list[int], int]:
+    offsets, sizes, itemsizes = [], [], set()
+    with _open_tar(shard.url) as tf:
+        for m in _members(tf, shard.url):
+            offsets.append(m.offset_data)
+            sizes.append(m.size)
+            itemsizes.add(DTYPES[_ext(m.name)].itemsize)
+    return offsets, sizes, _one_itemsize(itemsizes, shard)
+
+
+def _one_itemsize(itemsizes: set[int], shard: Shard) -> int:
+    if len(itemsizes) > 1:
+        raise ShardError(f"shard '{shard.url}' mixes .u16 and .u32 documents; re-run `pretrain prepare`")
+    return itemsizes.pop() if itemsizes else 2
+
+
 class ShardReader:
-    """Sequential reader of one shard's token stream (documents with end-of-document tokens), from any offset."""
+    """Sequential reader of one shard's token stream (documents with end-of-document tokens), from any offset: for
+    shards that cannot seek (`pipe:`, http). Skipping forward skips whole documents by their tar headers."""
 
     def __init__(self, shard: Shard, eod: int, start: int = 0):
         self.shard, self.eod, self.pos = shard, eod, 0
         self._tf = _open_tar(shard.url)
         self._docs = _members(self._tf, shard.url)
         self._pending = np.empty(0, dtype=np.int64)
-        self._skip_to(start)
+        self.skip_to(start)
 
-    def _skip_to(self, start: int) -> None:
+    def skip_to(self, start: int) -> None:
+        k = min(len(self._pending), start - self.pos)
+        self._pending, self.pos = self._pending[k:], self.pos + k
         while self.pos < start:
             m = self._next_member()
             n = m.size // DTYPES[_ext(m.name)].itemsize + 1
@@ -256,8 +421,9 @@ class ShardReader:
         doc[-1] = self.eod
         return doc
 
-    def read_into(self, out: np.ndarray) -> None:
-        """Fill `out` with the next len(out) tokens of the stream."""
+    def read(self, offset: int, out: np.ndarray, eod: int) -> None:
+        """Fill `out` with the next len(out) tokens of the stream, which must start at `offset`."""
+        assert offset == self.pos, (offset, self.pos)
         filled, n = 0, len(out)
         while filled < n:
             if not len(self._pending):
@@ -270,16 +436,29 @@ class ShardReader:
 
     def close(self) -> None:
         self._tf.close()
+        source = getattr(self._tf, "source", None)
+        if source is not None:  # a pipe closed before its end stops its command by SIGPIPE: not an error here
+            with contextlib.suppress(OSError, ValueError):
+                source.close()
 
 
 class EpochReader:
-    """Reads token ranges [t0, t1) of an epoch stream (shards in epoch order), continuing sequentially when it can."""
+    """Reads token ranges of an epoch stream (shards in epoch order).
+
+    Local shards are read by random access (`LocalShard`; at most MAX_OPEN files open at once). Shards that cannot
+    seek are read by a pool of sequential readers: a read continues the reader that stopped at or before its offset,
+    or opens the shard again and skips to it, so interleaved sequential streams cost one open reader each.
+    """
+
+    MAX_OPEN = 64  # open local files
+    POOL = 2 * 8 + 2  # open sequential readers: the "stream" order's interleaved streams, plus boundary crossings
 
     def __init__(self, shards: list[Shard], eod: int, vocab_size: int):
         self.shards, self.eod, self.vocab_size = shards, eod, vocab_size
         self._starts = np.cumsum([0] + [s.stream_len for s in shards]).tolist()
-        self._cur: ShardReader | None = None
-        self._cur_index = -1
+        self._local: dict[int, LocalShard] = {}  # insertion order = least recently opened first
+        self._open: list[int] = []
+        self._streams: list[tuple[int, ShardReader]] = []  # (shard index, reader), least recently used first
 
     @property
     def total(self) -> int:
@@ -287,24 +466,67 @@ class EpochReader:
 
     def read(self, t0: int, t1: int, out: np.ndarray) -> None:
         """Fill out[: t1 - t0] with stream tokens [t0, t1)."""
+        self._fill(t0, t1, out)
+        self._check_vocab(out[: t1 - t0], t0, max(1, t1 - t0))
+
+    def read_windows(self, windows: np.ndarray, size: int) -> np.ndarray:
+        """Windows (stream tokens [g*size, (g+1)*size) for each g) as an int64 array (n, size), read in ascending
+        order so that sequential readers only ever move forward."""
+        out = np.empty((len(windows), size), dtype=np.int64)
+        for row in np.argsort(windows, kind="stable"):
+            g = int(windows[row])
+            self._fill(g * size, (g + 1) * size, out[row])
+        self._check_vocab(out, 0, size, windows)
+        return out
+
+    def _fill(self, t0: int, t1: int, out: np.ndarray) -> None:
         filled = 0
         while t0 < t1:
             i = bisect.bisect_right(self._starts, t0) - 1
-            offset = t0 - self._starts[i]
-            if self._cur is None or self._cur_index != i or self._cur.pos != offset:
-                self.close()  # not a continuation: reopen and skip to the offset
-                self._cur, self._cur_index = ShardReader(self.shards[i], self.eod, offset), i
             k = min(t1, self._starts[i + 1]) - t0
-            self._cur.read_into(out[filled:filled + k])
+            self._shard(i, t0 - self._starts[i]).read(t0 - self._starts[i], out[filled:filled + k], self.eod)
             filled, t0 = filled + k, t0 + k
-        if filled and (out[:filled].max() >= self.vocab_size or out[:filled].min() < 0):
-            raise ShardError(f"shard '{self.shards[self._cur_index].url}' holds token ids outside the vocabulary "
-                             f"(size {self.vocab_size}); it is corrupt or from another tokenizer")
+
+    def _shard(self, i: int, offset: int) -> "LocalShard | ShardReader":
+        shard = self.shards[i]
+        if _is_local(shard.url):
+            if i not in self._local:
+                self._local[i] = LocalShard(shard)
+            if i in self._open:
+                self._open.remove(i)
+            self._open.append(i)
+            if len(self._open) > self.MAX_OPEN:
+                self._local[self._open.pop(0)].close()
+            return self._local[i]
+        behind = [(r.pos, n) for n, (j, r) in enumerate(self._streams) if j == i and r.pos <= offset]
+        if behind:
+            reader = self._streams.pop(max(behind)[1])[1]
+            reader.skip_to(offset)
+        else:
+            reader = ShardReader(shard, self.eod, offset)
+        self._streams.append((i, reader))
+        if len(self._streams) > self.POOL:
+            self._streams.pop(0)[1].close()
+        return reader
+
+    def _check_vocab(self, tokens: np.ndarray, t0: int, size: int, windows: np.ndarray | None = None) -> None:
+        """Out-of-vocabulary ids mean a corrupt shard or one from another tokenizer: name the shard that holds them."""
+        bad = (tokens >= self.vocab_size) | (tokens < 0)
+        if not bad.any():
+            return
+        row, col = divmod(int(np.argmax(bad)), size)
+        at = (int(windows[row]) * size if windows is not None else t0 + row * size) + col
+        url = self.shards[bisect.bisect_right(self._starts, at) - 1].url
+        raise ShardError(f"shard '{url}' holds token ids outside the vocabulary (size {self.vocab_size}); it is "
+                         "corrupt or from another tokenizer")
 
     def close(self) -> None:
-        if self._cur is not None:
-            self._cur.close()
-            self._cur = None
+        for s in self._local.values():
+            s.close()
+        self._open.clear()
+        for _, r in self._streams:
+            r.close()
+        self._streams.clear()
 
 
 def unigram_counts(shards: list[Shard], eod: int, vocab_size: int, max_tokens: int = 50_000_000) -> np.ndarray:

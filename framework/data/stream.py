@@ -1,4 +1,4 @@
-"""The streaming reader: shards -> packed windows of seq_len + 1 tokens -> seeded block shuffle -> batches.
+"""The streaming reader: shards -> packed windows of seq_len + 1 tokens -> a seeded order over the epoch -> batches.
 
 `TokenStream` is a plain `IterableDataset`: iterate it directly (benchmarks, single process) or through a
 `torch.utils.data.DataLoader(batch_size=None, num_workers=K)`. What each rank and worker delivers is decided by
@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from framework.data.cursor import Layout, Segment, block_permutation, shard_order
-from framework.data.shards import EpochReader, Shard
+from framework.data.cursor import Layout, Segment, shard_order
+from framework.data.shards import EpochReader, Shard, seekable
 
 
 class TokenStream(IterableDataset):
@@ -26,10 +26,14 @@ class TokenStream(IterableDataset):
     "position" and be picklable.
 
     Documents are concatenated with the end-of-document token between them and cut into windows of seq_len + 1
-    tokens (inputs are window[:-1], targets window[1:]), so no token is padding. Set `segment` and `start_batch`
-    before iterating to continue from a saved position; by default iteration covers epoch 0 from its start.
-    It has no `__len__` on purpose: Lightning would combine a length with its own restored batch counters and end a
-    resumed epoch early; without one it reads until the stream ends, which every rank reaches at the same batch.
+    tokens (inputs are window[:-1], targets window[1:]), so no token is padding. Shuffled, the windows of an epoch
+    come in a seeded pseudo-random permutation of the whole epoch when every shard is a local file (read by random
+    access); when some shard cannot seek (`pipe:`, http) each worker interleaves sequential streams over its share
+    of the epoch and shuffles them in blocks of `shuffle_block` windows (see `framework.data.cursor`).
+    Set `segment` and `start_batch` before iterating to continue from a saved position; by default iteration covers
+    epoch 0 from its start. It has no `__len__` on purpose: Lightning would combine a length with its own restored
+    batch counters and end a resumed epoch early; without one it reads until the stream ends, which every rank
+    reaches at the same batch.
     """
 
     def __init__(self, shards: list[Shard], *, seq_len: int, batch_size: int, eod: int, vocab_size: int,
@@ -55,8 +59,16 @@ class TokenStream(IterableDataset):
         """Windows in every epoch's stream (the shard order changes per epoch, the total does not)."""
         return sum(s.stream_len for s in self.shards) // self.window
 
+    @property
+    def order(self) -> str:
+        """How a fresh epoch is ordered: see `framework.data.cursor`."""
+        if not self.shuffle:
+            return "sequential"
+        return "global" if seekable(self.shards) else "stream"
+
     def fresh_segment(self, epoch: int) -> Segment:
-        return Segment(epoch, 0, [(0, self.windows_per_epoch)], self.layout)
+        return Segment(epoch, 0, [(0, self.windows_per_epoch)], self.layout, self.order, self.seed,
+                       self.shuffle_block)
 
     def _segment(self) -> Segment:
         return self.segment if self.segment is not None else self.fresh_segment(0)
@@ -79,37 +91,26 @@ class TokenStream(IterableDataset):
             reader.close()
 
     def _batches(self, seg: Segment, reader: EpochReader, worker: int) -> Iterator[dict[str, torch.Tensor]]:
-        B, S, K = seg.layout.batch_size, self.shuffle_block, seg.layout.workers
+        B, K = seg.layout.batch_size, seg.layout.workers
         offset, length = seg.piece(self.rank, worker)
         done_batches = seg.worker_batches(worker, 0, self.start_batch)  # this worker's batches already consumed
-        done = done_batches * B
+        # Read a shuffle block at a time in the "stream" order (its windows are a few sequential runs, read in
+        # ascending order); otherwise whole batches, ~256 windows at a time to amortise the permutation's numpy calls.
+        chunk = seg.block if seg.order == "stream" else B * -(-256 // B)
+        pos = done_batches * B
         rows: list[np.ndarray] = []
-        ids: list[int] = []
-        for block in range(done // S, -(-length // S)):
-            lo, hi = block * S, min(length, (block + 1) * S)
-            if not self.shuffle:  # in order, a resumed worker can start reading at its exact position
-                lo = max(lo, done)
-            windows = self._read(seg, reader, offset + lo, offset + hi)  # (n, L+1)
-            window_ids = np.concatenate([np.arange(g0, g1) for g0, g1 in seg.flat_to_ranges(offset + lo, offset + hi)])
-            # shuffled, the block is re-read from its start so that its permutation is the same as before
-            perm = (block_permutation(self.seed, seg, self.rank, worker, block, hi - lo) if self.shuffle
-                    else np.arange(hi - lo))
-            for p in perm[max(0, done - lo):]:
-                rows.append(windows[p])
-                ids.append(int(window_ids[p]))
+        row_ids: list[int] = []
+        while pos < length:
+            stop = min(length, (pos // chunk + 1) * chunk)  # a block may end mid-batch: rows carry over
+            ids = seg.windows(np.arange(offset + pos, offset + stop))
+            windows = reader.read_windows(ids, self.window)  # (n, L+1)
+            for row, g in zip(windows, ids.tolist()):
+                rows.append(row)
+                row_ids.append(g)
                 if len(rows) == B:
                     j = worker + K * done_batches  # this batch's index among the rank's batches
-                    batch = {"tokens": torch.from_numpy(np.stack(rows)), "sample_ids": torch.tensor(ids),
+                    batch = {"tokens": torch.from_numpy(np.stack(rows)), "sample_ids": torch.tensor(row_ids),
                              "position": torch.tensor([seg.epoch, seg.index, j])}
                     yield self.transform(batch, seg.epoch) if self.transform is not None else batch
-                    rows, ids, done_batches = [], [], done_batches + 1
-
-    def _read(self, seg: Segment, reader: EpochReader, flat_lo: int, flat_hi: int) -> np.ndarray:
-        """Windows at flat positions [flat_lo, flat_hi) of the segment, as an int64 array (n, seq_len + 1)."""
-        W = self.window
-        out = np.empty((flat_hi - flat_lo) * W, dtype=np.int64)
-        filled = 0
-        for g0, g1 in seg.flat_to_ranges(flat_lo, flat_hi):
-            reader.read(g0 * W, g1 * W, out[filled:filled + (g1 - g0) * W])
-            filled += (g1 - g0) * W
-        return out.reshape(-1, W)
+                    rows, row_ids, done_batches = [], [], done_batches + 1
+            pos = stop
