@@ -188,6 +188,16 @@ def test_masked_batches_are_cls_first_and_the_same_on_any_layout(shards):
     assert val and all(torch.equal(x, y) for x, y in zip(val, [b["labels"] for b in dm.val_dataloader()]))
 
 
+def test_masked_datamodule_refuses_bad_settings(shards):
+    from framework.errors import UserError
+
+    with pytest.raises(UserError, match="data.seq_len must be >= 3"):
+        MaskedLMDataModule(path=str(shards), seq_len=2)
+    for rate in (0.0, 1.0, -0.1):
+        with pytest.raises(UserError, match="data.mask_rate must be in"):
+            MaskedLMDataModule(path=str(shards), mask_rate=rate)
+
+
 # ------------------------------------------------------------------------------------------------ fit
 def write_config(tmp: Path, shards: Path, **over) -> Path:
     config = {

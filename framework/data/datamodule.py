@@ -317,8 +317,8 @@ class MaskedLMDataModule(ShardDataModule):
         super().__init__(**kwargs)
         if not 0 < mask_rate < 1:
             raise UserError(f"data.mask_rate must be in (0, 1), got {mask_rate}; BERT used 0.15, ModernBERT 0.3")
-        if self.seq_len < 2:
-            raise UserError(f"data.seq_len must be >= 2 for masked LM (<|cls|> + tokens), got {self.seq_len}")
+        if self.seq_len < 3:  # <|cls|> + a window of at least 2 corpus tokens
+            raise UserError(f"data.seq_len must be >= 3 for masked LM, got {self.seq_len}")
         self.mask_rate = mask_rate
 
     @property
