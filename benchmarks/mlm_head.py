@@ -39,7 +39,7 @@ def step_time(model: Encoder, inputs: torch.Tensor, labels: torch.Tensor, gather
         loss.backward()
     if inputs.is_cuda:
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps, float(loss)
+    return (time.perf_counter() - t0) / steps, float(loss.detach())
 
 
 def main() -> None:
