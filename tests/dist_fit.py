@@ -224,3 +224,27 @@ class LogitsProbe(L.Callback):
         pl_module.train(was_training)
         if trainer.is_global_zero:
             torch.save({"input": idx, "logits": logits}, self.path)
+
+
+class WeightsProbe(L.Callback):
+    """The full (unsharded) weights of the model as training starts, saved by rank 0 to `path` as {name: tensor}.
+    Every rank takes part in the gathers (FSDP2 DTensors, ZeRO-3 partitions)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        out = {}
+        for name, p in pl_module.model.named_parameters():
+            if hasattr(p, "full_tensor"):
+                value = p.full_tensor()
+            elif hasattr(p, "ds_id"):
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p]):
+                    value = p.detach().clone()
+            else:
+                value = p.detach()
+            out[name] = value.float().cpu().clone()
+        if trainer.is_global_zero:
+            torch.save({"weights": out, "global_step": trainer.global_step}, self.path)

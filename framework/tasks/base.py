@@ -38,12 +38,15 @@ class PretrainTask(L.LightningModule):
     activation_checkpointing: recompute each transformer block in backward instead of storing its activations.
     compile: wrap the model's forward in torch.compile (the saved weights are the uncompiled module's).
     peak_tflops: the accelerator's peak dense TFLOP/s per device for MFU; default: looked up from the device name.
+    init_from: start from the weights of this checkpoint (any strategy's) or `pretrain export` directory; only the
+        weights: optimizer, step, schedule, data position and W&B run start fresh (framework.checkpoint.init_from).
+        Ignored when the run resumes (--ckpt_path), whose checkpoint has the weights.
     """
 
     def __init__(self, lr: float = 6e-4, min_lr_ratio: float = 0.1, warmup_steps: int = 100,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  grad_clip: float = 1.0, activation_checkpointing: bool = False, compile: bool = False,
-                 peak_tflops: float | None = None):
+                 peak_tflops: float | None = None, init_from: str | None = None):
         super().__init__()
         if lr <= 0 or not 0 <= min_lr_ratio <= 1 or warmup_steps < 0 or grad_clip < 0:
             raise UserError("model.lr must be > 0, model.min_lr_ratio in [0, 1], model.warmup_steps and "
@@ -52,6 +55,10 @@ class PretrainTask(L.LightningModule):
         self.weight_decay, self.betas, self.eps = weight_decay, tuple(betas), eps
         self.grad_clip, self.compile, self.peak_tflops = grad_clip, compile, peak_tflops
         self.activation_checkpointing = activation_checkpointing
+        if init_from is not None and not os.path.exists(init_from):
+            raise UserError(f"model.init_from '{init_from}' does not exist; pass a checkpoint of `pretrain fit` or a "
+                            "directory of `pretrain export`")
+        self.init_from = init_from
         self.model: nn.Module | None = None
         self._forward: Any = None  # the compiled forward, kept out of the module tree (and the state dict)
         self._val_sums: dict[str, list[torch.Tensor]] = {}  # name -> [sum of mean * count, sum of counts]
@@ -120,9 +127,20 @@ class PretrainTask(L.LightningModule):
             # sharding (FSDP2) and activation checkpointing are applied to the built model, before compile
             self.model = parallelize(self.build_model(), self.trainer.strategy, self.block_types,
                                      activation_checkpointing=self.activation_checkpointing)
+            if self.init_from is not None and not self.trainer.ckpt_path:
+                self._load_init_weights()
         if self.compile and self._forward is None:
             # object.__setattr__: as a plain attribute, not a submodule (its parameters would be saved twice)
             object.__setattr__(self, "_forward", torch.compile(self.model))
+
+    def _load_init_weights(self) -> None:
+        from framework.checkpoint.init_from import load_weights
+        from framework.models import TIED
+
+        assert self.model is not None and self.init_from is not None
+        report = load_weights(self.model, self.init_from, self.trainer.strategy, TIED[self.model.config.model_type])
+        if self.trainer.is_global_zero:
+            print("\n".join(report.lines(self.init_from)), flush=True)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         assert self.model is not None, "the model is built in configure_model()"

@@ -1,0 +1,74 @@
+"""`--model.init_from`: a new run starts from the weights of any checkpoint or export, and only from the weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_fit import build_deepspeed_ops, cli, fit, make_shards, write_config
+from framework.checkpoint.export import export
+from framework.models import from_pretrained
+
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory, val_fraction=0.0)
+
+
+@pytest.fixture(scope="module")
+def pretrained(shards, tmp_path_factory) -> dict[str, Path]:
+    """A masked-LM encoder trained 3 steps on 2 ranks under ZeRO-3 (the layout farthest from a plain state dict), its
+    export, and a GPT checkpoint (for the family check)."""
+    if not HAS_DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install deepspeed)")
+    build_deepspeed_ops()
+    tmp = tmp_path_factory.mktemp("pretrained")
+    fit(write_config(tmp, shards, strategy="deepspeed_stage_3", devices=2, max_steps=3, family="bert"))
+    ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
+    export(ckpt, tmp / "exported")
+    gpt = tmp_path_factory.mktemp("gpt")
+    fit(write_config(gpt, shards, strategy="ddp", devices=1, max_steps=1))
+    return {"ckpt": ckpt, "export": tmp / "exported", "gpt": gpt / "run" / "checkpoints" / "last.ckpt"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,source", [("ddp", "ckpt"), ("fsdp", "ckpt"), ("deepspeed_stage_3", "export")])
+def test_a_new_run_starts_from_the_pretrained_weights(strategy, source, pretrained, shards, tmp_path):
+    probe = {"class_path": "dist_fit.WeightsProbe", "init_args": {"path": str(tmp_path / "start.pt")}}
+    config = write_config(tmp_path, shards, strategy=strategy, devices=2, max_steps=1, callbacks=[probe],
+                          family="bert")
+    r = cli("fit", "--config", str(config), "--model.init_args.init_from", str(pretrained[source]), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    expected = from_pretrained(pretrained["export"]).state_dict()
+    started = torch.load(tmp_path / "start.pt")
+    assert started["global_step"] == 0  # weights only: the step (and optimizer, schedule, data position) start fresh
+    assert set(started["weights"]) == set(expected) - {"mlm_head.decoder.weight"}
+    for name, value in started["weights"].items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    assert f"init_from {pretrained[source]}: loaded {len(started['weights'])} tensors (129,280 values)" in r.stdout
+    assert "new (fresh init): none" in r.stdout and "dropped (not in this model): none" in r.stdout
+    # a new W&B run, not the pre-training one
+    run_ids = {p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*")}
+    assert len(run_ids) == 1
+
+
+@pytest.mark.slow
+def test_another_family_or_shape_is_one_line(pretrained, shards, tmp_path):
+    config = write_config(tmp_path, shards, strategy="ddp", devices=1, max_steps=1, family="bert")
+    for args, fragment in (
+        (["--model.init_args.init_from", str(pretrained["gpt"])], "holds a 'gpt' model but this task builds a 'bert'"),
+        (["--model.init_args.init_from", str(pretrained["ckpt"]), "--model.init_args.config", "{n_embd: 32}"],
+         "does not fit this model's shapes"),
+        (["--model.init_args.init_from", str(tmp_path / "missing")], "does not exist"),
+    ):
+        r = cli("fit", "--config", str(config), *args, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stderr[-3000:])
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert json.loads((pretrained["export"] / "config.json").read_text())["model_type"] == "bert"
