@@ -128,11 +128,17 @@ def run(subcommand: str, argv: list[str]) -> None:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - jsonargparse reports bad configs as ArgumentError / ValueError
-        inner = _user_error_in(e)  # e.g. a bad preset raised while jsonargparse instantiated the task
+        inner = _in_chain(e, UserError)  # e.g. a bad preset raised while jsonargparse instantiated the task
         if inner is not None:
             raise inner from None
         if type(e).__name__ in ("ArgumentError", "NSKeyError") or "jsonargparse" in type(e).__module__:
             raise UserError(config_error(str(e), _chosen_classes(argv))) from None
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        misconfigured = _in_chain(e, MisconfigurationException)  # Lightning's check of the trainer, e.g. devices=0
+        if misconfigured is not None:
+            flat = " ".join(str(misconfigured).split()).rstrip(".")
+            raise UserError(f"the trainer settings are invalid: {flat}; fix the --trainer.* value it names") from None
         raise
     finally:
         _finish_wandb()
@@ -147,13 +153,13 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
-def _user_error_in(e: BaseException | None, depth: int = 0) -> UserError | None:
-    """The UserError somewhere in an exception's cause/context chain, if any."""
+def _in_chain(e: BaseException | None, kind: type[BaseException], depth: int = 0) -> BaseException | None:
+    """The first exception of `kind` in an exception's cause/context chain, if any."""
     if e is None or depth > 20:
         return None
-    if isinstance(e, UserError):
+    if isinstance(e, kind):
         return e
-    return _user_error_in(e.__cause__, depth + 1) or _user_error_in(e.__context__, depth + 1)
+    return _in_chain(e.__cause__, kind, depth + 1) or _in_chain(e.__context__, kind, depth + 1)
 
 
 def _chosen_classes(argv: list[str]) -> list[type]:

@@ -4,6 +4,8 @@ import json
 
 import lightning as L
 
+from framework.tasks.causal_lm import CausalLMTask
+
 
 class StepRecorder(L.Callback):
     """stop_at: end the fit after this many steps, as a preempted job would, without changing the run's config."""
@@ -21,3 +23,19 @@ class StepRecorder(L.Callback):
             f.write(json.dumps(record) + "\n")
         if self.stop_at is not None and trainer.global_step >= self.stop_at:
             trainer.should_stop = True
+
+
+class DivergingValidationTask(CausalLMTask):
+    """A GPT whose second validation batch of every validation run has a NaN loss, as a diverging model would."""
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_batches = 0
+
+    def compute_losses(self, batch):
+        measures = super().compute_losses(batch)
+        if not self.training:
+            self._val_batches += 1
+            if self._val_batches == 2:
+                loss, count = measures["loss"]
+                measures["loss"] = (loss * float("nan"), count)
+        return measures
