@@ -134,6 +134,27 @@ class RankRecorder(L.Callback):
             trainer.should_stop = True
 
 
+class RngProbe(L.Callback):
+    """Gives each rank its own random stream on a fresh start (ranks' streams differ, as they do once anything
+    rank-dependent draws from them), draws from it every step, and appends a digest of each rank's CPU RNG state after
+    every step to `{path}.rank{R}.jsonl`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        if not trainer.ckpt_path:  # a resumed run must get its streams back from the checkpoint
+            torch.rand(1 + trainer.global_rank)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch.rand(3)
+        import hashlib
+
+        digest = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16]
+        with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": trainer.global_step - 1, "rank": trainer.global_rank, "rng": digest}) + "\n")
+
+
 class OptimizerProbe(L.Callback):
     """Digest of the full (unsharded) training state: per parameter checksums of its fp32 value, Adam moments and
     the value the forward uses, the Adam step counts, and each param group's hyperparameters. Written by rank 0

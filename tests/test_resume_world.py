@@ -125,6 +125,25 @@ def test_resume_on_another_world_size(strategy, family, shards, universe, tmp_pa
     assert peek(str(last), "global_step") == first
 
 
+@pytest.mark.slow
+def test_each_rank_resumes_its_own_random_stream(shards, tmp_path):
+    """2 ranks with different random streams: 6 steps straight == 3 steps + resume + 3 steps, rank by rank."""
+    digests = {}
+    for name, stops in (("straight", [None]), ("resumed", [3, None])):
+        run = tmp_path / name
+        run.mkdir()
+        for i, stop in enumerate(stops):
+            probe = {"class_path": "dist_fit.RngProbe", "init_args": {"path": str(run / "rng")}}
+            fit(write_config(run, shards, strategy="ddp", devices=2, max_steps=6, stop_at=stop, callbacks=[probe],
+                             label=i), *(["--ckpt_path", "last"] if i else []))
+        digests[name] = sorted((d["step"], d["rank"], d["rng"]) for r in (0, 1) for d in map(
+            json.loads, (run / f"rng.rank{r}.jsonl").read_text().splitlines()))
+    assert len(digests["straight"]) == 12
+    assert {d for _, rank, d in digests["straight"] if rank == 0}.isdisjoint(
+        {d for _, rank, d in digests["straight"] if rank == 1})  # the ranks' streams differ
+    assert digests["resumed"] == digests["straight"]
+
+
 def assert_same_training_state(saved: Path, restored: Path) -> None:
     """The digests of tests/dist_fit.py OptimizerProbe: at the end of a run vs once its checkpoint is restored."""
     a, b = json.loads(saved.read_text()), json.loads(restored.read_text())

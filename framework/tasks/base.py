@@ -229,9 +229,16 @@ class PretrainTask(L.LightningModule):
         if self.tokenizer_json is not None:
             checkpoint["tokenizer_json"] = self.tokenizer_json
         # Lightning does not checkpoint RNG states; dropout and sampling after a resume must continue the same streams.
-        # Every rank is seeded alike (seed_everything), so rank 0's states stand for all of them.
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
-                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        # Each rank's own: its CPU generator and its own CUDA device's (ranks' streams may differ, and a node may see
+        # fewer GPUs on resume, so states are never kept per visible device). Gathered so that any rank's file has all.
+        own = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and self.device.type == "cuda" else None}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            per_rank: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, own)
+        else:
+            per_rank = [own]
+        checkpoint["rng_states"] = {"per_rank": per_rank}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_family(checkpoint.get("model_config"), self.model_class.config_class.model_type, type(self).__name__)
@@ -241,11 +248,18 @@ class PretrainTask(L.LightningModule):
 
     def on_train_start(self) -> None:
         states = getattr(self, "_rng_states", None)
-        if states is not None:
-            torch.set_rng_state(states["torch"])
-            if states["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
-            self._rng_states = None
+        if states is None:
+            return
+        self._rng_states = None
+        per_rank = states.get("per_rank") or [{"torch": states["torch"], "cuda": None}]  # older: rank 0's CPU state
+        rank, world = self.global_rank, self.trainer.world_size
+        if len(per_rank) != world:
+            rank_zero_warn(f"the checkpoint's RNG states are from {len(per_rank)} rank(s), this run has {world}: "
+                           "every rank continues rank 0's streams")
+        own = per_rank[rank] if len(per_rank) == world else per_rank[0]
+        torch.set_rng_state(own["torch"])
+        if own["cuda"] is not None and torch.cuda.is_available() and self.device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda"])
 
 
 def check_family(model_config: dict[str, Any] | None, expected: str, user: str) -> None:
