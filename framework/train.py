@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import StrategyRegistry
 
 from framework.callbacks.checkpointing import StepCheckpoint, find_checkpoint, peek
-from framework.callbacks.preemption import Preemption
+from framework.callbacks.preemption import EXIT_REQUEUE, Preemption
 from framework.callbacks.summary import RunSummary
 from framework.callbacks.throughput import Throughput
 from framework.callbacks.wandb_run import RUN_ID_KEY, WandbOptions, WandbRunId, make_logger
@@ -89,7 +90,7 @@ class PretrainCLI(LightningCLI):
         logger = make_logger(cfg.wandb, root, peek(ckpt, RUN_ID_KEY) if ckpt else None)
         callbacks = [Throughput(), WandbRunId(), cfg.summary]
         if self.subcommand in ("fit", None):
-            # SIGUSR1 (SLURM's warning before the time limit): stop after this step; StepCheckpoint saves it
+            # SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: stop after this step; StepCheckpoint saves it
             callbacks += [Preemption(), StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep)]
         trainer_config = {**cfg.trainer, **kwargs, "logger": logger if logger is not None else False,
                           "strategy": self._strategy(cfg)}
@@ -121,10 +122,10 @@ def run(subcommand: str, argv: list[str]) -> None:
     # we hand LightningCLI the arguments after the subcommand ourselves; its warning about sys.argv is noise here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     try:
-        PretrainCLI(PretrainTask, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                    args=[subcommand, *argv],
-                    save_config_kwargs={"overwrite": True}, load_from_checkpoint_support=False,
-                    parser_kwargs={"exit_on_error": False, "allow_abbrev": False}, auto_configure_optimizers=False)
+        cli = PretrainCLI(PretrainTask, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                          args=[subcommand, *argv], save_config_kwargs={"overwrite": True},
+                          load_from_checkpoint_support=False, auto_configure_optimizers=False,
+                          parser_kwargs={"exit_on_error": False, "allow_abbrev": False})
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - jsonargparse reports bad configs as ArgumentError / ValueError
@@ -142,12 +143,15 @@ def run(subcommand: str, argv: list[str]) -> None:
         raise
     finally:
         _finish_wandb()
+    preempted = [c for c in cli.trainer.callbacks if isinstance(c, Preemption) and c.signal_received == "SIGTERM"]
+    if preempted:
+        print(f"stopped on SIGTERM after step {preempted[0].stopped_at}, which is checkpointed: exiting with "
+              f"{EXIT_REQUEUE} (requeue, then resume with --ckpt_path last)", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_REQUEUE)
 
 
 def _finish_wandb() -> None:
     """Close the W&B run of this process, so that a later fit in the same process starts (or resumes) its own."""
-    import sys
-
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()

@@ -148,14 +148,14 @@ def test_torchrun_sigusr1_checkpoints_stops_and_resumes_exactly(shards, referenc
 # ---------------------------------------------------------------------------------------------------- in process
 
 class SignalAt(L.Callback):
-    """Sends this process SIGUSR1 at the end of batch `batch`."""
+    """Sends this process a signal (SIGUSR1 by default) at the end of batch `batch`."""
 
-    def __init__(self, batch: int):
-        self.batch = batch
+    def __init__(self, batch: int, signum: int = int(signal.SIGUSR1)):
+        self.batch, self.signum = batch, signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx == self.batch:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), self.signum)
 
 
 def test_preemption_stops_only_at_an_optimizer_step(shards, tmp_path):
@@ -168,6 +168,22 @@ def test_preemption_stops_only_at_an_optimizer_step(shards, tmp_path):
     assert last["global_step"] == 2
     assert last["ShardDataModule"]["batches"] == 4  # the data position: 4 micro-batches trained, no more
     assert signal.getsignal(signal.SIGUSR1) == before  # the handler is removed with the fit
+
+
+def test_sigterm_checkpoints_the_step_and_exits_75_for_a_requeue(shards, tmp_path):
+    """SIGTERM (scancel, a Kubernetes eviction) mid-step: the step finishes, is checkpointed, the exit code asks for
+    a requeue, and the resumed run continues from that step."""
+    config = write_config(tmp_path, shards, strategy="auto", devices=1, accumulate_grad_batches=2)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        fit(["--config", str(config), "--trainer.callbacks+=test_launch.SignalAt", "--trainer.callbacks.batch=2",
+             f"--trainer.callbacks.signum={int(signal.SIGTERM)}"])
+    assert stopped.value.code == 75
+    last = load(tmp_path / "root" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 2 and last["ShardDataModule"]["batches"] == 4
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is removed with the fit
+    fit(["--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "4"])
+    assert load(tmp_path / "root" / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
 # ---------------------------------------------------------------------------------------------------- SLURM

@@ -41,10 +41,12 @@ class _ResumableLoader(DataLoader):
 
 
 def _ignore_preemption_signal(worker_id: int) -> None:
-    """SLURM delivers SIGUSR1 to every process of the job step; the training process handles it (Preemption), and a
-    worker started by spawn/forkserver (not fork) would otherwise die of it."""
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    """SLURM delivers SIGUSR1 (and scancel SIGTERM) to every process of the job step; the training process handles
+    them (Preemption: checkpoint after the step, then stop), and a worker would otherwise die of them mid-step. The
+    training process ends its workers itself when the fit stops."""
+    for name in ("SIGUSR1", "SIGTERM"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class ShardDataModule(L.LightningDataModule):
