@@ -145,6 +145,23 @@ def test_torchrun_sigusr1_checkpoints_stops_and_resumes_exactly(shards, referenc
     assert first == second == load(tmp_path / "root" / "checkpoints" / "last.ckpt")["wandb_run_id"]
 
 
+def test_torchrun_sigterm_checkpoints_stops_and_resumes_exactly(shards, reference, tmp_path):
+    """SIGTERM to the launcher (scancel, Kubernetes): torchrun passes it to the training processes, which finish the
+    step, checkpoint it and exit 75 before torchrun's grace period ends; the resumed run equals the uninterrupted one."""
+    write_config(tmp_path, shards)
+    proc = torchrun(tmp_path)
+    wait_for_steps(tmp_path, 2 * 3, lambda: proc.poll() is None)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(180) != 0  # the job did not finish: whatever launched it requeues it
+    log = (tmp_path / "log.txt").read_text()
+    assert "stopped on SIGTERM after step" in log, log[-4000:]
+    stopped = load(tmp_path / "root" / "checkpoints" / "last.ckpt")["global_step"]
+    assert 3 <= stopped < STEPS and max(step for step, _, _ in records(tmp_path)) == stopped - 1
+
+    finish(torchrun(tmp_path, "--ckpt_path", "last"), tmp_path)
+    assert records(tmp_path) == records(reference)
+
+
 # ---------------------------------------------------------------------------------------------------- in process
 
 class SignalAt(L.Callback):
