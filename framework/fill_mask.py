@@ -9,6 +9,7 @@ import argparse
 
 import torch
 
+from framework.checkpoint.formats import trust_checkpoint
 from framework.errors import UserError
 from framework.generate import load_model
 from framework.models.encoder import Encoder
@@ -32,10 +33,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--ckpt", help="a checkpoint of `pretrain fit` of a masked-LM encoder (any strategy)")
     p.add_argument("--model", help="a directory written by `pretrain export` from such a checkpoint")
     p.add_argument("--tokenizer", help="tokenizer.json to use instead of the one the checkpoint carries")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint fully (only for files from a trusted source; default: weights-only)")
     p.add_argument("--text", required=True, help=f"text with one or more {MASK} tokens")
     p.add_argument("--top-k", type=int, default=5, help="candidates shown per mask")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    trust_checkpoint(args.trust_checkpoint)
     if args.top_k < 1:
         raise UserError("--top-k must be >= 1")
     if MASK not in args.text:

@@ -11,6 +11,7 @@ import os
 import torch
 
 from framework.data.tokenizer import Tokenizer
+from framework.checkpoint.formats import trust_checkpoint
 from framework.errors import UserError
 from framework.models import TIED, build_model, config_from_dict, model_type_of
 from framework.models.gpt import GPT
@@ -84,6 +85,8 @@ def main(argv: list[str]) -> None:
                    "(e.g. runs/NAME/checkpoints/last.ckpt)")
     p.add_argument("--model", help="a directory written by `pretrain export` (config.json, model.safetensors)")
     p.add_argument("--tokenizer", help="tokenizer.json to use instead of the one the checkpoint carries")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint fully (only for files from a trusted source; default: weights-only)")
     p.add_argument("--prompt", default="", help="text to continue (default: start from an end-of-document token)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -92,6 +95,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    trust_checkpoint(args.trust_checkpoint)
     if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0 or args.num_samples < 1:
         raise UserError("--max-new-tokens and --num-samples must be >= 1, --temperature and --top-k >= 0")
     model, tok = load_model(args.ckpt, args.model, args.tokenizer, model_type="gpt")

@@ -188,3 +188,31 @@ def test_streamed_safetensors_load_with_safetensors(tmp_path):
     raw = (tmp_path / "t.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     assert n % 8 == 0 and json.loads(raw[8:8 + n])["__metadata__"] == {"format": "pt"}
+
+
+class RunsCodeWhenUnpickled:
+    """What a malicious checkpoint carries: unpickling it calls os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    state = {"state_dict": {"model.transformer.wte.weight": torch.zeros(2, 2)},
+             "model_config": {"model_type": "gpt"}, "payload": RunsCodeWhenUnpickled(marker)}
+    torch.save(state, tmp_path / "evil.ckpt")
+    for args in (["export", str(tmp_path / "evil.ckpt"), str(tmp_path / "out")],
+                 ["generate", "--ckpt", str(tmp_path / "evil.ckpt")],
+                 ["fill-mask", "--ckpt", str(tmp_path / "evil.ckpt"), "--text", "a<|mask|>"]):
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "refusing to unpickle" in errors[0] and "--trust-checkpoint" in errors[0], errors
+        assert "posix.system" in errors[0] or "os.system" in errors[0], errors
+    assert not marker.exists()  # nothing ran

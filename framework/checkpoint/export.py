@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from framework.checkpoint.consolidate import TensorSource, checkpoint_meta, model_tensors
-from framework.checkpoint.formats import checkpoint_kind
+from framework.checkpoint.formats import checkpoint_kind, trust_checkpoint
 from framework.checkpoint.safetensors_stream import save_safetensors, total_bytes
 from framework.errors import UserError
 from framework.models import TIED, build_model, config_from_dict
@@ -119,7 +119,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="a checkpoint of `pretrain fit` (file or directory; last.ckpt works)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint fully (only for files from a trusted source; default: weights-only)")
     args = p.parse_args(argv)
+    trust_checkpoint(args.trust_checkpoint)
     summary = export(args.ckpt, args.out_dir, overwrite=args.overwrite)
     step = f" (step {summary['step']})" if summary["step"] is not None else ""
     print(f"exported a {summary['model_type']!r} model: {summary['parameters']:,} parameters "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import re
 from typing import Any, Literal
 
@@ -83,10 +84,61 @@ def deepspeed_files(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     return model, optim
 
 
+TRUST_ENV = "PRETRAIN_TRUST_CHECKPOINT"  # "1": unpickle checkpoints fully (only for files from a trusted source)
+
+# The few non-tensor classes that DeepSpeed pickles into its checkpoint files (module, attribute). Everything else in
+# our checkpoints is tensors, containers, numbers and strings, which torch's weights-only unpickler reads.
+_DEEPSPEED_GLOBALS = [("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                      ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                      ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                      ("deepspeed.utils.tensor_fragment", "fragment_address")]
+
+
+def _safe_globals(path: str) -> list[Any]:
+    """The allowlisted classes a file may name: DeepSpeed's, for DeepSpeed's state files (importing DeepSpeed only
+    for those: it is slow to import)."""
+    if not os.path.basename(path).endswith("_states.pt") and "universal" not in path:
+        return []
+    import contextlib
+    import importlib
+    import sys
+
+    found = []
+    # DeepSpeed's logger writes to stdout on import (an accelerator warning on a machine without GPUs); keep stdout
+    # the command's own output (`pretrain generate` prints the generated text there)
+    with contextlib.redirect_stdout(sys.stderr):
+        for module, name in _DEEPSPEED_GLOBALS:
+            try:
+                found.append(getattr(importlib.import_module(module), name))
+            except (ImportError, AttributeError):
+                pass  # not installed (or another version): a file naming it is then refused, naming the class
+    return found
+
+
+def trust_checkpoint(trusted: bool) -> None:
+    """`--trust-checkpoint`: full unpickling for the rest of this process (see torch_load)."""
+    if trusted:
+        os.environ[TRUST_ENV] = "1"
+
+
 def torch_load(path: str, what: str) -> Any:
-    """torch.load on CPU, memory-mapped (tensors are read from disk only when used); unreadable -> UserError."""
+    """torch.load on CPU, memory-mapped (tensors are read from disk only when used); unreadable -> UserError.
+
+    Loads with torch's weights-only unpickler plus an allowlist of DeepSpeed's classes, so a checkpoint from someone
+    else cannot run code when it is read (a pickle can name any callable). Full unpickling is an explicit opt-in:
+    PRETRAIN_TRUST_CHECKPOINT=1 (or `--trust-checkpoint` where a command has it).
+    """
+    trusted = os.environ.get(TRUST_ENV) == "1"
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        if trusted:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        with torch.serialization.safe_globals(_safe_globals(path)):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        offending = re.search(r"(?:[Uu]nsupported global:? GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
+        detail = f"it names {offending.group(1)}, which is not on the allowlist" if offending else str(e)[:200]
+        raise UserError(f"refusing to unpickle {what} '{path}': {detail}; if you trust where it comes from, set "
+                        f"{TRUST_ENV}=1 (or pass --trust-checkpoint)") from None
     except ModuleNotFoundError as e:  # DeepSpeed's files pickle some of its own classes
         raise UserError(f"reading {what} '{path}' needs the package '{e.name}': pip install {e.name}") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from framework.checkpoint.formats import checkpoint_kind, deepspeed_tag_dir, read_meta, saved_world_size
+from framework.checkpoint.formats import checkpoint_kind, deepspeed_tag_dir, read_meta, saved_world_size, torch_load
 from framework.errors import UserError
 
 UNIVERSAL_TAG = "universal"
@@ -152,8 +152,8 @@ def _write_text(path: str, text: str) -> None:
 
 def _saved_param_groups(path: str) -> list[dict[str, Any]] | None:
     """The optimizer's param groups as saved by rank 0 (hyperparameters only)."""
-    state = torch.load(os.path.join(path, UNIVERSAL_TAG, "zero", "optimizer_state.pt"), map_location="cpu",
-                       mmap=True, weights_only=False)  # it also holds rank 0's partitions: leave them on disk
+    # memory-mapped: it also holds rank 0's partitions, which stay on disk
+    state = torch_load(os.path.join(path, UNIVERSAL_TAG, "zero", "optimizer_state.pt"), "universal optimizer state")
     groups = state.get("param_groups")
     return [{k: v for k, v in g.items() if k != "params"} for g in groups] if groups else None
 
