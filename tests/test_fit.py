@@ -47,9 +47,12 @@ def write_config(tmp: Path, shards: Path, **over) -> Path:
         "summary": {"sample_tokens": 8, "baseline": True},
         "wandb": {"mode": "offline"},
     }
-    for key, value in over.items():
-        section, name = key.split("__")
-        config[section][name] = value
+    for key, value in over.items():  # "section__name": one value; "section": the whole section
+        if "__" in key:
+            section, name = key.split("__")
+            config[section][name] = value
+        else:
+            config[key] = value
     path = tmp / "config.json"
     path.write_text(json.dumps(config))
     return path

@@ -22,6 +22,7 @@ from framework.tasks.causal_lm import CausalLMTask
 from framework.tasks.masked_lm import MaskedLMTask
 from framework.train import fit
 from test_fit import assert_one_line_error, run_cli, steps
+from test_fit import write_config as gpt_config
 
 SPECIALS = [250, 251, 252, 253, 254]  # eod, pad, mask, cls, sep of a toy 256-token vocabulary
 MASK = 252
@@ -200,28 +201,13 @@ def test_masked_datamodule_refuses_bad_settings(shards):
 
 # ------------------------------------------------------------------------------------------------ fit
 def write_config(tmp: Path, shards: Path, **over) -> Path:
-    config = {
-        "seed_everything": 7,
-        "model": {"class_path": "framework.tasks.masked_lm.MaskedLMTask",
-                  "init_args": {"preset": "bert-test", "config": {"dropout": 0.1}, "lr": 3e-3, "warmup_steps": 2}},
-        "data": {"class_path": "framework.data.datamodule.MaskedLMDataModule",
-                 "init_args": {"path": str(shards), "seq_len": 32, "batch_size": 8, "num_workers": 1,
-                               "shuffle_block": 16}},
-        "trainer": {"default_root_dir": str(tmp / "run"), "accelerator": "cpu", "devices": 1, "max_steps": 8,
-                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
-                    "val_check_interval": 4, "check_val_every_n_epoch": None, "limit_val_batches": 4,
-                    "callbacks": [{"class_path": "recorder.StepRecorder",
-                                   "init_args": {"path": str(tmp / "steps.jsonl")}}]},
-        "checkpoint": {"every_n_steps": 4, "keep": 2},
-        "summary": {"baseline": True},
-        "wandb": {"mode": "offline"},
-    }
-    for key, value in over.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    path = tmp / "config.json"
-    path.write_text(json.dumps(config))
-    return path
+    """test_fit's tiny-run config with the masked-LM task and datamodule (and 4 val batches of 8 windows)."""
+    task = {"class_path": "framework.tasks.masked_lm.MaskedLMTask",
+            "init_args": {"preset": "bert-test", "config": {"dropout": 0.1}, "lr": 3e-3, "warmup_steps": 2}}
+    data = {"class_path": "framework.data.datamodule.MaskedLMDataModule",
+            "init_args": {"path": str(shards), "seq_len": 32, "batch_size": 8, "num_workers": 1, "shuffle_block": 16}}
+    return gpt_config(tmp, shards, model=task, data=data, **{"trainer__limit_val_batches": 4,
+                                                             "summary__sample_tokens": 0, **over})
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(shards, tmp_path):
@@ -306,8 +292,6 @@ def test_mlm_learns_what_context_gives_away(shards, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def checkpoints(shards, tmp_path_factory) -> dict[str, Path]:
     """A 1-step checkpoint of each family."""
-    from test_fit import write_config as gpt_config
-
     out = {}
     for name, make in (("bert", write_config), ("gpt", gpt_config)):
         tmp = tmp_path_factory.mktemp(name)
