@@ -1,0 +1,120 @@
+"""Throughput: tokens/s and MFU cover whole optimizer steps (all micro-batches and the optimizer step), tokens_seen
+counts every micro-batch, and the peak FLOP/s behind MFU depends on the precision."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers.logger import Logger
+
+from framework.callbacks.throughput import Throughput, peak_flops
+from framework.data.datamodule import ShardDataModule
+from framework.data.prepare import prepare
+from framework.tasks.causal_lm import CausalLMTask
+
+ACCUMULATE, BATCH, SEQ = 4, 4, 32
+SLOW_STEP_S = 0.15  # an optimizer step much slower than a micro-batch, as under ZeRO offload
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("corpus")
+    for i in range(20):
+        (src / f"doc{i:02d}.txt").write_text("".join(f"line {i} {j} of some text\n" for j in range(200)))
+    out = tmp_path_factory.mktemp("shards") / "data"
+    prepare([str(src)], out, tokenizer="bytes", val_fraction=0.1, seed=0, progress=False)
+    return out
+
+
+class MetricsLog(Logger):
+    """Keeps what Lightning hands its loggers, in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    name, version = "memory", "0"
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def values(self, key: str) -> list[float]:
+        return [m[key] for _, m in self.rows if key in m]
+
+
+class SlowOptimizerStep(L.Callback):
+    """Sleeps before every optimizer step, and notes the clock when each optimizer step has finished."""
+
+    def __init__(self) -> None:
+        self.step_ends: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        time.sleep(SLOW_STEP_S)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.step_ends.setdefault(trainer.global_step, time.perf_counter())
+
+
+def fit(shards: Path, tmp: Path, max_steps: int, log_every: int, **trainer_args) -> tuple[Throughput, SlowOptimizerStep,
+                                                                                         MetricsLog]:
+    throughput, clock, log = Throughput(), SlowOptimizerStep(), MetricsLog()
+    L.seed_everything(0)
+    task = CausalLMTask(preset="gpt-tiny", warmup_steps=0)
+    data = ShardDataModule(path=str(shards), seq_len=SEQ, batch_size=BATCH, num_workers=0, shuffle_block=8)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, accumulate_grad_batches=ACCUMULATE,
+                        log_every_n_steps=log_every, logger=log, callbacks=[throughput, clock],
+                        default_root_dir=str(tmp), enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, num_sanity_val_steps=0, **trainer_args)
+    trainer.fit(task, datamodule=data)
+    return throughput, clock, log
+
+
+def test_tokens_per_sec_covers_whole_optimizer_steps(shards, tmp_path):
+    """With 4 micro-batches per step and a slow optimizer step, each logged tokens/s equals the tokens of its steps
+    over the wall-clock time from the end of the step before them to the end of the last one, within 5%."""
+    _, clock, log = fit(shards, tmp_path, max_steps=6, log_every=2, limit_val_batches=0)
+    tokens_per_step = ACCUMULATE * BATCH * SEQ  # a window of SEQ + 1 tokens trains SEQ
+    logged = log.values("tokens_per_sec")
+    # timing starts after step 1 (compile and warm-up): the windows are step 2, steps 3-4, steps 5-6
+    windows = [(1, 2), (2, 4), (4, 6)]
+    true = [(b - a) * tokens_per_step / (clock.step_ends[b] - clock.step_ends[a]) for a, b in windows]
+    assert len(logged) == len(true)
+    for got, want in zip(logged, true):
+        assert got == pytest.approx(want, rel=0.05)
+
+
+def test_tokens_seen_counts_every_micro_batch(shards, tmp_path):
+    """3 optimizer steps of 4 micro-batches: 12 batches counted, in the callback's state and in what was logged."""
+    throughput, _, log = fit(shards, tmp_path, max_steps=3, log_every=1, limit_val_batches=0)
+    expected = 3 * ACCUMULATE * BATCH * SEQ  # a window of SEQ + 1 tokens trains SEQ
+    assert throughput.state_dict() == {"tokens_seen": expected}
+    assert log.values("tokens_seen")[-1] == expected
+    assert len(log.values("tokens_per_sec")) == 2  # steps 2 and 3: step 1 (warm-up) is not timed
+
+
+def test_peak_flops_depend_on_the_precision():
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert peak_flops(h100, "bf16-mixed") == pytest.approx(989.4e12)
+    assert peak_flops(h100, "16-mixed") == pytest.approx(989.4e12)
+    default = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert peak_flops(h100, "32-true") == pytest.approx(66.9e12)  # plain fp32: 1/15 of the bf16 peak
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores
+        assert peak_flops(h100, "32-true") == pytest.approx(494.7e12)
+        assert peak_flops("Tesla V100-SXM2-16GB", "32-true") == pytest.approx(15.7e12)  # no TF32 units
+    finally:
+        torch.set_float32_matmul_precision(default)
+    assert peak_flops("NVIDIA H100 PCIe", "bf16-mixed") == pytest.approx(756e12)
+    assert peak_flops("NVIDIA H200", "bf16-mixed") == pytest.approx(989.4e12)  # dense, not the sparsity figure
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16-true") == pytest.approx(312e12)
+    assert peak_flops("Tesla V100-SXM2-16GB", "bf16-mixed") is None  # no bf16 units: no MFU rather than a wrong one
+    assert peak_flops("Some Future GPU", "bf16-mixed") is None
+    assert peak_flops(h100, "64-true") is None
