@@ -8,19 +8,23 @@ config schema; `pretrain fit --print_config` shows every key with its resolved v
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import StrategyRegistry
 
 from framework.callbacks.checkpointing import StepCheckpoint, find_checkpoint, peek
 from framework.callbacks.preemption import Preemption
+from framework.callbacks.progress import progress_for
 from framework.callbacks.summary import RunSummary
 from framework.callbacks.throughput import Throughput
 from framework.callbacks.wandb_run import RUN_ID_KEY, WandbOptions, WandbRunId, make_logger
@@ -94,6 +98,11 @@ class PretrainCLI(LightningCLI):
         trainer_config = {**cfg.trainer, **kwargs, "logger": logger if logger is not None else False,
                           "strategy": self._strategy(cfg)}
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        user_bars = [c for c in [*(cfg.trainer.callbacks or []), *extra] if isinstance(c, ProgressBar)]
+        if cfg.trainer.enable_progress_bar is not False and not user_bars:
+            callbacks.append(progress_for(sys.stdout))  # a bar on a terminal, a line per N steps in a log file
+        if not verbose() and cfg.trainer.enable_model_summary is None:
+            trainer_config["enable_model_summary"] = False  # the progress display's first line describes the model
         trainer = self._instantiate_trainer(trainer_config, callbacks + extra)
         if logger is not None:
             logger.log_hyperparams({"config": self._section(self.config).clone().as_dict(), **run_metadata()})
@@ -117,9 +126,34 @@ class PretrainCLI(LightningCLI):
                              offload_params=cfg.distributed.offload_params)
 
 
+VERBOSE_ENV = "PRETRAIN_VERBOSE"
+
+
+def verbose() -> bool:
+    """Show third-party output (Lightning's info lines and model summary, library warnings, W&B's own lines):
+    `pretrain --verbose ...` or PRETRAIN_VERBOSE=1."""
+    return os.environ.get(VERBOSE_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+def quiet_third_party() -> None:
+    """Silence what other libraries print that a user can do nothing about; real warnings still show."""
+    for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available", "Seed set", the litlogger "Tip", ...
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Lightning's own use of torch's deprecated pytree API
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # a hint for SLURM users, printed on every machine that has srun even when the run is not a SLURM job
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
+    # DeepSpeed's ZeRO-3 calls torch's deprecated collectives on every step
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\._\w+_base` is a private function",
+                            category=FutureWarning)
+    os.environ.setdefault("WANDB_SILENT", "true")  # W&B's banner, deprecation notes and history block at finish
+
+
 def run(subcommand: str, argv: list[str]) -> None:
     # we hand LightningCLI the arguments after the subcommand ourselves; its warning about sys.argv is noise here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    if not verbose():
+        quiet_third_party()
     try:
         PretrainCLI(PretrainTask, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
                     args=[subcommand, *argv],
@@ -221,6 +255,9 @@ def config_error(message: str, classes: list[type] | None = None) -> str:
 
 
 def fit(argv: list[str]) -> None:
+    if "--verbose" in argv:  # ours: LightningCLI's fit has no such option (its validate has one, for another thing)
+        argv = [a for a in argv if a != "--verbose"]
+        os.environ[VERBOSE_ENV] = "1"
     run("fit", argv)
 
 

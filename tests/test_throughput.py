@@ -3,6 +3,10 @@ counts every micro-batch, and the peak FLOP/s behind MFU depends on the precisio
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from framework.data.datamodule import ShardDataModule
 from framework.data.prepare import prepare
 from framework.tasks.causal_lm import CausalLMTask
 
+ROOT = Path(__file__).parent.parent
 ACCUMULATE, BATCH, SEQ = 4, 4, 32
 SLOW_STEP_S = 0.15  # an optimizer step much slower than a micro-batch, as under ZeRO offload
 
@@ -118,3 +123,46 @@ def test_peak_flops_depend_on_the_precision():
     assert peak_flops("Tesla V100-SXM2-16GB", "bf16-mixed") is None  # no bf16 units: no MFU rather than a wrong one
     assert peak_flops("Some Future GPU", "bf16-mixed") is None
     assert peak_flops(h100, "64-true") is None
+
+
+# ---------------------------------------------------------------------------------------------------- console
+
+def run_fit(shards: Path, tmp: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    """`pretrain fit` as a user runs it, stdout and stderr to pipes (not a terminal), W&B offline."""
+    config = {"model": {"class_path": "framework.tasks.causal_lm.CausalLMTask",
+                        "init_args": {"preset": "gpt-tiny", "warmup_steps": 0}},
+              "data": {"path": str(shards), "seq_len": SEQ, "batch_size": BATCH, "num_workers": 0},
+              "trainer": {"default_root_dir": str(tmp / "run"), "accelerator": "cpu", "max_steps": 8,
+                          "log_every_n_steps": 4, "val_check_interval": 8, "check_val_every_n_epoch": None,
+                          "limit_val_batches": 1},
+              "summary": {"sample_tokens": 0}}
+    (tmp / "config.json").write_text(json.dumps(config))
+    env = {**{k: v for k, v in os.environ.items() if k != "PRETRAIN_VERBOSE"}, "WANDB_MODE": "offline",
+           "PYTHONPATH": str(ROOT), **env}
+    r = subprocess.run([sys.executable, "-m", "framework", "fit", "--config", str(tmp / "config.json"), *extra],
+                       capture_output=True, text=True, env=env, cwd=tmp, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+NOISE = ["litlogger", "LeafSpec", "Total Flops", "wandb:", "srun", "GPU available"]
+
+
+def test_console_is_one_line_per_n_steps_and_ends_with_our_summary(shards, tmp_path):
+    r = run_fit(shards, tmp_path)
+    out = r.stdout + r.stderr
+    assert [n for n in NOISE if n in out] == []
+    assert "\r" not in out  # no redrawn bar in a log file
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("GPT (gpt-tiny): ") and lines[1].startswith("W&B (offline) run ")
+    progress = [line for line in lines if line.startswith("step ")]
+    assert [p.split()[1] for p in progress] == ["4/8", "8/8"] and "tokens/s" in progress[-1]
+    assert any(line.startswith("validation at step 8: val/loss") for line in lines)
+    assert r.stdout.rstrip().splitlines()[-1].startswith("  upload it with: wandb sync")  # our summary is last
+    assert r.stderr.strip() == ""
+
+
+def test_verbose_shows_third_party_output(shards, tmp_path):
+    r = run_fit(shards, tmp_path, "--verbose", "--trainer.max_steps", "1", "--wandb.mode", "disabled")
+    out = r.stdout + r.stderr
+    assert "litlogger" in out and "Total Flops" in out and "GPU available" in out

@@ -113,7 +113,7 @@ class Throughput(L.Callback):
         if trainer.global_step % max(1, trainer.log_every_n_steps) != 0:
             return
         seconds = max(now - self._window_start, 1e-9)
-        pl_module.log("tokens_per_sec", self._window_tokens / seconds, rank_zero_only=True)
+        pl_module.log("tokens_per_sec", self._window_tokens / seconds, prog_bar=True, rank_zero_only=True)
         if self._peak and self._window_flops:
             pl_module.log("mfu", self._window_flops / seconds / self._peak, rank_zero_only=True)
         self._restart(now)
