@@ -135,10 +135,25 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "").lower() not in ("", "0", "false", "no")
 
 
+class _DropLightningChatter(logging.Filter):
+    """Lightning's info lines that tell a user nothing about their run. The rest stays: our own messages go through
+    the same logger (the preemption notice), and so do "Restored all states from the checkpoint" and the
+    distributed set-up lines."""
+
+    PREFIXES = ("GPU available", "TPU available", "HPU available", "\N{ELECTRIC LIGHT BULB} Tip", "Seed set to",
+                "LOCAL_RANK: ", "`Trainer.fit` stopped")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
 def quiet_third_party() -> None:
     """Silence what other libraries print that a user can do nothing about; real warnings still show."""
-    for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available", "Seed set", the litlogger "Tip", ...
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.fabric.utilities.seed"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningChatter) for f in logger.filters):
+            logger.addFilter(_DropLightningChatter())
     # Lightning's own use of torch's deprecated pytree API
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # a hint for SLURM users, printed on every machine that has srun even when the run is not a SLURM job

@@ -83,25 +83,25 @@ class SlowOptimizerStep(L.Callback):
         return end - start - sum(v1 - v0 for v0, v1 in self.validations if start <= v0 and v1 <= end)
 
 
-def fit(shards: Path, tmp: Path, max_steps: int, log_every: int, **trainer_args) -> tuple[Throughput, SlowOptimizerStep,
-                                                                                         MetricsLog]:
+def fit(shards: Path, tmp: Path, max_steps: int, log_every: int, peak_tflops: float | None = None,
+        **trainer_args) -> tuple[Throughput, SlowOptimizerStep, MetricsLog, CausalLMTask]:
     throughput, clock, log = Throughput(), SlowOptimizerStep(), MetricsLog()
     L.seed_everything(0)
-    task = CausalLMTask(preset="gpt-tiny", warmup_steps=0)
+    task = CausalLMTask(preset="gpt-tiny", warmup_steps=0, peak_tflops=peak_tflops)
     data = ShardDataModule(path=str(shards), seq_len=SEQ, batch_size=BATCH, num_workers=0, shuffle_block=8)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, accumulate_grad_batches=ACCUMULATE,
                         log_every_n_steps=log_every, logger=log, callbacks=[throughput, clock],
                         default_root_dir=str(tmp), enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, num_sanity_val_steps=0, **trainer_args)
     trainer.fit(task, datamodule=data)
-    return throughput, clock, log
+    return throughput, clock, log, task
 
 
 def test_tokens_per_sec_covers_whole_optimizer_steps(shards, tmp_path):
     """With 4 micro-batches per step and a slow optimizer step, each logged tokens/s equals the tokens of its steps
     over the wall-clock time from the end of the step before them to the end of the last one, within 5%. A (slow)
     validation after steps 2 and 4 is not training time: it is left out of both."""
-    _, clock, log = fit(shards, tmp_path, max_steps=6, log_every=2, limit_val_batches=1,
+    _, clock, log, _ = fit(shards, tmp_path, max_steps=6, log_every=2, limit_val_batches=1,
                         val_check_interval=2 * ACCUMULATE)  # counted in micro-batches
     assert len(clock.validations) == 3
     tokens_per_step = ACCUMULATE * BATCH * SEQ  # a window of SEQ + 1 tokens trains SEQ
@@ -115,12 +115,17 @@ def test_tokens_per_sec_covers_whole_optimizer_steps(shards, tmp_path):
 
 
 def test_tokens_seen_counts_every_micro_batch(shards, tmp_path):
-    """3 optimizer steps of 4 micro-batches: 12 batches counted, in the callback's state and in what was logged."""
-    throughput, _, log = fit(shards, tmp_path, max_steps=3, log_every=1, limit_val_batches=0)
+    """3 optimizer steps of 4 micro-batches: 12 batches counted, in the callback's state and in what was logged.
+    MFU (here against a stated peak of 1 TFLOP/s, as on a device not in the table) covers the same window."""
+    throughput, _, log, task = fit(shards, tmp_path, max_steps=3, log_every=1, peak_tflops=1.0, limit_val_batches=0)
     expected = 3 * ACCUMULATE * BATCH * SEQ  # a window of SEQ + 1 tokens trains SEQ
     assert throughput.state_dict() == {"tokens_seen": expected}
     assert log.values("tokens_seen")[-1] == expected
-    assert len(log.values("tokens_per_sec")) == 2  # steps 2 and 3: step 1 (warm-up) is not timed
+    rates, mfus = log.values("tokens_per_sec"), log.values("mfu")
+    assert len(rates) == len(mfus) == 2  # steps 2 and 3: step 1 (warm-up) is not timed
+    flops_per_token = task.model.flops_per_token(SEQ)
+    for rate, mfu in zip(rates, mfus):
+        assert mfu * 1e12 / rate == pytest.approx(flops_per_token, rel=1e-3)
 
 
 def test_peak_flops_depend_on_the_precision():

@@ -1,4 +1,4 @@
-"""The console during `pretrain fit`: one line about the run at the start, then progress (step, loss, tokens/s, ETA).
+"""The console during `pretrain fit`: what runs and where its W&B run is, then progress (step, loss, tokens/s, ETA).
 
 On a terminal that is Lightning's tqdm bar; in a log file (stdout not a TTY: SLURM, CI, `| tee`) a redrawn bar
 becomes hundreds of lines, so there it is one plain line every `every_n_steps` optimizer steps and one per validation.
@@ -12,8 +12,8 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from framework.callbacks.wandb_run import run_location
@@ -27,7 +27,9 @@ def describe_run(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
     model = getattr(pl_module, "model", None)
     name = type(model).__name__ if model is not None else type(pl_module).__name__
     preset = getattr(pl_module, "preset", "")
-    ranks = f"{trainer.num_nodes} node(s) x {trainer.num_devices}" if trainer.num_nodes > 1 else str(trainer.num_devices)
+    ranks = str(trainer.num_devices)
+    if trainer.num_nodes > 1:
+        ranks = f"{trainer.num_nodes} node(s) x {ranks}"
     lines = [f"{name}{f' ({preset})' if preset else ''}: {get_human_readable_count(params)} parameters   "
              f"{trainer.precision} on {ranks} {trainer.strategy.root_device.type}   max_steps {trainer.max_steps}   "
              f"accumulate {trainer.accumulate_grad_batches}"]
