@@ -98,6 +98,7 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        now = time.perf_counter()  # first: what follows (logging, a garbage collection) belongs to the next window
         tokens = pl_module.batch_tokens(batch) * trainer.world_size  # every rank trains a batch like this one
         self.tokens_seen += tokens
         self._window_tokens += tokens
@@ -106,7 +107,6 @@ class Throughput(L.Callback):
         if trainer.global_step == self._last_step:  # accumulating: this micro-batch's optimizer step is still to come
             return
         self._last_step = trainer.global_step
-        now = time.perf_counter()
         if self._window_start is None:
             self._restart(now)
             return
