@@ -107,7 +107,7 @@ class Throughput(L.Callback):
         if trainer.global_step == self._last_step:  # accumulating: this micro-batch's optimizer step is still to come
             return
         self._last_step = trainer.global_step
-        if self._window_start is None:
+        if self._window_start is None:  # the first step includes compile and warm-up: start timing after it
             self._restart(now)
             return
         if trainer.global_step % max(1, trainer.log_every_n_steps) != 0:
