@@ -18,7 +18,8 @@ from framework.errors import UserError, fail
 # subcommand -> ("module:function" taking argv, one-line help); modules are imported only when their command runs
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("framework.data.prepare:main", "tokenize a corpus into webdataset shards with a manifest"),
-    "fit": ("framework.train:fit", "train a model (LightningCLI: --config FILE.yaml, --model.* --data.* --trainer.*)"),
+    "fit": ("framework.train:fit", "train a model (LightningCLI: --config FILE.yaml, --model.* --data.* --trainer.*; "
+                                      "--verbose shows third-party output)"),
     "validate": ("framework.train:validate", "compute the validation loss of a checkpoint (--ckpt_path)"),
     "generate": ("framework.generate:main", "sample text from a GPT checkpoint or an exported GPT"),
     "fill-mask": ("framework.fill_mask:main", "top-k guesses for each <|mask|> in a text, from a masked-LM encoder"),

@@ -8,6 +8,7 @@ config schema; `pretrain fit --print_config` shows every key with its resolved v
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import sys
@@ -17,11 +18,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import StrategyRegistry
 
 from framework.callbacks.checkpointing import StepCheckpoint, find_checkpoint, peek
 from framework.callbacks.preemption import EXIT_REQUEUE, Preemption
+from framework.callbacks.progress import progress_for
 from framework.callbacks.summary import RunSummary
 from framework.callbacks.throughput import Throughput
 from framework.callbacks.wandb_run import RUN_ID_KEY, WandbOptions, WandbRunId, make_logger
@@ -95,6 +98,11 @@ class PretrainCLI(LightningCLI):
         trainer_config = {**cfg.trainer, **kwargs, "logger": logger if logger is not None else False,
                           "strategy": self._strategy(cfg)}
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        user_bars = [c for c in [*(cfg.trainer.callbacks or []), *extra] if isinstance(c, ProgressBar)]
+        if cfg.trainer.enable_progress_bar is not False and not user_bars:
+            callbacks.append(progress_for(sys.stdout))  # a bar on a terminal, a line per N steps in a log file
+        if not verbose() and cfg.trainer.enable_model_summary is None:
+            trainer_config["enable_model_summary"] = False  # the progress display's first line describes the model
         trainer = self._instantiate_trainer(trainer_config, callbacks + extra)
         if logger is not None:
             logger.log_hyperparams({"config": self._section(self.config).clone().as_dict(), **run_metadata()})
@@ -118,9 +126,49 @@ class PretrainCLI(LightningCLI):
                              offload_params=cfg.distributed.offload_params)
 
 
+VERBOSE_ENV = "PRETRAIN_VERBOSE"
+
+
+def verbose() -> bool:
+    """Show third-party output (Lightning's info lines and model summary, library warnings, W&B's own lines):
+    `pretrain --verbose ...` or PRETRAIN_VERBOSE=1."""
+    return os.environ.get(VERBOSE_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+class _DropLightningChatter(logging.Filter):
+    """Lightning's info lines that tell a user nothing about their run. The rest stays: our own messages go through
+    the same logger (the preemption notice), and so do "Restored all states from the checkpoint" and the
+    distributed set-up lines."""
+
+    PREFIXES = ("GPU available", "TPU available", "HPU available", "\N{ELECTRIC LIGHT BULB} Tip", "Seed set to",
+                "LOCAL_RANK: ", "`Trainer.fit` stopped")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+def quiet_third_party() -> None:
+    """Silence what other libraries print that a user can do nothing about; real warnings still show."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.fabric.utilities.seed"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningChatter) for f in logger.filters):
+            logger.addFilter(_DropLightningChatter())
+    # Lightning's own use of torch's deprecated pytree API
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # a hint for SLURM users, printed on every machine that has srun even when the run is not a SLURM job
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
+    # DeepSpeed's ZeRO-3 calls torch's deprecated collectives on every step
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\._\w+_base` is a private function",
+                            category=FutureWarning)
+    os.environ.setdefault("WANDB_SILENT", "true")  # W&B's banner, deprecation notes and history block at finish
+
+
 def run(subcommand: str, argv: list[str]) -> None:
     # we hand LightningCLI the arguments after the subcommand ourselves; its warning about sys.argv is noise here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    if not verbose():
+        quiet_third_party()
     try:
         cli = PretrainCLI(PretrainTask, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
                           args=[subcommand, *argv], save_config_kwargs={"overwrite": True},
@@ -231,6 +279,9 @@ def config_error(message: str, classes: list[type] | None = None) -> str:
 
 
 def fit(argv: list[str]) -> None:
+    if "--verbose" in argv:  # ours: LightningCLI's fit has no such option (its validate has one, for another thing)
+        argv = [a for a in argv if a != "--verbose"]
+        os.environ[VERBOSE_ENV] = "1"
     run("fit", argv)
 
 

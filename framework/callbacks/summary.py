@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from framework.callbacks.wandb_run import offline_dir
+from framework.callbacks.wandb_run import offline_dir, run_location
 
 
 class RunSummary(L.Callback):
@@ -51,12 +51,9 @@ class RunSummary(L.Callback):
             lines.append("resume with: pretrain fit --config ... --ckpt_path last")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                run_dir = offline_dir(logger)
+                lines.append(run_location(logger))
                 if getattr(logger, "_offline", False):
-                    lines.append(f"W&B (offline) run {logger.version}: {run_dir}")
-                    lines.append(f"  upload it with: wandb sync {run_dir}")
-                else:
-                    lines.append(f"W&B run {logger.version}: {logger.experiment.url}")
+                    lines.append(f"  upload it with: wandb sync {offline_dir(logger)}")
         sample = self._sample(trainer, pl_module)
         if sample is not None:
             lines += ["sample:", "-" * 73, sample, "-" * 73]

@@ -41,10 +41,14 @@ def make_logger(options: WandbOptions, save_dir: str, run_id: str | None) -> Wan
     if mode == "disabled":
         return None
     os.makedirs(save_dir, exist_ok=True)
-    return WandbLogger(project=options.project or os.environ.get("WANDB_PROJECT", "pretrain"),
-                       entity=options.entity or os.environ.get("WANDB_ENTITY"), name=options.name,
-                       tags=options.tags or None, save_dir=save_dir, id=run_id or new_run_id(),
-                       resume="allow", offline=mode == "offline", log_model=False)
+    logger = WandbLogger(project=options.project or os.environ.get("WANDB_PROJECT", "pretrain"),
+                         entity=options.entity or os.environ.get("WANDB_ENTITY"), name=options.name,
+                         tags=options.tags or None, save_dir=save_dir, id=run_id or new_run_id(),
+                         resume="allow", offline=mode == "offline", log_model=False)
+    # Lightning passes anonymous=None to wandb.init, and wandb >= 0.2x warns that the setting has no effect, before
+    # its own silent setting applies; leaving the key out changes nothing else
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    return logger
 
 
 def new_run_id() -> str:
@@ -69,3 +73,10 @@ def offline_dir(logger: WandbLogger) -> str | None:
     run = logger.experiment
     files_dir = getattr(run, "dir", None)
     return os.path.dirname(files_dir) if files_dir else None
+
+
+def run_location(logger: WandbLogger) -> str:
+    """One line: the run id and where to see it (its URL online, its local folder offline)."""
+    if getattr(logger, "_offline", False):
+        return f"W&B (offline) run {logger.version}: {offline_dir(logger)}"
+    return f"W&B run {logger.version}: {logger.experiment.url}"
