@@ -263,8 +263,10 @@ def test_mlm_learns_what_context_gives_away(shards, tmp_path, capsys):
                                       trainer__log_every_n_steps=50)),
          "--model.init_args.config", "{dropout: 0.0}", "--model.init_args.lr", str(LEARN_LR),
          "--model.init_args.min_lr_ratio", "1.0", "--model.init_args.warmup_steps", "0",
-         "--model.init_args.weight_decay", "0.0", "--data.init_args.batch_size", str(LEARN_BATCH)])
+         "--model.init_args.weight_decay", "0.0", "--data.init_args.batch_size", str(LEARN_BATCH),
+         "--summary.prompt", "omega al<|mask|>ha beta", "--summary.sample_tokens", "1"])
     out = capsys.readouterr().out
+    assert "omega al<|mask|>ha beta\nmask 1: 'p'" in out  # the run summary's sample: the model's guesses
     line = next(line for line in out.splitlines() if line.startswith("val/accuracy"))
     accuracy, baseline = (float(v.rstrip("%")) / 100 for v in
                           (line.split()[1], line.split("unigram baseline:")[1].split()[0]))

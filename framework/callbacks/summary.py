@@ -14,7 +14,8 @@ class RunSummary(L.Callback):
     """Prints a one-screen summary when fit ends (rank 0) and logs the unigram baseline next to val/loss.
 
     prompt / sample_tokens: the text the sample continues, and its length in tokens (0: no sample; sampling needs the
-    whole model on rank 0, so it is skipped for strategies that shard parameters).
+    whole model on rank 0, so it is skipped for strategies that shard parameters). For a masked-LM encoder the
+    prompt is a text with `<|mask|>` tokens, and the sample is its top guesses for each (as `pretrain fill-mask`).
     """
 
     def __init__(self, prompt: str = "def ", sample_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
@@ -62,12 +63,20 @@ class RunSummary(L.Callback):
     def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
         model, text = getattr(pl_module, "model", None), getattr(pl_module, "tokenizer_json", None)
         shards_params = type(trainer.strategy).__name__.lower()
-        if not self.sample_tokens or model is None or text is None or not hasattr(model, "generate") or \
+        if not self.sample_tokens or model is None or text is None or \
                 any(k in shards_params for k in ("fsdp", "deepspeed", "modelparallel")):
             return None
         from framework.data.tokenizer import Tokenizer
 
         tok = Tokenizer.from_str(text)
+        if hasattr(model, "mlm_head"):
+            from framework.fill_mask import MASK, show
+
+            if MASK not in self.prompt or "mask" not in tok.special_ids:
+                return None
+            return "\n".join([self.prompt, *show(model, tok, self.prompt, top_k=3)])
+        if not hasattr(model, "generate"):
+            return None
         idx = torch.tensor([tok.encode(self.prompt)], dtype=torch.long, device=pl_module.device)
         out = model.generate(idx, self.sample_tokens, temperature=self.temperature, top_k=self.top_k,
                              eos_id=tok.special_ids["eod"])
