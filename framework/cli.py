@@ -6,6 +6,7 @@
     pretrain generate ...  sample from a GPT checkpoint (framework.generate)
     pretrain fill-mask ... top-k guesses for each <|mask|> of a text, from a masked-LM checkpoint (framework.fill_mask)
     pretrain export ...    any checkpoint -> safetensors + config.json + tokenizer.json (framework.checkpoint.export)
+    pretrain transfer-report ...  pre-trained vs scratch fine-tuning over label fractions (framework.transfer)
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("framework.generate:main", "sample text from a GPT checkpoint or an exported GPT"),
     "fill-mask": ("framework.fill_mask:main", "top-k guesses for each <|mask|> in a text, from a masked-LM encoder"),
     "export": ("framework.checkpoint.export:main", "checkpoint -> model.safetensors, config.json, tokenizer.json"),
+    "transfer-report": ("framework.transfer:main", "fine-tune pre-trained vs scratch over label fractions: report.md, "
+                                                   "report.json, transfer.png"),
 }
 
 USAGE = "usage: pretrain {" + ",".join(COMMANDS) + "} [options]   (pretrain COMMAND --help for details)"
@@ -31,7 +34,7 @@ USAGE = "usage: pretrain {" + ",".join(COMMANDS) + "} [options]   (pretrain COMM
 
 def _help() -> str:
     lines = [USAGE, "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -34,18 +34,24 @@ class RunSummary(L.Callback):
         if "val/loss" in metrics:
             loss = float(metrics["val/loss"])
             ppl = f" (ppl {float(metrics['val/ppl']):.2f})" if "val/ppl" in metrics else ""
-            lines.append(f"val/loss:   {loss:.4f} nats/token{ppl}")
+            per = getattr(pl_module, "loss_per", "token")
+            lines.append(f"val/loss:   {loss:.4f} nats/{per}{ppl}")
             if self.baseline and dm is not None and getattr(dm, "_val", None):
                 base = dm.unigram_baseline()  # the best context-free guess, on the same val split
-                lines[-1] += f"   unigram baseline: {base['loss']:.4f} ({loss / base['loss']:.0%} of it)"
+                name = base.pop("name", "unigram")
+                lines[-1] += f"   {name} baseline: {base['loss']:.4f} ({loss / base['loss']:.0%} of it)"
                 if "val/accuracy" in metrics and "accuracy" in base:
-                    lines.append(f"val/accuracy: {float(metrics['val/accuracy']):.2%} of masked tokens   unigram "
+                    of = " of masked tokens" if per == "token" else ""
+                    lines.append(f"val/accuracy: {float(metrics['val/accuracy']):.2%}{of}   {name} "
                                  f"baseline: {base['accuracy']:.2%}")
                 for logger in trainer.loggers:
-                    logger.log_metrics({f"val/unigram_baseline_{k}": v for k, v in base.items()},
+                    logger.log_metrics({f"val/{name.replace(' ', '_')}_baseline_{k}": v for k, v in base.items()},
                                        step=trainer.global_step)
             elif "val/accuracy" in metrics:
                 lines.append(f"val/accuracy: {float(metrics['val/accuracy']):.2%}")
+        if "val/macro_f1" in metrics:
+            lines.append(f"val/macro_f1: {float(metrics['val/macro_f1']):.2%}")
+        lines += getattr(pl_module, "summary_lines", lambda: [])()
         ckpt = trainer.checkpoint_callback
         if ckpt is not None and getattr(ckpt, "last_model_path", ""):
             lines.append(f"checkpoint: {ckpt.last_model_path} -> {ckpt.best_model_path}")

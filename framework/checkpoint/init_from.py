@@ -47,19 +47,15 @@ def source_tensors(path: str) -> tuple[dict[str, Any], dict[str, tuple[tuple[int
     """(model config dict, name -> (shape, load)) of a checkpoint or an export directory; tied aliases left out."""
     from framework.models import TIED, model_type_of
 
-    if not os.path.exists(path):
-        raise UserError(f"model.init_from '{path}' does not exist; pass a checkpoint of `pretrain fit` or a "
-                        "directory of `pretrain export`")
+    config = source_config(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         from safetensors import safe_open
 
-        from framework.models.transformer import CONFIG_FILE, WEIGHTS_FILE
+        from framework.models.transformer import WEIGHTS_FILE
 
         weights = os.path.join(path, WEIGHTS_FILE)
         if not os.path.isfile(weights):
             raise UserError(f"'{path}' has a config.json but no {WEIGHTS_FILE}; export the model again")
-        with open(os.path.join(path, CONFIG_FILE)) as f:
-            config = json.load(f)
         with safe_open(weights, framework="pt") as f:
             names = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
 
@@ -69,12 +65,34 @@ def source_tensors(path: str) -> tuple[dict[str, Any], dict[str, tuple[tuple[int
 
         tensors = {n: (shape, lambda n=n: read(n)) for n, shape in names.items()}
     else:
-        from framework.checkpoint.consolidate import checkpoint_meta, model_tensors
+        from framework.checkpoint.consolidate import model_tensors
 
-        config = dict(checkpoint_meta(path)["model_config"])
         tensors = {s.name: (tuple(s.shape), s.load) for s in model_tensors(path)}
     tied = TIED[model_type_of(config)]
     return config, {n: v for n, v in tensors.items() if n not in tied}
+
+
+def source_config(path: str) -> dict[str, Any]:
+    """The model config dict of a checkpoint or an export directory (nothing else is read)."""
+    if not os.path.exists(path):
+        raise UserError(f"model.init_from '{path}' does not exist; pass a checkpoint of `pretrain fit` or a "
+                        "directory of `pretrain export`")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f)
+    from framework.checkpoint.consolidate import checkpoint_meta
+
+    return dict(checkpoint_meta(path)["model_config"])
+
+
+def source_tokenizer(path: str) -> str | None:
+    """The tokenizer.json text a checkpoint or an export directory carries (None when it has none)."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        file = os.path.join(path, "tokenizer.json")
+        return open(file).read() if os.path.isfile(file) else None
+    from framework.checkpoint.consolidate import checkpoint_meta
+
+    return checkpoint_meta(path).get("tokenizer_json")
 
 
 def load_weights(model: nn.Module, path: str, strategy: Any, tied: tuple[str, ...]) -> InitReport:
@@ -82,7 +100,8 @@ def load_weights(model: nn.Module, path: str, strategy: Any, tied: tuple[str, ..
     from framework.models import model_type_of
 
     config, source = source_tensors(path)
-    found, expected = model_type_of(config), model.config.model_type
+    # a classifier takes the weights of its backbone's family
+    found, expected = model_type_of(config), getattr(model.config, "family", model.config.model_type)
     if found != expected:
         raise UserError(f"model.init_from '{path}' holds a {found!r} model but this task builds a {expected!r} one; "
                         f"pass a checkpoint or export of a {expected!r} model")

@@ -64,6 +64,10 @@ SPLITS = ("train", "val")
 SHARD_PATTERN = re.compile(r"(train|val)-\d{6}\.tar(\.tmp)?")
 MANIFEST, TOKENIZER = "manifest.json", "tokenizer.json"
 STDLIB = "<stdlib>"
+# The embedded labelled task (`--task stdlib-packages`): the functions of these standard-library packages, labelled by
+# package. The default pre-training corpus leaves them out, so a pre-trained model has never read these texts.
+TASK = "stdlib-packages"
+HELD_OUT = ("asyncio", "email", "http", "multiprocessing", "unittest", "xml")
 MAX_KEY = 95  # "{key}.u16" stays under tar's 100-byte name field (USTAR, no long-name extension records)
 BATCH_BYTES = 1 << 20  # text per tokenization task: large enough to amortise IPC, small enough to keep memory flat
 BATCH_DOCS = 1000  # ...and documents per task, so a corpus of short lines still spreads over the workers
@@ -85,6 +89,7 @@ class Doc:
     line: int  # 1-based line of a .jsonl document; 0 for a whole-file document
     text: str
     held_out: bool = False
+    label: str | None = None  # labelled corpora (--label-field, --task): the class name
 
 
 @dataclass
@@ -97,20 +102,27 @@ class Stats:
     tokens: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
 
 
-def default_corpus() -> list[Path]:
-    """The embedded default corpus: the `.py` files of the running Python's standard library, sorted."""
+def default_corpus(held_out: bool = False) -> list[Path]:
+    """The embedded default corpus: the `.py` files of the running Python's standard library, sorted, without the
+    packages of the embedded labelled task (HELD_OUT); held_out=True gives those packages' files instead."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(f.path for f in _walk(root, skip={"site-packages", "__pycache__"}) if f.path.suffix == ".py")
+    files = sorted(f.path for f in _walk(root, skip={"site-packages", "__pycache__"}) if f.path.suffix == ".py")
+    if not held_out:
+        return [p for p in files if p.relative_to(root).parts[0] not in HELD_OUT]
+    # the task's documents: the packages' own code, not their test suites (unittest ships one inside it)
+    return [p for p in files if p.relative_to(root).parts[0] in HELD_OUT
+            and not {"test", "tests"} & set(p.relative_to(root).parts[1:])]
 
 
-def resolve_inputs(inputs: list[str] | None, exclude: Path | None = None) -> list[SourceFile]:
-    """Input files from paths, directories and globs, sorted by path so argument order does not matter.
+def resolve_inputs(inputs: list[str] | None, exclude: Path | None = None, task: bool = False) -> list[SourceFile]:
+    """Input files from paths, directories and globs, sorted by path so argument order does not matter (none: the
+    default corpus, or with `task` the embedded task's files).
 
     A file reached twice (overlapping inputs) is read once. Files under `exclude` (the output dir) are left out.
     """
     if not inputs:
         root = Path(sysconfig.get_paths()["stdlib"])
-        found = [SourceFile(p, p.relative_to(root).as_posix()) for p in default_corpus()]
+        found = [SourceFile(p, p.relative_to(root).as_posix()) for p in default_corpus(held_out=task)]
     else:
         found = [f for spec in inputs for f in _resolve_one(spec)]
     skip = exclude.resolve() if exclude is not None else None
@@ -165,13 +177,22 @@ def _walk(top: Path, root: Path | None = None, skip: set[str] = frozenset()) -> 
 # ---------------------------------------------------------------------------------------------------- reading
 
 def iter_documents(files: list[SourceFile], stats: Stats, strict: bool,
-                   on_file: Callable[[int], None] | None = None) -> Iterator[Doc]:
-    """Documents of the input files in order: one per text file, one per line of a .jsonl (optionally .gz)."""
+                   on_file: Callable[[int], None] | None = None, labels: str | None = None) -> Iterator[Doc]:
+    """Documents of the input files in order: one per text file, one per line of a .jsonl (optionally .gz).
+
+    labels: None (unlabelled), a .jsonl field name (a text file's label is then its folder: DIR/<label>/file.txt),
+    or TASK (each function of a .py file is a document, labelled by its top-level package).
+    """
     for f in files:
         stats.files += 1
         nbytes = 0
         inner = f.path.name[:-3] if f.path.name.endswith(".gz") else f.path.name
-        docs = _jsonl_docs(f) if inner.endswith(".jsonl") else _file_doc(f, stats, strict)
+        if labels == TASK:
+            docs = _function_docs(f, stats)
+        elif inner.endswith(".jsonl"):
+            docs = _jsonl_docs(f, labels)
+        else:
+            docs = _file_doc(f, stats, strict, labels is not None)
         for doc in docs:
             nbytes += len(doc.text.encode("utf-8")) if not doc.text.isascii() else len(doc.text)
             yield doc
@@ -180,7 +201,13 @@ def iter_documents(files: list[SourceFile], stats: Stats, strict: bool,
             on_file(nbytes)
 
 
-def _file_doc(f: SourceFile, stats: Stats, strict: bool) -> Iterator[Doc]:
+def _file_doc(f: SourceFile, stats: Stats, strict: bool, labelled: bool = False) -> Iterator[Doc]:
+    label = None
+    if labelled:
+        if "/" not in f.source:
+            raise UserError(f"'{f.path}' is not in a class folder; with --label-field, text files are labelled by "
+                            "their folder (INPUT/<label>/file.txt) and .jsonl lines by the field")
+        label = f.source.split("/", 1)[0]
     try:
         text = _decode_text(_read_bytes(f.path))
     except ValueError as e:
@@ -189,7 +216,26 @@ def _file_doc(f: SourceFile, stats: Stats, strict: bool) -> Iterator[Doc]:
                             "UTF-8, or drop --strict to skip such files") from None
         stats.skipped_binary += 1
         return
-    yield Doc(f.source, 0, text, f.held_out)
+    yield Doc(f.source, 0, text, f.held_out, label)
+
+
+def _function_docs(f: SourceFile, stats: Stats) -> Iterator[Doc]:
+    """The embedded task's documents: each function (or method) of a .py file, labelled by its top-level package."""
+    import ast
+    import textwrap
+
+    try:
+        text = _decode_text(_read_bytes(f.path))
+        tree = ast.parse(text)
+    except (ValueError, SyntaxError):
+        stats.skipped_binary += 1
+        return
+    lines = text.splitlines(keepends=True)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno is not None:
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            body = textwrap.dedent("".join(lines[start - 1:node.end_lineno]))
+            yield Doc(f.source, start, body, f.held_out, f.source.split("/", 1)[0])
 
 
 def _decode_text(data: bytes) -> str:
@@ -217,21 +263,22 @@ def _open(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
-def _jsonl_docs(f: SourceFile) -> Iterator[Doc]:
+def _jsonl_docs(f: SourceFile, label_field: str | None = None) -> Iterator[Doc]:
     """Streamed line by line, so a multi-GB .jsonl never sits in memory."""
     lineno = 0
     try:
         with _open(f.path) as fh:
             for lineno, raw in enumerate(fh, start=1):
                 if raw.strip():  # blank lines separate nothing and are not documents
-                    yield Doc(f.source, lineno, _jsonl_text(f.path, lineno, raw), f.held_out)
+                    text, label = _jsonl_text(f.path, lineno, raw, label_field)
+                    yield Doc(f.source, lineno, text, f.held_out, label)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise UserError(f"'{f.path}' is not a valid gzip file ({e}, after line {lineno}); re-create it") from None
     except OSError as e:
         raise UserError(f"cannot read '{f.path}' ({e.strerror or e}); check its permissions") from None
 
 
-def _jsonl_text(path: Path, lineno: int, raw: bytes) -> str:
+def _jsonl_text(path: Path, lineno: int, raw: bytes, label_field: str | None = None) -> tuple[str, str | None]:
     where = f"{path}:{lineno}"
     try:
         obj = json.loads(raw)
@@ -246,15 +293,24 @@ def _jsonl_text(path: Path, lineno: int, raw: bytes) -> str:
         text.encode("utf-8")  # JSON escapes can smuggle in lone surrogates, which no tokenizer can encode
     except UnicodeEncodeError:
         raise UserError(f'{where}: "text" holds a lone surrogate escape (\\ud8xx); fix or remove the line') from None
-    return text
+    if label_field is None:
+        return text, None
+    label = obj.get(label_field)
+    if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
+        raise UserError(f'{where}: expected a label (a string or an integer) in the "{label_field}" field; fix the '
+                        "line or pass the right --label-field")
+    return text, str(label)
 
 
 # ---------------------------------------------------------------------------------------------------- split, keys
 
 def is_val(seed: int, source: str, line: int, val_fraction: float) -> bool:
     """A stable, seeded coin for the validation split: independent of order, workers and the other documents."""
-    digest = hashlib.blake2b(f"{seed}:{source}:{line}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0 ** 64 < val_fraction
+    return _hash(seed, source, line) / 2.0 ** 64 < val_fraction
+
+
+def _hash(seed: int, source: str, line: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{source}:{line}".encode(), digest_size=8).digest(), "big")
 
 
 def make_key(index: int, source: str, line: int) -> str:
@@ -263,6 +319,42 @@ def make_key(index: int, source: str, line: int) -> str:
     name = re.sub(r"[^A-Za-z0-9_-]", "_", f"{source}:{line}" if line else source)
     budget = MAX_KEY - len(prefix)
     return prefix + (name[-budget:] if len(name) > budget else name)
+
+
+@dataclass
+class LabelPlan:
+    """A labelled corpus's classes and its stratified split, decided by a first pass over the documents."""
+
+    source: str  # the --label-field, or TASK
+    names: list[str]  # class index -> name
+    val: set[tuple[str, int]]  # (source, line) of the documents drawn for validation
+    counts: dict[str, list[int]] = field(default_factory=dict)  # split -> documents per class (filled while writing)
+
+    def index(self, doc: Doc) -> int:
+        assert doc.label is not None
+        return self.names.index(doc.label)
+
+
+def plan_labels(files: list[SourceFile], labels: str, seed: int, val_fraction: float, strict: bool,
+                progress: bool) -> LabelPlan:
+    """Read the labels (not the tokens) of every document: the class names (integers sorted as numbers, otherwise
+    as strings) and a stratified validation split: in each class, the round(val_fraction * n) documents with the
+    smallest seeded hash of their source, so every class has its share and adding documents moves few others."""
+    by_class: dict[str, list[tuple[str, int]]] = {}
+    with _file_bar(len(files), "reading labels", progress) as bar:
+        for doc in iter_documents(files, Stats(), strict, on_file=lambda _: bar.update(), labels=labels):
+            if doc.text and not doc.held_out:
+                assert doc.label is not None
+                by_class.setdefault(doc.label, []).append((doc.source, doc.line))
+    if not by_class:
+        raise UserError("the corpus has no labelled documents; point --input at .jsonl files with the --label-field "
+                        "or at a folder per class")
+    names = sorted(by_class, key=lambda n: (0, int(n), "") if re.fullmatch(r"-?\d+", n) else (1, 0, n))
+    val: set[tuple[str, int]] = set()
+    for docs in by_class.values():
+        docs.sort(key=lambda d: _hash(seed, *d))
+        val.update(docs[:round(val_fraction * len(docs))])
+    return LabelPlan(labels, names, val)
 
 
 # ---------------------------------------------------------------------------------------------------- tokenization
@@ -358,14 +450,18 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None  # the open shard, if any
         self._samples = self._token_bytes = 0  # of the open shard
 
-    def add(self, key: str, data: bytes) -> None:
+    def add(self, key: str, data: bytes, label: int | None = None) -> None:
+        """One document: `{key}.u16` (its tokens) and, for a labelled corpus, `{key}.cls` (its class index, ASCII,
+        webdataset's convention)."""
         if self._tar is None:
             self._open()
-        info = tarfile.TarInfo(f"{key}.{self.ext}")
-        # fixed metadata: the archive is a pure function of the documents
-        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = \
-            len(data), 0, 0o644, 0, 0, "", ""
-        self._tar.addfile(info, io.BytesIO(data))
+        members = [(self.ext, data)] + ([("cls", str(label).encode())] if label is not None else [])
+        for ext, payload in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            # fixed metadata: the archive is a pure function of the documents
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = \
+                len(payload), 0, 0o644, 0, 0, "", ""
+            self._tar.addfile(info, io.BytesIO(payload))
         self._samples += 1
         self._token_bytes += len(data)
         if self._token_bytes >= self.max_bytes:
@@ -498,7 +594,7 @@ def _make_tokenizer(spec: str, files: list[SourceFile], seed: int, val_fraction:
 
 def _write_shards(files: list[SourceFile], tok: Tokenizer, out: Path, seed: int, val_fraction: float,
                   shard_size: int, workers: int, strict: bool, progress: bool,
-                  written: list[Path]) -> tuple[Stats, dict[str, list[dict]]]:
+                  written: list[Path], plan: LabelPlan | None = None) -> tuple[Stats, dict[str, list[dict]]]:
     ext = "u16" if tok.dtype.itemsize == 2 else "u32"
     writers = {s: ShardWriter(out, s, shard_size, ext, tok.dtype.itemsize, written) for s in SPLITS}
     stats = Stats()
@@ -510,15 +606,28 @@ def _write_shards(files: list[SourceFile], tok: Tokenizer, out: Path, seed: int,
             bar.update()
 
         try:
-            docs = iter_documents(files, stats, strict, on_file)
+            docs = iter_documents(files, stats, strict, on_file, labels=plan.source if plan else None)
+            if plan is not None:
+                plan.counts = {s: [0] * len(plan.names) for s in SPLITS}
             # closing(): on an error, shut the worker processes down now, not when the traceback is collected
             with contextlib.closing(tokenize(docs, tok, workers)) as tokenized:
                 for doc, data in tokenized:
                     if not data:
                         stats.skipped_empty += 1
                         continue
-                    split = "val" if doc.held_out or is_val(seed, doc.source, doc.line, val_fraction) else "train"
-                    writers[split].add(make_key(stats.documents, doc.source, doc.line), data)
+                    if plan is None:
+                        val = is_val(seed, doc.source, doc.line, val_fraction)
+                    else:
+                        val = (doc.source, doc.line) in plan.val
+                    split = "val" if doc.held_out or val else "train"
+                    label = None
+                    if plan is not None:
+                        if doc.label not in plan.names:
+                            raise UserError(f"{doc.source}: class '{doc.label}' has no training documents (it "
+                                            "occurs only in --val-input); add training documents of that class")
+                        label = plan.index(doc)
+                        plan.counts[split][label] += 1
+                    writers[split].add(make_key(stats.documents, doc.source, doc.line), data, label)
                     stats.documents += 1
                     stats.tokens[split] += len(data) // tok.dtype.itemsize
         except BaseException:
@@ -543,7 +652,7 @@ def _split_entry(shards: list[dict]) -> dict:
 
 def build_manifest(tok: Tokenizer, spec: str, tokenizer_text: str, inputs: list[str] | None, stats: Stats,
                    splits: dict[str, list[dict]], seed: int, val_fraction: float, shard_size: int,
-                   strict: bool, val_inputs: list[str] | None = None) -> dict:
+                   strict: bool, val_inputs: list[str] | None = None, plan: LabelPlan | None = None) -> dict:
     """The manifest: no timestamps or absolute output paths, so reruns are byte-identical."""
     manifest = {
         "format": "framework-shards",
@@ -569,6 +678,10 @@ def build_manifest(tok: Tokenizer, spec: str, tokenizer_text: str, inputs: list[
     }
     if val_inputs:  # only then, so that the manifests of earlier runs stay byte-identical
         manifest["sources"]["val_inputs"] = list(val_inputs)
+    if plan is not None:
+        if not inputs:
+            manifest["sources"]["inputs"] = [f"<{TASK}>"]
+        manifest["labels"] = {"source": plan.source, "names": plan.names, "counts": plan.counts}
     return manifest
 
 
@@ -587,8 +700,13 @@ def _held_out(val_inputs: list[str], train: list[SourceFile], out: Path) -> list
 
 def prepare(inputs: list[str] | None, output: str | Path, tokenizer: str = "bytes", val_fraction: float | None = None,
             seed: int = 0, shard_size: int | str = 64 << 20, workers: int = 1, overwrite: bool = False,
-            strict: bool = False, progress: bool = True, val_inputs: list[str] | None = None) -> dict:
+            strict: bool = False, progress: bool = True, val_inputs: list[str] | None = None,
+            labels: str | None = None) -> dict:
     """Tokenize `inputs` (None: the stdlib corpus) into shards under `output`; returns the manifest.
+
+    `labels`: a .jsonl field holding each document's class (text files: their folder), or TASK for the embedded
+    labelled task (inputs None: the functions of the HELD_OUT packages). Labelled shards carry a `.cls` member per
+    document, the split is stratified, and the manifest lists the classes and their counts.
 
     `val_inputs` (files, directories, globs, .jsonl, as `inputs`) all go to the validation split, tokenized with the
     same tokenizer (a trained BPE never sees them); `val_fraction` then defaults to 0 instead of 0.01.
@@ -603,7 +721,9 @@ def prepare(inputs: list[str] | None, output: str | Path, tokenizer: str = "byte
     val_fraction = (0.0 if val_inputs else 0.01) if val_fraction is None else val_fraction
     _check_args(val_fraction, workers)
     parse_spec(tokenizer)  # a bad spec fails now, not after reading the corpus
-    files = resolve_inputs(inputs, exclude=out)
+    if labels == TASK and inputs:
+        raise UserError(f"--task {TASK} builds its documents from the standard library; drop --input")
+    files = resolve_inputs(inputs, exclude=out, task=labels == TASK)
     if not files:
         raise UserError("no input files found; pass --input PATH (files, directories, globs, .jsonl)")
     val_files = _held_out(val_inputs, files, out) if val_inputs else []
@@ -612,15 +732,16 @@ def prepare(inputs: list[str] | None, output: str | Path, tokenizer: str = "byte
     try:
         # before touching a previous output: a BPE pass that meets bad input leaves the old dataset intact
         tok, spec = _make_tokenizer(tokenizer, files, seed, val_fraction, strict, progress)
+        plan = plan_labels(files + val_files, labels, seed, val_fraction, strict, progress) if labels else None
         if overwrite:
             _remove_previous(out)
         tokenizer_text = tok.to_str()
         _atomic_write(out / TOKENIZER, tokenizer_text, written)
         stats, splits = _write_shards(files + val_files, tok, out, seed, val_fraction, shard_size, workers, strict,
-                                      progress, written)
+                                      progress, written, plan)
         _check_result(stats, splits)
         manifest = build_manifest(tok, spec, tokenizer_text, inputs, stats, splits, seed, val_fraction, shard_size,
-                                  strict, val_inputs)
+                                  strict, val_inputs, plan)
         _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n", written)  # last: commits the run
     except OSError as e:  # reading errors are UserErrors already: this is the output side (disk full, I/O error)
         _cleanup(written, out, created)
@@ -648,7 +769,9 @@ def summary(manifest: dict, out: Path, seconds: float) -> str:
         f"(up to {manifest['args']['shard_size'] / 2**20:g} MiB of tokens each)",
         f"  speed      {src['bytes'] / 1e6:.1f} MB in {seconds:.1f} s: {src['bytes'] / 1e6 / seconds:.1f} MB/s, "
         f"{tokens / seconds / 1e6:.2f}M tokens/s",
-    ])
+    ] + ([f"  classes    {len(manifest['labels']['names'])}: " + ", ".join(
+        f"{n} ({t}/{v})" for n, t, v in zip(manifest["labels"]["names"], *manifest["labels"]["counts"].values()))
+        + "   (train/val documents)"] if "labels" in manifest else []))
 
 
 # ---------------------------------------------------------------------------------------------------- verify
@@ -711,6 +834,13 @@ def _parser() -> argparse.ArgumentParser:
                         "document goes to the val split")
     p.add_argument("--val-fraction", type=float, default=None, metavar="F",
                    help="share of the --input documents for val, by a seeded hash (default 0.01; 0 with --val-input)")
+    p.add_argument("--label-field", metavar="NAME",
+                   help="a labelled corpus: each .jsonl line's class is in field NAME (a string or an integer); text "
+                        "files are labelled by their folder (INPUT/<label>/*.txt). The split is stratified by class")
+    p.add_argument("--task", choices=[TASK], default=None,
+                   help=f"prepare the embedded labelled task instead of a corpus: the functions of the standard "
+                        f"library's {', '.join(HELD_OUT)} packages (left out of the default corpus), labelled by "
+                        "package; val fraction 0.2 unless given")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     p.add_argument("--shard-size", default="64MB", metavar="SIZE", help="token bytes per shard (default 64MB)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
@@ -730,9 +860,12 @@ def main(argv: list[str]) -> None:
         return
     if not args.output:
         raise UserError("--output DIR is required; e.g. `pretrain prepare --input corpus/ --output data/`")
-    prepare(args.input, args.output, tokenizer=args.tokenizer, val_fraction=args.val_fraction, seed=args.seed,
+    if args.task and args.label_field:
+        raise UserError("--task and --label-field exclude each other: the task brings its own labels")
+    val_fraction = 0.2 if args.task and args.val_fraction is None else args.val_fraction
+    prepare(args.input, args.output, tokenizer=args.tokenizer, val_fraction=val_fraction, seed=args.seed,
             shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite, strict=args.strict,
-            val_inputs=args.val_input)
+            val_inputs=args.val_input, labels=args.task or args.label_field)
 
 
 def check(directory: str | Path) -> None:

@@ -111,7 +111,27 @@ def build_tokenizer(spec: str, texts: Iterable[str] | None = None, progress: boo
         return Tokenizer(bytes_tokenizer()), "bytes"
     if kind == "bpe":
         return Tokenizer(train_bpe(texts or [], int(arg), progress)), f"bpe:{arg}"
+    if kind == "checkpoint":
+        return checkpoint_tokenizer(arg), f"checkpoint:{Path(arg).name}"
     return Tokenizer(from_file_with_specials(Path(arg))), f"file:{Path(arg).name}"
+
+
+def checkpoint_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer a checkpoint of `pretrain fit` recorded (every checkpoint carries the one it trained with)."""
+    from framework.checkpoint.consolidate import checkpoint_meta
+
+    text = checkpoint_meta(path).get("tokenizer_json")
+    if not text:
+        raise UserError(f"checkpoint '{path}' records no tokenizer; pass the tokenizer.json of its training data")
+    return Tokenizer.from_str(text)
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers give every text the same ids: the same vocabulary and special tokens (byte-level
+    models with equal vocabularies and merges agree; the comparison covers both through the serialized model)."""
+    ma, mb = (json.loads(t.to_str()) for t in (a, b))
+    return (ma.get("model") == mb.get("model") and a.hf.get_vocab(with_added_tokens=True)
+            == b.hf.get_vocab(with_added_tokens=True))
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -128,6 +148,12 @@ def parse_spec(spec: str) -> tuple[str, str]:
                             f"tokens (256 bytes + {len(SPECIAL_TOKENS)} specials); use e.g. bpe:32000")
         return "bpe", vocab
     path = Path(spec)
+    if path.is_dir() and (path / "tokenizer.json").is_file():  # a prepared data dir or a `pretrain export` dir
+        return "file", str(path / "tokenizer.json")
+    if path.suffix == ".ckpt" or path.is_dir():  # a checkpoint of `pretrain fit`: the tokenizer it trained with
+        if not path.exists():
+            raise UserError(f"checkpoint '{spec}' does not exist; {fix}, a data directory or a checkpoint")
+        return "checkpoint", spec
     if path.suffix == ".json" or path.is_file():
         if not path.is_file():
             raise UserError(f"tokenizer file '{spec}' does not exist; {fix}")

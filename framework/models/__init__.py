@@ -12,14 +12,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from framework.models.classifier import ClassifierConfig, SequenceClassifier
 from framework.models.encoder import Encoder, EncoderConfig
 from framework.models.gpt import GPT, GPTConfig
 from framework.models.transformer import ConfigError, TransformerConfig, load_pretrained_files
 
 # model_type -> the model class (its `config_class` is the config dataclass)
-FAMILIES: dict[str, type[nn.Module]] = {"gpt": GPT, "bert": Encoder}
+FAMILIES: dict[str, type[nn.Module]] = {"gpt": GPT, "bert": Encoder, "classifier": SequenceClassifier}
 # what each family's weights file leaves out because it is tied to another tensor
-TIED: dict[str, tuple[str, ...]] = {"gpt": ("lm_head.weight",), "bert": ("mlm_head.decoder.weight",)}
+TIED: dict[str, tuple[str, ...]] = {"gpt": ("lm_head.weight",), "bert": ("mlm_head.decoder.weight",),
+                                    "classifier": ()}
 
 
 def model_type_of(values: dict[str, Any]) -> str:
@@ -61,5 +63,6 @@ def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
     return model
 
 
-__all__ = ["FAMILIES", "TIED", "GPT", "GPTConfig", "Encoder", "EncoderConfig", "build_model", "config_from_dict",
+__all__ = ["FAMILIES", "TIED", "GPT", "GPTConfig", "Encoder", "EncoderConfig", "ClassifierConfig",
+           "SequenceClassifier", "build_model", "config_from_dict",
            "from_pretrained", "model_type_of"]

@@ -158,13 +158,54 @@ def attention_bias(attention_mask: torch.Tensor | None, causal: bool, T: int) ->
     return keep, False
 
 
+@dataclass(frozen=True)
+class LoRA:
+    """Low-rank adapters (Hu et al. 2021) on a block's projections: y = W x + (alpha / rank) * B A x."""
+
+    rank: int
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear (same `weight` and `bias` names, so pre-trained weights load as they are) plus a low-rank update
+    `lora_B @ lora_A`. B starts at zero: the layer first computes exactly the pre-trained function. `merged_weight`
+    folds the update into W for export."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, lora: LoRA) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        if lora.rank < 1:
+            raise ConfigError(f"the LoRA rank must be >= 1, got {lora.rank}")
+        self.scale = lora.alpha / lora.rank
+        self.lora_A = nn.Parameter(torch.empty(lora.rank, in_features))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, lora.rank))  # (out, r)
+        self.lora_dropout = nn.Dropout(lora.dropout)
+        self.reset_lora()
+
+    def reset_lora(self) -> None:
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own init, so BA's scale is sane
+            self.lora_B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., out) through rank r
+        return super().forward(x) + self.scale * update
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight + self.scale * (self.lora_B @ self.lora_A)
+
+
+def linear(n_in: int, n_out: int, bias: bool, lora: LoRA | None) -> nn.Linear:
+    return nn.Linear(n_in, n_out, bias=bias) if lora is None else LoRALinear(n_in, n_out, bias, lora)
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, bias: bool, dropout: float) -> None:
+    def __init__(self, n_embd: int, n_head: int, bias: bool, dropout: float, lora: LoRA | None = None) -> None:
         super().__init__()
         self.n_head = n_head
         self.dropout = dropout
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.c_attn = linear(n_embd, 3 * n_embd, bias, lora)  # q, k, v for all heads at once
+        self.c_proj = linear(n_embd, n_embd, bias, lora)
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -181,11 +222,11 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, bias: bool, dropout: float) -> None:
+    def __init__(self, n_embd: int, bias: bool, dropout: float, lora: LoRA | None = None) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.c_fc = linear(n_embd, 4 * n_embd, bias, lora)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU, so its weights reproduce its outputs
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.c_proj = linear(4 * n_embd, n_embd, bias, lora)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,13 +240,13 @@ class Block(nn.Module):
     one, arrives per batch as the (attn_mask, is_causal) pair made by `attention_bias`.
     """
 
-    def __init__(self, config: TransformerConfig, causal: bool) -> None:
+    def __init__(self, config: TransformerConfig, causal: bool, lora: LoRA | None = None) -> None:
         super().__init__()
         self.causal = causal
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = SelfAttention(config.n_embd, config.n_head, config.bias, config.dropout)
+        self.attn = SelfAttention(config.n_embd, config.n_head, config.bias, config.dropout, lora)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config.n_embd, config.bias, config.dropout)
+        self.mlp = MLP(config.n_embd, config.bias, config.dropout, lora)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attn_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
@@ -214,14 +255,15 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def make_trunk(config: TransformerConfig, causal: bool) -> nn.ModuleDict:
+def make_trunk(config: TransformerConfig, causal: bool, lora: LoRA | None = None) -> nn.ModuleDict:
     """Token (+ learned position) embedding, the blocks and the final LayerNorm, under GPT-2's names
-    (`transformer.{wte,wpe,h,ln_f}` in a family's state dict, so GPT-2 weights map across); `run_trunk` runs them."""
+    (`transformer.{wte,wpe,h,ln_f}` in a family's state dict, so GPT-2 weights map across); `run_trunk` runs them.
+    With `lora`, the blocks' four projections carry low-rank adapters (their base weights keep their names)."""
     layers: dict[str, nn.Module] = {"wte": nn.Embedding(config.padded_vocab_size, config.n_embd)}
     if config.pos_embedding == "learned":
         layers["wpe"] = nn.Embedding(config.seq_len, config.n_embd)
     layers["drop"] = nn.Dropout(config.dropout)
-    layers["h"] = nn.ModuleList(Block(config, causal) for _ in range(config.n_layer))
+    layers["h"] = nn.ModuleList(Block(config, causal, lora) for _ in range(config.n_layer))
     layers["ln_f"] = nn.LayerNorm(config.n_embd, bias=config.bias)
     return nn.ModuleDict(layers)
 
@@ -270,6 +312,8 @@ def init_weights(model: nn.Module, config: TransformerConfig, skip: tuple[nn.Mod
             nn.init.normal_(module.weight, mean=0.0, std=residual_std if id(module) in residual else INIT_STD)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
+            if isinstance(module, LoRALinear):
+                module.reset_lora()
 
 
 def block_flops(config: TransformerConfig, tokens: int, seq_len: int) -> int:

@@ -184,17 +184,23 @@ class PretrainTask(L.LightningModule):
         if max_steps is None or max_steps < 1:
             raise UserError("set trainer.max_steps: the learning-rate schedule decays over it")
         self._max_steps = max_steps
-        decay, no_decay = [], []
-        for p in self.parameters():
+        by_key: dict[tuple[bool, float], list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
             if p.requires_grad:
                 # ZeRO-3 partitions parameters as they are created (their local shape is empty): use the full shape
-                (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups, which would desync the scheduler
-        on_cuda = all(p.is_cuda for p in decay + no_decay)
+                decay = len(getattr(p, "ds_shape", p.shape)) >= 2
+                by_key.setdefault((decay, self.lr_scale(name)), []).append(p)
+        # DeepSpeed drops empty groups, which would desync the scheduler: only non-empty ones, in a fixed order
+        groups = [{"params": ps, "weight_decay": self.weight_decay if decay else 0.0, "lr": self.lr * scale}
+                  for (decay, scale), ps in sorted(by_key.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=on_cuda or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_at(step) / self.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scale(self, name: str) -> float:
+        """The multiple of the schedule's LR a parameter gets (e.g. a fine-tuning head's own LR); 1 by default."""
+        return 1.0
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at max_steps (held there after)."""

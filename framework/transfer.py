@@ -1,0 +1,253 @@
+"""`pretrain transfer-report`: what pre-training bought, measured. For every label fraction and fine-tuning mode,
+the pre-trained model and the same architecture from random initialisation are trained with the same budget (steps,
+batch size) over the same LR grid and the same seeds, on identical data subsets, and validated on the whole labelled
+val split (never on the training subset).
+
+    pretrain transfer-report --pretrained runs/bert-smoke/checkpoints/last.ckpt --data data/stdlib-packages \\
+        --fractions 0.01,0.1,1.0 --modes full,linear,lora --seeds 3 --output reports/stdlib-packages
+
+Writes OUTPUT/report.md (the table: mean ± std val accuracy per fraction and mode, pre-trained vs scratch, the gain),
+OUTPUT/report.json (every run) and OUTPUT/transfer.png (accuracy vs label fraction, log x-axis, error bars), each
+atomically. For each (fraction, mode, arm) the LR with the best mean val accuracy over the seeds is reported (the same
+grid and rule for both arms); the seed picks the label subset (shared by both arms), the head's init and the order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from framework.errors import UserError
+
+ARMS = ("pretrained", "scratch")
+
+
+@dataclass
+class Run:
+    fraction: float
+    mode: str
+    arm: str
+    lr: float
+    seed: int
+    accuracy: float
+    macro_f1: float
+    train_docs: int
+    seconds: float
+
+
+def train_one(pretrained: str, data: str, fraction: float, mode: str, arm: str, lr: float, seed: int,
+              args: argparse.Namespace) -> Run:
+    """One fine-tuning run in this process (no logger, no checkpoint) -> its final val accuracy and macro-F1."""
+    import lightning as L
+
+    from framework.data.documents import ClassificationDataModule
+    from framework.tasks.classification import ClassificationTask
+
+    started = time.perf_counter()
+    L.seed_everything(seed, verbose=False)
+    dm = ClassificationDataModule(path=data, seq_len=args.seq_len, batch_size=args.batch_size, num_workers=0,
+                                  seed=seed, label_fraction=fraction)
+    task = ClassificationTask(init_from=pretrained, random_init=arm == "scratch", mode=mode, lr=lr,
+                              head_lr=lr * args.head_lr_ratio, warmup_steps=max(1, args.steps // 10),
+                              weight_decay=0.01, betas=(0.9, 0.98), min_lr_ratio=0.1)
+    trainer = L.Trainer(accelerator=args.accelerator, devices=1, max_steps=args.steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, check_val_every_n_epoch=None, val_check_interval=args.steps)
+    trainer.fit(task, datamodule=dm)  # validates once, after the last step
+    metrics = trainer.callback_metrics
+    return Run(fraction, mode, arm, lr, seed, float(metrics["val/accuracy"]), float(metrics["val/macro_f1"]),
+               len(dm.train_labels()), time.perf_counter() - started)
+
+
+def summarize(runs: list[Run]) -> list[dict[str, Any]]:
+    """Per (fraction, mode): for each arm the best LR by mean val accuracy over seeds, its mean and std; the gain."""
+    rows = []
+    for fraction in sorted({r.fraction for r in runs}):
+        for mode in sorted({r.mode for r in runs}, key=lambda m: ("full", "linear", "lora").index(m)):
+            row: dict[str, Any] = {"fraction": fraction, "mode": mode}
+            for arm in ARMS:
+                by_lr: dict[float, list[Run]] = {}
+                for r in runs:
+                    if (r.fraction, r.mode, r.arm) == (fraction, mode, arm):
+                        by_lr.setdefault(r.lr, []).append(r)
+                if not by_lr:
+                    continue
+                lr, best = max(by_lr.items(), key=lambda kv: mean([r.accuracy for r in kv[1]]))
+                row[arm] = {"lr": lr, "accuracy_mean": mean([r.accuracy for r in best]),
+                            "accuracy_std": std([r.accuracy for r in best]),
+                            "macro_f1_mean": mean([r.macro_f1 for r in best]), "seeds": len(best),
+                            "train_docs": best[0].train_docs}
+            if all(a in row for a in ARMS):
+                row["gain"] = row["pretrained"]["accuracy_mean"] - row["scratch"]["accuracy_mean"]
+            rows.append(row)
+    return rows
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def std(xs: list[float]) -> float:
+    """Sample standard deviation (0 for one value)."""
+    if len(xs) < 2:
+        return 0.0
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    lines = [f"# Transfer report: {header['data']}", "",
+             f"Pre-trained: `{header['pretrained']}`. Scratch: the same architecture, randomly initialised. "
+             f"Each cell: mean ± std val accuracy over {header['seeds']} seeds, on the whole val split "
+             f"({header['val_docs']} documents, {header['classes']} classes; majority class "
+             f"{header['majority']:.1%}), with the best LR of {header['lrs']} for that cell; "
+             f"{header['steps']} steps of batch {header['batch_size']}, sequences of {header['seq_len']} tokens.", "",
+             "| label fraction | train docs | mode | pre-trained | scratch | gain |",
+             "|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        cells = []
+        for arm in ARMS:
+            a = r.get(arm)
+            cells.append(f"{a['accuracy_mean']:.1%} ± {a['accuracy_std']:.1%} (lr {a['lr']:g})" if a else "-")
+        gain = f"{r['gain'] * 100:+.1f} pts" if "gain" in r else "-"
+        docs = (r.get("pretrained") or r.get("scratch") or {}).get("train_docs", "")
+        lines.append(f"| {r['fraction']:g} | {docs} | {r['mode']} | {cells[0]} | {cells[1]} | {gain} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        for arm, style in (("pretrained", "-o"), ("scratch", "--s")):
+            pts = [(r["fraction"], r[arm]) for r in rows if r["mode"] == mode and arm in r]
+            if pts:
+                ax.errorbar([f for f, _ in pts], [a["accuracy_mean"] for _, a in pts],
+                            yerr=[a["accuracy_std"] for _, a in pts], fmt=style, capsize=3, label=f"{arm} ({mode})")
+    ax.set_xscale("log")
+    ax.set_xlabel("label fraction (log scale)")
+    ax.set_ylabel("val accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("pre-trained vs scratch")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"bad --{what} '{text}'; give comma-separated numbers, e.g. 0.01,0.1,1.0") from None
+    if not values:
+        raise UserError(f"--{what} is empty")
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    from framework.data.prepare import _Parser
+
+    p = _Parser(prog="pretrain transfer-report", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained", required=True, help="a checkpoint of `pretrain fit` (any strategy) or an export")
+    p.add_argument("--data", required=True, help="labelled shards (`pretrain prepare --label-field` or --task)")
+    p.add_argument("--output", required=True, help="directory for report.md, report.json and transfer.png")
+    p.add_argument("--fractions", default="0.01,0.1,1.0", help="label fractions (default 0.01,0.1,1.0)")
+    p.add_argument("--modes", default="full", help="any of full,linear,lora (default full)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
+    p.add_argument("--lrs", default="1e-3,3e-4", help="the LR grid, for both arms (default 1e-3,3e-4)")
+    p.add_argument("--head-lr-ratio", type=float, default=10.0, help="head LR / LR (default 10)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default 100)")
+    p.add_argument("--batch-size", type=int, default=16, help="documents per batch (default 16)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per document after framing (default 128)")
+    p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default auto)")
+    return p
+
+
+def main(argv: list[str]) -> None:
+    args = _parser().parse_args(argv)
+    from framework.tasks.classification import MODES
+
+    fractions, lrs = _floats(args.fractions, "fractions"), _floats(args.lrs, "lrs")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if any(not 0 < f <= 1 for f in fractions) or any(lr <= 0 for lr in lrs):
+        raise UserError("--fractions must be in (0, 1] and --lrs > 0")
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise UserError(f"unknown --modes {bad}; choose from {', '.join(MODES)}")
+    if args.seeds < 1 or args.steps < 1 or args.batch_size < 1:
+        raise UserError("--seeds, --steps and --batch-size must be >= 1")
+    if not os.path.exists(args.pretrained):
+        raise UserError(f"--pretrained '{args.pretrained}' does not exist; pass a checkpoint or an export directory")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    _quiet()
+
+    from framework.data.documents import ClassificationDataModule
+
+    probe = ClassificationDataModule(path=args.data, seq_len=args.seq_len, batch_size=args.batch_size, num_workers=0)
+    probe.setup("fit")
+    val_labels = probe._indexes["val"].label
+    if not len(val_labels):
+        raise UserError(f"'{args.data}' has no val split; prepare it with a --val-fraction > 0")
+    counts = [int((val_labels == k).sum()) for k in range(probe.num_classes)]
+    header = {"pretrained": args.pretrained, "data": args.data, "seeds": args.seeds, "lrs": lrs, "steps": args.steps,
+              "batch_size": args.batch_size, "seq_len": args.seq_len, "val_docs": len(val_labels),
+              "classes": probe.num_classes, "majority": max(counts) / len(val_labels), "modes": modes,
+              "fractions": fractions}
+    plan = [(f, m, a, lr, s) for f in fractions for m in modes for a in ARMS for lr in lrs for s in range(args.seeds)]
+    runs: list[Run] = []
+    started = time.perf_counter()
+    print(f"transfer report: {len(plan)} runs ({len(fractions)} fractions x {len(modes)} modes x 2 arms x "
+          f"{len(lrs)} LRs x {args.seeds} seeds), {args.steps} steps each", flush=True)
+    for i, (f, m, a, lr, s) in enumerate(plan, 1):
+        run = train_one(args.pretrained, args.data, f, m, a, lr, s, args)
+        runs.append(run)
+        elapsed = time.perf_counter() - started
+        eta = elapsed / i * (len(plan) - i)
+        print(f"[{i}/{len(plan)}] fraction {f:g} ({run.train_docs} docs) {m:<6} {a:<10} lr {lr:g} seed {s}: "
+              f"val accuracy {run.accuracy:.1%}  macro-F1 {run.macro_f1:.1%}  ({run.seconds:.1f} s, "
+              f"eta {eta / 60:.1f} min)", flush=True)
+    rows = summarize(runs)
+    header["seconds"] = round(time.perf_counter() - started, 1)
+    _write(out / "report.json", json.dumps({**header, "rows": rows, "runs": [asdict(r) for r in runs]}, indent=2)
+           + "\n")
+    table = markdown(rows, header)
+    plot(rows, out / "transfer.png")
+    _write(out / "report.md", table + "\n![accuracy vs label fraction](transfer.png)\n")
+    print("\n" + table, flush=True)
+    print(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'transfer.png'} "
+          f"({header['seconds'] / 60:.1f} min)", flush=True)
+
+
+def _quiet() -> None:
+    """Many short fits: keep Lightning's per-fit banners off the report's progress lines."""
+    import logging
+    import warnings
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    if not sys.warnoptions:
+        warnings.simplefilter("ignore", UserWarning)

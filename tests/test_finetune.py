@@ -1,0 +1,219 @@
+"""Fine-tuning: labelled shards, whole-document batches, the classifier and its modes, and that it learns."""
+
+from __future__ import annotations
+
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from framework.data.cursor import continue_on
+from framework.data.documents import IGNORE_LABEL, DocumentIndex, DocumentStream, stratified_subset
+from framework.data.prepare import prepare
+from framework.data.shards import manifest_shards
+from framework.models import from_pretrained
+from framework.models.classifier import ClassifierConfig, SequenceClassifier
+from framework.models.transformer import LoRA, LoRALinear
+
+TOPICS = {  # class -> its words; documents mix a few shared words in, so a class is a tendency, not a keyword
+    "astro": "star orbit planet comet nebula galaxy moon telescope".split(),
+    "bio": "cell gene protein enzyme tissue organ virus membrane".split(),
+    "geo": "rock basalt quartz fault magma mantle crust erosion".split(),
+}
+SHARED = "the of and with under over near from".split()
+
+
+def labelled_jsonl(path: Path, docs: int = 300, seed: int = 0, int_labels: bool = False) -> None:
+    rng = random.Random(seed)
+    names = sorted(TOPICS)
+    with open(path, "w") as f:
+        for i in range(docs):
+            label = names[i % 3]
+            words = [rng.choice(TOPICS[label]) if rng.random() < 0.35 else rng.choice(SHARED)
+                     for _ in range(rng.randrange(8, 40))]
+            f.write(json.dumps({"text": " ".join(words), "topic": names.index(label) if int_labels else label}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("labelled")
+    labelled_jsonl(src / "train.jsonl")
+    out = src / "data"
+    prepare([str(src / "train.jsonl")], out, val_fraction=0.2, progress=False, labels="topic")
+    return out
+
+
+# ---------------------------------------------------------------- prepare
+def test_prepare_writes_labels_beside_tokens_with_a_stratified_split(labelled):
+    manifest = json.loads((labelled / "manifest.json").read_text())
+    labels = manifest["labels"]
+    assert labels["names"] == ["astro", "bio", "geo"] and labels["source"] == "topic"
+    assert labels["counts"] == {"train": [80, 80, 80], "val": [20, 20, 20]}  # exactly 20% of each class
+    with tarfile.open(labelled / "train-000000.tar") as tf:
+        names = tf.getnames()
+    assert names[0].endswith(".u16") and names[1].endswith(".cls") and len(names) == 2 * 240
+    index = DocumentIndex(manifest_shards(manifest, "train", str(labelled)))
+    assert np.bincount(index.label).tolist() == [80, 80, 80]
+
+
+def test_prepare_labels_from_integers_and_from_class_folders(tmp_path):
+    labelled_jsonl(tmp_path / "ints.jsonl", docs=30, int_labels=True)
+    m = prepare([str(tmp_path / "ints.jsonl")], tmp_path / "a", val_fraction=0.0, progress=False, labels="topic")
+    assert m["labels"]["names"] == ["0", "1", "2"]
+    for label in ("cats", "dogs"):
+        (tmp_path / "folders" / label).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "folders" / label / f"{i}.txt").write_text(f"{label} text {i}")
+    m = prepare([str(tmp_path / "folders")], tmp_path / "b", val_fraction=0.0, progress=False, labels="label")
+    assert m["labels"]["names"] == ["cats", "dogs"] and m["labels"]["counts"]["train"] == [3, 3]
+
+
+def test_a_line_without_a_label_is_one_clear_error(tmp_path):
+    from test_fit import assert_one_line_error, run_cli
+
+    (tmp_path / "x.jsonl").write_text('{"text": "a", "topic": "x"}\n{"text": "b"}\n')
+    r = run_cli("prepare", "--input", str(tmp_path / "x.jsonl"), "--output", str(tmp_path / "out"),
+                "--label-field", "topic")
+    assert_one_line_error(r, 'x.jsonl:2: expected a label (a string or an integer) in the "topic" field')
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+# ---------------------------------------------------------------- reading whole documents
+def _stream(index: DocumentIndex, units: np.ndarray, **kw) -> DocumentStream:
+    return DocumentStream(index, units, max_tokens=kw.pop("max_tokens", 30), batch_size=kw.pop("batch_size", 4),
+                          pad=0, vocab_size=1 << 16, **kw)
+
+
+def test_documents_are_delivered_exactly_once_per_epoch_and_resume_on_another_world(labelled):
+    manifest = json.loads((labelled / "manifest.json").read_text())
+    index = DocumentIndex(manifest_shards(manifest, "train", str(labelled)))
+    units = np.arange(len(index))
+    streams = [_stream(index, units, rank=r, world=2) for r in range(2)]
+    epoch = [b for s in streams for b in s]
+    ids = np.concatenate([b["sample_ids"].numpy() for b in epoch])
+    assert len(ids) == len(set(ids.tolist())) == 240  # 240 = 2 ranks x 30 batches x 4: no tail here
+    assert sorted(ids.tolist()) != ids.tolist()  # shuffled over the whole epoch
+    first = epoch[0]
+    assert first["tokens"].shape[1] == int(first["lengths"].max()) <= 30  # padded to the longest, truncated
+
+    # 5 batches per rank on 2 ranks, then the rest on 1 rank with another batch size: every document once
+    seg = streams[0].fresh_segment(0)
+    done = [b for s in streams for b in list(s)[:5]]
+    rest_stream = _stream(index, units, batch_size=3)
+    rest_stream.segment = continue_on(seg, 5, rest_stream.layout)
+    rest = list(rest_stream)
+    seen = np.concatenate([b["sample_ids"].numpy() for b in done + rest])
+    assert len(seen) == len(set(seen.tolist())) and len(seen) >= 240 - 2  # a tail < one batch (of 3) may drop
+    # each document comes with its own label
+    for b in done[:3]:
+        assert b["labels"].tolist() == index.label[b["sample_ids"].numpy()].tolist()
+
+
+def test_validation_covers_every_document_once_with_ignored_fillers(labelled):
+    manifest = json.loads((labelled / "manifest.json").read_text())
+    index = DocumentIndex(manifest_shards(manifest, "val", str(labelled)))
+    units = np.arange(len(index))  # 60 documents over 2 ranks x batch 7: 5 batches each, 10 fillers
+    batches = [list(_stream(index, units, rank=r, world=2, batch_size=7, shuffle=False, fill=True)) for r in range(2)]
+    assert len(batches[0]) == len(batches[1]) == 5
+    rows = [(i, l) for bs in batches for b in bs for i, l in zip(b["sample_ids"].tolist(), b["labels"].tolist())]
+    real = sorted(i for i, _ in rows if i >= 0)
+    assert real == list(range(60))
+    assert all(l == IGNORE_LABEL for i, l in rows if i < 0) and sum(i < 0 for i, _ in rows) == 10
+
+
+def test_label_fraction_subsets_are_stratified_and_nested():
+    labels = np.repeat([0, 1, 2], [500, 300, 7])
+    small, large = (stratified_subset(labels, f, seed=3) for f in (0.01, 0.1))
+    assert np.bincount(labels[small]).tolist() == [5, 3, 1]  # at least one of every class
+    assert np.bincount(labels[large]).tolist() == [50, 30, 1]
+    assert set(small.tolist()) <= set(large.tolist())
+    assert not np.array_equal(stratified_subset(labels, 0.1, seed=4), large)  # the seed picks the subset
+
+
+# ---------------------------------------------------------------- the model
+def _config(family: str, **kw) -> ClassifierConfig:
+    from framework.models import FAMILIES
+
+    preset = {"gpt": "gpt-tiny", "bert": "bert-test"}[family]
+    backbone = FAMILIES[family].config_class.from_preset(preset, vocab_size=64).to_dict()
+    return ClassifierConfig(backbone=backbone, num_classes=3,
+                            special_ids={"eod": 60, "pad": 61, "cls": 62, "sep": 63}, **kw)
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_padding_does_not_change_a_documents_logits(family):
+    torch.manual_seed(0)
+    model = SequenceClassifier(_config(family, pooling="mean" if family == "bert" else "")).eval()
+    doc = torch.randint(0, 60, (1, 9))
+    alone = model(doc, torch.tensor([9]))
+    padded = torch.cat([doc, torch.full((1, 6), 61)], dim=1)
+    batch = model(torch.cat([padded, torch.randint(0, 60, (1, 15))]), torch.tensor([9, 15]))
+    torch.testing.assert_close(batch[0:1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_starts_as_the_base_model_and_merges_into_an_export(tmp_path):
+    torch.manual_seed(0)
+    lin = LoRALinear(8, 5, True, LoRA(rank=2, alpha=4))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))  # B = 0 at the start
+    model = SequenceClassifier(_config("bert", lora_rank=4)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_()  # as after training
+    tokens, lengths = torch.randint(0, 60, (2, 12)), torch.tensor([12, 7])
+    expected = model(tokens, lengths)
+    model.save_pretrained(tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == "classifier" and config["lora_rank"] == 0
+    merged = from_pretrained(tmp_path / "export").eval()
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    torch.testing.assert_close(merged(tokens, lengths), expected, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- learning
+def _bag_of_tokens_baseline(dm) -> float:
+    """Val accuracy of a logistic regression on token counts: the plain baseline a classifier must match."""
+    def features(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        index = dm._indexes[split]
+        docs = dm._units[split]
+        x = torch.stack([torch.bincount(torch.from_numpy(index.read(int(d), dm.seq_len - 2)), minlength=dm.vocab_size)
+                         for d in docs]).float()
+        return x / x.sum(1, keepdim=True), torch.from_numpy(index.label[docs])
+
+    (xt, yt), (xv, yv) = features("train"), features("val")
+    torch.manual_seed(0)
+    w = torch.zeros(dm.vocab_size, dm.num_classes, requires_grad=True)
+    b = torch.zeros(dm.num_classes, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.1)
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(xt @ w + b, yt).backward()
+        opt.step()
+    return float(((xv @ w + b).argmax(1) == yv).float().mean())
+
+
+def test_the_classifier_learns_as_well_as_a_bag_of_tokens_baseline(labelled):
+    import lightning as L
+
+    from framework.data.documents import ClassificationDataModule
+    from framework.tasks.classification import ClassificationTask
+
+    L.seed_everything(0, verbose=False)
+    dm = ClassificationDataModule(path=str(labelled), seq_len=64, batch_size=16, num_workers=0)
+    task = ClassificationTask(backbone="bert", preset="bert-test", pooling="mean", lr=2e-3, warmup_steps=10,
+                              weight_decay=0.01)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=150, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        check_val_every_n_epoch=None, val_check_interval=150)  # validates once, at the end
+    trainer.fit(task, datamodule=dm)
+    accuracy = float(trainer.callback_metrics["val/accuracy"])
+    baseline = _bag_of_tokens_baseline(dm)
+    print(f"classifier {accuracy:.3f} bag-of-tokens {baseline:.3f}")
+    assert baseline > 0.6  # the task is learnable from the words alone (chance: 1/3)
+    assert accuracy >= baseline - 0.1, (accuracy, baseline)
+    assert task.val_confusion is not None and int(task.val_confusion.sum()) == 60  # every val document, once
