@@ -54,9 +54,10 @@ def train_one(pretrained: str, data: str, fraction: float, mode: str, arm: str, 
     L.seed_everything(seed, verbose=False)
     dm = ClassificationDataModule(path=data, seq_len=args.seq_len, batch_size=args.batch_size, num_workers=0,
                                   seed=seed, label_fraction=fraction)
-    task = ClassificationTask(init_from=pretrained, random_init=arm == "scratch", mode=mode, lr=lr,
+    task = ClassificationTask(init_from=pretrained, random_init=arm == "scratch", mode=mode, lr=lr, pooling=args.pooling,
                               head_lr=lr * args.head_lr_ratio, warmup_steps=max(1, args.steps // 10),
                               weight_decay=0.01, betas=(0.9, 0.98), min_lr_ratio=0.1)
+    task.print_init_report = False  # the same lines every run: the report states where the weights come from
     trainer = L.Trainer(accelerator=args.accelerator, devices=1, max_steps=args.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, check_val_every_n_epoch=None, val_check_interval=args.steps)
@@ -180,6 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default 100)")
     p.add_argument("--batch-size", type=int, default=16, help="documents per batch (default 16)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per document after framing (default 128)")
+    p.add_argument("--pooling", default="", help="cls or mean (encoder), last or mean (GPT); default cls / last")
     p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default auto)")
     return p
 

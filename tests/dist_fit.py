@@ -51,13 +51,17 @@ def make_shards(tmp_path_factory: Any, val_fraction: float) -> Path:
 FAMILY_TASKS = {  # family -> (task, tiny preset, datamodule)
     "gpt": ("framework.tasks.causal_lm.CausalLMTask", "gpt-tiny", "framework.data.datamodule.ShardDataModule"),
     "bert": ("framework.tasks.masked_lm.MaskedLMTask", "bert-test", "framework.data.datamodule.MaskedLMDataModule"),
+    # fine-tuning: the backbone comes from --model.init_args.init_from (no preset)
+    "classify": ("framework.tasks.classification.ClassificationTask", None,
+                 "framework.data.documents.ClassificationDataModule"),
 }
 
 
 def write_config(tmp: Path, shards: Path, *, strategy: str, devices: int, max_steps: int, stop_at: int | None = None,
                  every_n_steps: int = 100, callbacks: list[dict] | None = None, label: int = 0, family: str = "gpt",
                  **trainer: Any) -> Path:
-    """A tiny GPT (family="gpt") or masked-LM encoder (family="bert") fit (fp32, no dropout, 1 data worker) with a
+    """A tiny GPT (family="gpt"), masked-LM encoder (family="bert") or classifier (family="classify", shards from
+    `prepare --label-field`, backbone from init_from) fit (fp32, no dropout, 1 data worker) with a
     RankRecorder writing `tmp/steps.rank{R}.jsonl`; `label` tells this fit's records from those of earlier fits in
     the same directory."""
     recorder = {"class_path": "dist_fit.RankRecorder",
@@ -65,7 +69,8 @@ def write_config(tmp: Path, shards: Path, *, strategy: str, devices: int, max_st
     config = {
         "seed_everything": 7,
         "model": {"class_path": FAMILY_TASKS[family][0],
-                  "init_args": {"preset": FAMILY_TASKS[family][1], "lr": 3e-3, "warmup_steps": 2}},
+                  "init_args": {"lr": 3e-3, "warmup_steps": 2,
+                                **({"preset": FAMILY_TASKS[family][1]} if FAMILY_TASKS[family][1] else {})}},
         "data": {"class_path": FAMILY_TASKS[family][2],
                  "init_args": {"path": str(shards), "seq_len": 32, "batch_size": 4, "num_workers": 1,
                                "shuffle_block": 16}},

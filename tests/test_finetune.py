@@ -205,7 +205,7 @@ def test_the_classifier_learns_as_well_as_a_bag_of_tokens_baseline(labelled):
 
     L.seed_everything(0, verbose=False)
     dm = ClassificationDataModule(path=str(labelled), seq_len=64, batch_size=16, num_workers=0)
-    task = ClassificationTask(backbone="bert", preset="bert-test", pooling="mean", lr=2e-3, warmup_steps=10,
+    task = ClassificationTask(backbone="bert", backbone_preset="bert-test", pooling="mean", lr=2e-3, warmup_steps=10,
                               weight_decay=0.01)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=150, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -217,3 +217,56 @@ def test_the_classifier_learns_as_well_as_a_bag_of_tokens_baseline(labelled):
     assert baseline > 0.6  # the task is learnable from the words alone (chance: 1/3)
     assert accuracy >= baseline - 0.1, (accuracy, baseline)
     assert task.val_confusion is not None and int(task.val_confusion.sum()) == 60  # every val document, once
+
+
+@pytest.mark.parametrize("mode", ["linear", "lora"])
+def test_frozen_modes_train_only_the_head_and_adapters_of_a_gpt_backbone(mode, labelled, tmp_path):
+    import lightning as L
+
+    from framework.data.documents import ClassificationDataModule
+    from framework.models.gpt import GPT, GPTConfig
+    from framework.tasks.classification import ClassificationTask
+
+    torch.manual_seed(0)
+    GPT(GPTConfig.from_preset("gpt-tiny", vocab_size=261)).save_pretrained(tmp_path / "gpt")
+    pretrained = from_pretrained(tmp_path / "gpt").state_dict()
+    dm = ClassificationDataModule(path=str(labelled), seq_len=32, batch_size=8, num_workers=0)
+    task = ClassificationTask(init_from=str(tmp_path / "gpt"), mode=mode, lr=1e-2, warmup_steps=0)
+    start: dict[str, torch.Tensor] = {}
+
+    class Snapshot(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            start.update({k: v.clone() for k, v in pl_module.model.state_dict().items()})
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[Snapshot()])
+    trainer.fit(task, datamodule=dm)
+    after = task.model.state_dict()
+    assert task.model.config.pooling == "last" and task.model.causal
+    trained = {n for n in after if not torch.equal(after[n], start[n])}
+    expected = {"head.weight", "head.bias"} | {n for n in after if ".lora_" in n}
+    assert trained == expected
+    assert any(".lora_" in n for n in after) == (mode == "lora")
+    for name in after:
+        if not name.startswith("head.") and ".lora_" not in name:
+            torch.testing.assert_close(start[name], pretrained[name], rtol=0, atol=0, msg=name)  # loaded as is
+
+
+def test_data_tokenized_otherwise_than_the_pretrained_model_is_one_line(labelled, tmp_path):
+    from test_fit import assert_one_line_error, run_cli
+
+    from framework.data.tokenizer import build_tokenizer
+    from framework.models.gpt import GPT, GPTConfig
+
+    GPT(GPTConfig.from_preset("gpt-tiny", vocab_size=320)).save_pretrained(tmp_path / "gpt")
+    tok, _ = build_tokenizer("bpe:300", ["alpha beta gamma " * 50])
+    (tmp_path / "gpt" / "tokenizer.json").write_text(tok.to_str())
+    config = {"model": {"class_path": "framework.tasks.classification.ClassificationTask",
+                        "init_args": {"init_from": str(tmp_path / "gpt")}},
+              "data": {"class_path": "framework.data.documents.ClassificationDataModule",
+                       "init_args": {"path": str(labelled), "seq_len": 32, "batch_size": 4}},
+              "trainer": {"accelerator": "cpu", "max_steps": 1, "default_root_dir": str(tmp_path / "run")}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    r = run_cli("fit", "--config", str(tmp_path / "config.json"), cwd=tmp_path)
+    assert_one_line_error(r, "was tokenized with another tokenizer than the model of")

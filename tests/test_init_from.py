@@ -58,6 +58,39 @@ def test_a_new_run_starts_from_the_pretrained_weights(strategy, source, pretrain
     assert len(run_ids) == 1
 
 
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    from framework.data.prepare import prepare
+    from test_finetune import labelled_jsonl
+
+    src = tmp_path_factory.mktemp("labelled")
+    labelled_jsonl(src / "docs.jsonl", docs=60)
+    prepare([str(src / "docs.jsonl")], src / "data", val_fraction=0.0, progress=False, labels="topic")
+    return src / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,source,mode", [("ddp", "ckpt", "lora"), ("fsdp", "ckpt", "full"),
+                                                  ("deepspeed_stage_3", "export", "linear")])
+def test_fine_tuning_starts_from_the_pretrained_backbone(strategy, source, mode, pretrained, labelled, tmp_path):
+    probe = {"class_path": "dist_fit.WeightsProbe", "init_args": {"path": str(tmp_path / "start.pt")}}
+    config = write_config(tmp_path, labelled, strategy=strategy, devices=2, max_steps=2, callbacks=[probe],
+                          family="classify")
+    r = cli("fit", "--config", str(config), "--model.init_args.init_from", str(pretrained[source]),
+            "--model.init_args.mode", mode, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    expected = from_pretrained(pretrained["export"]).state_dict()
+    started = torch.load(tmp_path / "start.pt")
+    trunk = {n for n in expected if n.startswith("transformer.")}
+    new = {"head.weight", "head.bias"} | ({n for n in started["weights"] if ".lora_" in n} if mode == "lora" else set())
+    assert set(started["weights"]) == trunk | new
+    for name in trunk:
+        torch.testing.assert_close(started["weights"][name], expected[name], rtol=0, atol=0, msg=name)
+    assert f"init_from {pretrained[source]}: loaded {len(trunk)} tensors" in r.stdout
+    assert "new (fresh init): head.bias, head.weight" in r.stdout or (mode == "lora" and "head.bias" in r.stdout)
+    assert "dropped (not in this model): mlm_head" in r.stdout
+
+
 @pytest.mark.slow
 def test_another_family_or_shape_is_one_line(pretrained, shards, tmp_path):
     config = write_config(tmp_path, shards, strategy="ddp", devices=1, max_steps=1, family="bert")

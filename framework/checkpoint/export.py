@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,6 +47,8 @@ def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool 
         raise UserError(f"checkpoint '{ckpt}' has a model_config this framework cannot read ({e})") from None
     sources = [s for s in model_tensors(ckpt) if s.name not in TIED[config.model_type]]
     _check_matches(ckpt, config, sources)
+    if getattr(config, "lora_rank", 0):  # a LoRA fine-tune exports as a plain model: the adapters merged in
+        sources, config = _merge_lora(sources, config)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.export-tmp-{os.getpid()}"
@@ -86,6 +89,31 @@ def _check_matches(ckpt: str, config: TransformerConfig, sources: list[TensorSou
                            (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names)
         raise UserError(f"the weights in '{ckpt}' do not match its model_config ({detail}); the checkpoint is "
                         f"damaged or was not written by `pretrain fit` of a {config.model_type!r} model")
+
+
+def _merge_lora(sources: list[TensorSource], config: Any) -> tuple[list[TensorSource], Any]:
+    """Each adapted weight becomes W + (alpha / r) B A, read one tensor (and its two adapters) at a time."""
+    import dataclasses
+
+    from framework.models.classifier import lora_scale
+
+    by_name = {s.name: s for s in sources}
+    scale = lora_scale(config)
+
+    def merged(s: TensorSource) -> TensorSource:
+        base = s.name[: -len(".weight")]
+        if base + ".lora_A" not in by_name:
+            return s
+        A, B = by_name[base + ".lora_A"], by_name[base + ".lora_B"]
+
+        def load() -> torch.Tensor:
+            w = s.load()
+            return (w.float() + scale * (B.load().float() @ A.load().float())).to(w.dtype)
+
+        return TensorSource(s.name, s.shape, s.dtype, load)
+
+    out = [merged(s) for s in sources if ".lora_" not in s.name]
+    return out, dataclasses.replace(config, lora_rank=0)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -131,6 +159,6 @@ def main(argv: list[str]) -> None:
     if not summary["tokenizer"]:
         print(f"note: the checkpoint carries no tokenizer; copy the {TOKENIZER_FILE} beside its training shards into "
               f"{summary['out']} (or pass --tokenizer to `pretrain generate`)")
-    command = "fill-mask" if summary["model_type"] == "bert" else "generate"
-    print(f"use it: pretrain {command} --model {summary['out']}   or   "
-          f"framework.models.from_pretrained('{summary['out']}')")
+    command = {"bert": "pretrain fill-mask --model", "gpt": "pretrain generate --model"}.get(summary["model_type"])
+    load = f"framework.models.from_pretrained('{summary['out']}')"
+    print(f"use it: {command} {summary['out']}   or   {load}" if command else f"use it: {load}")

@@ -139,7 +139,7 @@ class PretrainTask(L.LightningModule):
 
         assert self.model is not None and self.init_from is not None
         report = load_weights(self.model, self.init_from, self.trainer.strategy, TIED[self.model.config.model_type])
-        if self.trainer.is_global_zero:
+        if self.trainer.is_global_zero and getattr(self, "print_init_report", True):
             print("\n".join(report.lines(self.init_from)), flush=True)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

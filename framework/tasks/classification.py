@@ -27,8 +27,8 @@ class ClassificationTask(PretrainTask):
 
     Args:
         backbone: the backbone family when building from a preset: `gpt` or `bert`.
-        preset: a preset of that family (e.g. `bert-cpu`); leave unset with init_from: the backbone is then the
-            pre-trained model's (its config is read from the checkpoint or export).
+        backbone_preset: a preset of that family (e.g. `bert-cpu`) to train from scratch; leave unset with
+            init_from: the backbone is then the pre-trained model's (its config is read from the checkpoint or export).
         config: backbone config fields that replace the preset's or the pre-trained model's (e.g. `{dropout: 0.1}`).
         mode: `full` (every weight trains), `linear` (the backbone is frozen and runs without dropout: a linear
             probe of its features) or `lora` (the backbone is frozen; low-rank adapters on every block's attention
@@ -48,7 +48,7 @@ class ClassificationTask(PretrainTask):
     block_types = (Block,)
     loss_per = "document"
 
-    def __init__(self, backbone: str = "bert", preset: str | None = None, config: dict[str, Any] | None = None,
+    def __init__(self, backbone: str = "bert", backbone_preset: str | None = None, config: dict[str, Any] | None = None,
                  mode: str = "full", pooling: str = "", classifier_dropout: float = 0.1, lora_rank: int = 8,
                  lora_alpha: float = 16.0, lora_dropout: float = 0.0, head_lr: float | None = None,
                  layer_decay: float = 1.0, random_init: bool = False, **kwargs: Any):
@@ -58,19 +58,19 @@ class ClassificationTask(PretrainTask):
             raise UserError(f"model.mode must be one of {', '.join(MODES)}, got {mode!r}")
         if backbone not in POOLINGS:
             raise UserError(f"model.backbone must be one of {', '.join(POOLINGS)}, got {backbone!r}")
-        if preset is None and self.init_from is None:
-            raise UserError("set model.init_from (a pre-trained checkpoint or export) or model.preset (to train a "
-                            "classifier from scratch)")
+        if backbone_preset is None and self.init_from is None:
+            raise UserError("set model.init_from (a pre-trained checkpoint or export) or model.backbone_preset (to "
+                            "train a classifier from scratch)")
         if not 0 < layer_decay <= 1 or (head_lr is not None and head_lr <= 0) or lora_rank < 1:
             raise UserError("model.layer_decay must be in (0, 1], model.head_lr > 0 and model.lora_rank >= 1")
-        self.backbone, self.preset, self.overrides, self.mode = backbone, preset or "", dict(config or {}), mode
+        self.backbone, self.preset, self.overrides, self.mode = backbone, backbone_preset or "", dict(config or {}), mode
         self.pooling, self.classifier_dropout = pooling, classifier_dropout
         self.lora = (lora_rank, lora_alpha, lora_dropout)
         self.head_lr, self.layer_decay, self.random_init = head_lr, layer_decay, random_init
-        if preset is not None:
+        if backbone_preset is not None:
             from framework.models import FAMILIES
 
-            FAMILIES[backbone].config_class.from_preset(preset, **self.overrides)  # a bad preset/field fails now
+            FAMILIES[backbone].config_class.from_preset(backbone_preset, **self.overrides)  # a bad preset/field fails now
         self._confusion: dict[str, torch.Tensor] = {}
         self.val_confusion: torch.Tensor | None = None  # of the last validation, for the run summary
         self.class_names: list[str] = []
