@@ -18,9 +18,9 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     "$py" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
 stamp=$venv/.framework-installed
-if [[ ! -f $stamp || $repo/pyproject.toml -nt $stamp ]]; then
-    echo "installing the framework (editable) with extras [${EXTRAS:-test,deepspeed}]"
-    "$py" -m pip install -q -e "$repo[${EXTRAS:-test,deepspeed}]"
+if [[ ! -f $stamp || $repo/pyproject.toml -nt $stamp || $repo/launch/constraints.txt -nt $stamp ]]; then
+    echo "installing the framework (editable) with extras [${EXTRAS:-test,deepspeed}], versions from launch/constraints.txt"
+    "$py" -m pip install -q -c "$repo/launch/constraints.txt" -e "$repo[${EXTRAS:-test,deepspeed}]"
     touch "$stamp"
 fi
 export PATH=$venv/bin:$PATH

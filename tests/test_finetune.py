@@ -72,6 +72,31 @@ def test_prepare_labels_from_integers_and_from_class_folders(tmp_path):
     assert m["labels"]["names"] == ["cats", "dogs"] and m["labels"]["counts"]["train"] == [3, 3]
 
 
+def test_the_embedded_task_is_the_held_out_packages_functions(tmp_path):
+    from framework.data.prepare import HELD_OUT, TASK
+
+    m = prepare(None, tmp_path / "task", val_fraction=0.2, progress=False, labels=TASK)
+    assert m["labels"]["names"] == sorted(HELD_OUT) and m["sources"]["inputs"] == [f"<{TASK}>"]
+    train, val = m["labels"]["counts"]["train"], m["labels"]["counts"]["val"]
+    assert min(train) >= 50 and all(abs(v - 0.2 * (t + v)) <= 0.5 for t, v in zip(train, val))  # stratified
+    with tarfile.open(tmp_path / "task" / "train-000000.tar") as tf:
+        first = tf.extractfile(tf.getmembers()[0]).read()
+    text = bytes(np.frombuffer(first, "<u2").astype(np.uint8)).decode()
+    assert text.lstrip().startswith(("def ", "async def ", "@"))  # a whole function (bytes tokenizer: ids = bytes)
+
+
+def test_the_tokenizer_can_come_from_a_data_or_export_directory(labelled, tmp_path):
+    labelled_jsonl(tmp_path / "more.jsonl", docs=12)
+    for source in (labelled, tmp_path / "export"):
+        if source != labelled:
+            source.mkdir()
+            (source / "tokenizer.json").write_text((labelled / "tokenizer.json").read_text())
+            (source / "config.json").write_text("{}")
+        m = prepare([str(tmp_path / "more.jsonl")], tmp_path / f"out-{source.name}", tokenizer=str(source),
+                    val_fraction=0.0, progress=False, labels="topic")
+        assert m["tokenizer"]["sha256"] == json.loads((labelled / "manifest.json").read_text())["tokenizer"]["sha256"]
+
+
 def test_a_line_without_a_label_is_one_clear_error(tmp_path):
     from test_fit import assert_one_line_error, run_cli
 

@@ -59,13 +59,16 @@ def test_a_new_run_starts_from_the_pretrained_weights(strategy, source, pretrain
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory) -> Path:
+def labelled(pretrained, tmp_path_factory) -> Path:
+    """Labelled shards tokenized with the tokenizer recorded in the pre-trained checkpoint (`--tokenizer CKPT`)."""
     from framework.data.prepare import prepare
     from test_finetune import labelled_jsonl
 
     src = tmp_path_factory.mktemp("labelled")
     labelled_jsonl(src / "docs.jsonl", docs=60)
-    prepare([str(src / "docs.jsonl")], src / "data", val_fraction=0.0, progress=False, labels="topic")
+    manifest = prepare([str(src / "docs.jsonl")], src / "data", tokenizer=str(pretrained["ckpt"]), val_fraction=0.0,
+                       progress=False, labels="topic")
+    assert manifest["tokenizer"]["spec"] == "checkpoint:last.ckpt"
     return src / "data"
 
 

@@ -196,10 +196,18 @@ def test_make_key_and_shard_size():
             parse_size(bad)
 
 
-def test_default_corpus_is_the_stdlib():
-    files = default_corpus()
+def test_default_corpus_is_the_stdlib_without_the_fine_tuning_task():
+    import sysconfig
+
+    from framework.data.prepare import HELD_OUT
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files, task = default_corpus(), default_corpus(held_out=True)
     assert len(files) > 500 and all(f.suffix == ".py" for f in files) and files == sorted(files)
     assert not any("site-packages" in f.parts or "__pycache__" in f.parts for f in files)
+    # the embedded task's texts are never pre-trained on
+    assert {f.relative_to(root).parts[0] for f in task} == set(HELD_OUT)
+    assert not set(files) & set(task) and not any(f.relative_to(root).parts[0] in HELD_OUT for f in files)
 
 
 # ------------------------------------------------------------------------------------------------ determinism
