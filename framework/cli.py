@@ -6,6 +6,7 @@
     pretrain generate ...  sample from a GPT checkpoint (framework.generate)
     pretrain fill-mask ... top-k guesses for each <|mask|> of a text, from a masked-LM checkpoint (framework.fill_mask)
     pretrain export ...    any checkpoint -> safetensors + config.json + tokenizer.json (framework.checkpoint.export)
+    pretrain plan ...      what fits on N GPUs and how fast, per strategy (framework.plan)
     pretrain transfer-report ...  pre-trained vs scratch fine-tuning over label fractions (framework.transfer)
 """
 
@@ -25,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("framework.generate:main", "sample text from a GPT checkpoint or an exported GPT"),
     "fill-mask": ("framework.fill_mask:main", "top-k guesses for each <|mask|> in a text, from a masked-LM encoder"),
     "export": ("framework.checkpoint.export:main", "checkpoint -> model.safetensors, config.json, tokenizer.json"),
+    "plan": ("framework.plan:main", "GPU memory and speed of every strategy for a config, and the one to use"),
     "transfer-report": ("framework.transfer:main", "fine-tune pre-trained vs scratch over label fractions: report.md, "
                                                    "report.json, transfer.png"),
 }
