@@ -295,3 +295,29 @@ def test_data_tokenized_otherwise_than_the_pretrained_model_is_one_line(labelled
     (tmp_path / "config.json").write_text(json.dumps(config))
     r = run_cli("fit", "--config", str(tmp_path / "config.json"), cwd=tmp_path)
     assert_one_line_error(r, "was tokenized with another tokenizer than the model of")
+
+
+@pytest.mark.slow
+def test_a_resumed_fine_tune_continues_exactly_on_another_world_size(labelled, tmp_path):
+    """3 steps on 2 ranks, then the rest on 1 rank from `last`: every train document of the epoch is seen exactly
+    once, in 2 x 4 + ... batches, and the uninterrupted 1-rank run's document set is the same."""
+    from dist_fit import fit, records, write_config
+
+    from framework.models.gpt import GPT, GPTConfig
+
+    GPT(GPTConfig.from_preset("gpt-tiny", vocab_size=261)).save_pretrained(tmp_path / "gpt")
+    init = ("--model.init_args.init_from", str(tmp_path / "gpt"))
+    run = tmp_path / "resumed"
+    run.mkdir()
+    fit(write_config(run, labelled, strategy="ddp", devices=2, max_steps=1000, stop_at=3, every_n_steps=3,
+                     family="classify"), *init)
+    fit(write_config(run, labelled, strategy="ddp", devices=1, max_steps=1000, label=1, family="classify"),
+        *init, "--ckpt_path", "last")
+    steps = records(run)
+    assert [r["step"] for r in steps if r["run"] == 0] == [0, 0, 1, 1, 2, 2]  # 2 ranks x 3 steps
+    second = [r["step"] for r in steps if r["run"] == 1]
+    assert second[0] == 3 and second == list(range(3, 3 + len(second)))  # the step count continues
+    docs = [tuple(row) for r in steps for row in r["windows"]]
+    assert len(docs) == len(set(docs))  # no document twice within the epoch
+    # 240 train documents: 3 steps x 2 ranks x 4, then the 216 left in batches of 4 on one rank
+    assert len(docs) == 240 and len(second) == 54
