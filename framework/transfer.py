@@ -130,11 +130,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for mode in dict.fromkeys(r["mode"] for r in rows):
+    for i, mode in enumerate(dict.fromkeys(r["mode"] for r in rows)):  # a colour per mode, a line style per arm
         for arm, style in (("pretrained", "-o"), ("scratch", "--s")):
             pts = [(r["fraction"], r[arm]) for r in rows if r["mode"] == mode and arm in r]
             if pts:
-                ax.errorbar([f for f, _ in pts], [a["accuracy_mean"] for _, a in pts],
+                ax.errorbar([f for f, _ in pts], [a["accuracy_mean"] for _, a in pts], color=f"C{i}",
                             yerr=[a["accuracy_std"] for _, a in pts], fmt=style, capsize=3, label=f"{arm} ({mode})")
     ax.set_xscale("log")
     ax.set_xlabel("label fraction (log scale)")

@@ -92,6 +92,18 @@ def test_fine_tuning_starts_from_the_pretrained_backbone(strategy, source, mode,
     assert f"init_from {pretrained[source]}: loaded {len(trunk)} tensors" in r.stdout
     assert "new (fresh init): head.bias, head.weight" in r.stdout or (mode == "lora" and "head.bias" in r.stdout)
     assert "dropped (not in this model): mlm_head" in r.stdout
+    if mode == "lora":  # the export merges the adapters into plain weights that compute the same function
+        from framework.checkpoint.consolidate import checkpoint_meta, model_tensors
+        from framework.models import build_model, config_from_dict
+
+        ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+        export(ckpt, tmp_path / "merged")
+        live = build_model(config_from_dict(checkpoint_meta(ckpt)["model_config"]))
+        live.load_state_dict({t.name: t.load() for t in model_tensors(ckpt)})
+        merged = from_pretrained(tmp_path / "merged")
+        assert merged.config.lora_rank == 0 and not any(".lora_" in n for n in merged.state_dict())
+        tokens, lengths = torch.randint(0, 256, (3, 20)), torch.tensor([20, 5, 11])
+        torch.testing.assert_close(merged.eval()(tokens, lengths), live.eval()(tokens, lengths), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -95,24 +95,19 @@ def _merge_lora(sources: list[TensorSource], config: Any) -> tuple[list[TensorSo
     """Each adapted weight becomes W + (alpha / r) B A, read one tensor (and its two adapters) at a time."""
     import dataclasses
 
-    from framework.models.classifier import lora_scale
+    from framework.models.classifier import lora_scale, merged
 
     by_name = {s.name: s for s in sources}
     scale = lora_scale(config)
 
-    def merged(s: TensorSource) -> TensorSource:
+    def merge(s: TensorSource) -> TensorSource:
         base = s.name[: -len(".weight")]
         if base + ".lora_A" not in by_name:
             return s
         A, B = by_name[base + ".lora_A"], by_name[base + ".lora_B"]
+        return TensorSource(s.name, s.shape, s.dtype, lambda: merged(s.load(), A.load(), B.load(), scale))
 
-        def load() -> torch.Tensor:
-            w = s.load()
-            return (w.float() + scale * (B.load().float() @ A.load().float())).to(w.dtype)
-
-        return TensorSource(s.name, s.shape, s.dtype, load)
-
-    out = [merged(s) for s in sources if ".lora_" not in s.name]
+    out = [merge(s) for s in sources if ".lora_" not in s.name]
     return out, dataclasses.replace(config, lora_rank=0)
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, ContextManager
 import torch
 import torch.nn as nn
 
-from framework.models.transformer import (ConfigError, LoRA, LoRALinear, TransformerConfig, block_flops, init_weights,
+from framework.models.transformer import (ConfigError, LoRA, TransformerConfig, block_flops, init_weights,
                                           make_trunk, num_params, run_trunk, save_pretrained)
 
 POOLINGS = {"gpt": ("last", "mean"), "bert": ("cls", "mean")}
@@ -179,6 +179,11 @@ def lora_scale(config: ClassifierConfig) -> float:
     return config.lora_alpha / config.lora_rank
 
 
+def merged(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B A, computed in fp32, in W's dtype."""
+    return (weight.float() + scale * (B.float() @ A.float())).to(weight.dtype)
+
+
 def merge_lora(state: dict[str, torch.Tensor], config: ClassifierConfig) -> dict[str, torch.Tensor]:
     """W + (alpha / r) B A for every adapted weight; the lora_A/lora_B tensors are dropped."""
     if not config.lora_rank:
@@ -186,8 +191,7 @@ def merge_lora(state: dict[str, torch.Tensor], config: ClassifierConfig) -> dict
     out = {k: v for k, v in state.items() if ".lora_" not in k}
     for name in [k for k in state if k.endswith(".lora_A")]:
         base = name[: -len(".lora_A")]
-        A, B = state[name].float(), state[base + ".lora_B"].float()
-        w = state[base + ".weight"]
-        out[base + ".weight"] = (w.float() + lora_scale(config) * (B @ A)).to(w.dtype)
+        out[base + ".weight"] = merged(state[base + ".weight"], state[name], state[base + ".lora_B"],
+                                       lora_scale(config))
     return out
 
