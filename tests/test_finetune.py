@@ -321,3 +321,16 @@ def test_a_resumed_fine_tune_continues_exactly_on_another_world_size(labelled, t
     assert len(docs) == len(set(docs))  # no document twice within the epoch
     # 240 train documents: 3 steps x 2 ranks x 4, then the 216 left in batches of 4 on one rank
     assert len(docs) == 240 and len(second) == 54
+
+
+def test_layer_wise_lr_decay_and_the_heads_own_lr():
+    from framework.tasks.classification import ClassificationTask
+
+    task = ClassificationTask(backbone="bert", backbone_preset="bert-test", lr=1e-3, head_lr=1e-2, layer_decay=0.5)
+    task.config = _config("bert")  # 2 layers
+    scale = task.lr_scale
+    assert scale("model.head.weight") == pytest.approx(10.0)
+    assert scale("model.transformer.h.1.attn.c_attn.weight") == 0.5 ** 1  # the top block
+    assert scale("model.transformer.h.0.mlp.c_fc.bias") == 0.5 ** 2
+    assert scale("model.transformer.wte.weight") == 0.5 ** 3  # embeddings: below the first block
+    assert scale("model.transformer.ln_f.weight") == 1.0
