@@ -31,7 +31,7 @@ from framework.callbacks.wandb_run import RUN_ID_KEY, WandbOptions, WandbRunId, 
 from framework.data.datamodule import ShardDataModule
 from framework.distributed import STRATEGIES, make_strategy
 from framework.errors import UserError
-from framework.tasks.base import PretrainTask, run_metadata
+from framework.tasks.base import GuardOptions, PretrainTask, run_metadata
 
 DEFAULT_TASK = "framework.tasks.causal_lm.CausalLMTask"
 DEFAULT_DATA = "framework.data.datamodule.ShardDataModule"
@@ -70,6 +70,7 @@ class PretrainCLI(LightningCLI):
         parser.add_class_arguments(CheckpointOptions, "checkpoint")
         parser.add_class_arguments(DistributedOptions, "distributed")
         parser.add_class_arguments(RunSummary, "summary")
+        parser.add_class_arguments(GuardOptions, "guard")
         parser.set_defaults({"model": {"class_path": DEFAULT_TASK}, "data": {"class_path": DEFAULT_DATA},
                              "trainer.default_root_dir": "runs/pretrain",
                              "trainer.max_epochs": -1, "trainer.num_sanity_val_steps": 0})
@@ -91,6 +92,8 @@ class PretrainCLI(LightningCLI):
         ckpt = find_checkpoint(cfg.get("ckpt_path"), ckpt_dir)
         cfg["ckpt_path"] = ckpt
         logger = make_logger(cfg.wandb, root, peek(ckpt, RUN_ID_KEY) if ckpt else None)
+        if hasattr(self.model, "guard"):
+            self.model.guard = cfg.guard
         callbacks = [Throughput(), WandbRunId(), cfg.summary]
         if self.subcommand in ("fit", None):
             # SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: stop after this step; StepCheckpoint saves it

@@ -274,3 +274,18 @@ class WeightsProbe(L.Callback):
             out[name] = value.float().cpu().clone()
         if trainer.is_global_zero:
             torch.save({"weights": out, "global_step": trainer.global_step}, self.path)
+
+
+class StepWeights(L.Callback):
+    """After every step, each rank appends the step and an order-sensitive checksum of its full weights (FSDP2 shards
+    gathered) to `{path}.rank{R}.jsonl`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        values = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in pl_module.parameters()]
+        record = {"step": trainer.global_step, "rank": trainer.global_rank,
+                  "weights": sum(_checksum(v) for v in values), "finite": all(bool(v.isfinite().all()) for v in values)}
+        with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")

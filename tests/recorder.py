@@ -39,3 +39,18 @@ class DivergingValidationTask(CausalLMTask):
                 loss, count = measures["loss"]
                 measures["loss"] = (loss * float("nan"), count)
         return measures
+
+
+class NonFiniteLossTask(CausalLMTask):
+    """A GPT whose training loss is NaN (times the loss) on rank `rank` at the global steps in `nan_steps`."""
+
+    def __init__(self, nan_steps: list[int], rank: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.nan_steps, self.nan_rank = list(nan_steps), rank
+
+    def compute_losses(self, batch):
+        measures = super().compute_losses(batch)
+        if self.training and self.global_step in self.nan_steps and self.global_rank == self.nan_rank:
+            loss, count = measures["loss"]
+            measures["loss"] = (loss * float("nan"), count)
+        return measures

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
@@ -22,6 +23,19 @@ from framework.models.transformer import TransformerConfig
 
 # name -> (mean over the batch, how many items that mean is over): validation weights each batch by its count
 Measures = dict[str, tuple[torch.Tensor, torch.Tensor | float]]
+
+
+@dataclass
+class GuardOptions:
+    """What happens to an optimizer step whose gradient norm is not finite (a NaN or inf loss on any rank, or an
+    overflow in backward): with skip_nonfinite, no weight and no optimizer state changes on any rank (the norm is
+    global after the gradient reduction, so every rank decides alike), the learning-rate schedule moves on, the step
+    is counted (`guard/skipped_steps`), listed with its data position in the checkpoint and the run summary, and the
+    run continues. After max_consecutive such steps in a row the run stops with one line: it has diverged.
+    Not under DeepSpeed, which keeps its gradients to itself (its fp16 loss scaler skips overflowing steps)."""
+
+    skip_nonfinite: bool = True
+    max_consecutive: int = 10
 
 
 class PretrainTask(L.LightningModule):
@@ -66,6 +80,9 @@ class PretrainTask(L.LightningModule):
         self.overrides: dict[str, Any] = {}
         self.config: TransformerConfig | None = None
         self.tokenizer_json: str | None = None
+        self.guard = GuardOptions()  # `pretrain fit` sets it from --guard.*
+        self.skipped: list[dict[str, int]] = []  # the steps the guard skipped: step and data position
+        self._nonfinite_in_a_row = 0
 
     # ---------------------------------------------------------------- for subclasses
     model_class: type[nn.Module]  # the model family; its `config_class` has the presets and the model_type
@@ -219,6 +236,40 @@ class PretrainTask(L.LightningModule):
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], max_norm)
         self.log("grad_norm", norm)
+        if self.guard.skip_nonfinite:
+            self._guard(norm)
+
+    def _guard(self, norm: torch.Tensor) -> None:
+        """Skip this optimizer step when the (global) gradient norm is not finite: optimizers leave parameters
+        without a gradient untouched. One host sync per step: the price of never applying a NaN update."""
+        if bool(torch.isfinite(norm)):
+            self._nonfinite_in_a_row = 0
+            return
+        for p in self.parameters():
+            p.grad = None
+        self._nonfinite_in_a_row += 1
+        dm = self.datamodule()
+        segment = getattr(dm, "_segment", None)
+        where = {"step": int(self.global_step)}
+        if segment is not None:  # the batch that produced it: (epoch, segment, batches consumed per rank - 1)
+            where.update(epoch=segment.epoch, segment=segment.index, batch=int(dm._batches) - 1)
+        self.skipped.append(where)
+        self.log("guard/skipped_steps", float(len(self.skipped)), rank_zero_only=True)
+        rank_zero_warn(f"step {self.global_step}: the gradient norm is {float(norm)}; the step was skipped on every "
+                       f"rank ({len(self.skipped)} skipped so far)")
+        if self._nonfinite_in_a_row >= self.guard.max_consecutive:
+            first = self.skipped[-self._nonfinite_in_a_row]["step"]
+            raise UserError(f"{self._nonfinite_in_a_row} optimizer steps in a row (steps {first}-{self.global_step}) "
+                            "had a non-finite loss or gradient: the run has diverged; resume from an earlier "
+                            "checkpoint with a lower model.lr (or raise guard.max_consecutive)")
+
+    def summary_lines(self) -> list[str]:
+        """Lines for the run summary."""
+        if not self.skipped:
+            return []
+        listed = ", ".join(str(s["step"]) for s in self.skipped[:10]) + (" ..." if len(self.skipped) > 10 else "")
+        return [f"guard: {len(self.skipped)} step(s) skipped for a non-finite gradient: {listed} (listed with their "
+                "data positions in the checkpoint, key 'guard')"]
 
     # ---------------------------------------------------------------- checkpoint extras
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -245,9 +296,11 @@ class PretrainTask(L.LightningModule):
         else:
             per_rank = [own]
         checkpoint["rng_states"] = {"per_rank": per_rank}
+        checkpoint["guard"] = {"options": asdict(self.guard), "skipped": list(self.skipped)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_family(checkpoint.get("model_config"), self.model_class.config_class.model_type, type(self).__name__)
+        self.skipped = list(checkpoint.get("guard", {}).get("skipped", []))
         states = checkpoint.get("rng_states")
         if states is not None:
             self._rng_states = states  # applied at fit start: Lightning seeds again after loading the checkpoint

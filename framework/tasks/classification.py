@@ -191,9 +191,9 @@ class ClassificationTask(PretrainTask):
     def summary_lines(self) -> list[str]:
         """Per-class precision, recall and F1 of the last validation, for the run summary."""
         if self.val_confusion is None:
-            return []
+            return super().summary_lines()
         c = self.val_confusion
-        lines = [f"{'class':<24} {'support':>8} {'precision':>10} {'recall':>8} {'F1':>6}"]
+        lines = super().summary_lines() + [f"{'class':<24} {'support':>8} {'precision':>10} {'recall':>8} {'F1':>6}"]
         for k, (p, r, f) in enumerate(zip(*per_class(c))):
             name = self.class_names[k] if k < len(self.class_names) else str(k)
             lines.append(f"{name[:24]:<24} {int(c[k].sum()):>8} {p:>10.1%} {r:>8.1%} {f:>6.1%}")
