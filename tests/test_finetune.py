@@ -334,3 +334,26 @@ def test_layer_wise_lr_decay_and_the_heads_own_lr():
     assert scale("model.transformer.h.0.mlp.c_fc.bias") == 0.5 ** 2
     assert scale("model.transformer.wte.weight") == 0.5 ** 3  # embeddings: below the first block
     assert scale("model.transformer.ln_f.weight") == 1.0
+
+
+def test_the_transfer_report_compares_both_arms_on_the_same_subsets(labelled, tmp_path):
+    from test_fit import run_cli
+
+    from framework.models.gpt import GPT, GPTConfig
+
+    GPT(GPTConfig.from_preset("gpt-tiny", vocab_size=261)).save_pretrained(tmp_path / "gpt")
+    r = run_cli("transfer-report", "--pretrained", str(tmp_path / "gpt"), "--data", str(labelled), "--output",
+                str(tmp_path / "report"), "--fractions", "0.1,1", "--seeds", "2", "--lrs", "1e-3", "--steps", "3",
+                "--batch-size", "4", "--seq-len", "32", "--accelerator", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert len(report["runs"]) == 2 * 2 * 2  # fractions x arms x seeds
+    for fraction in (0.1, 1.0):
+        runs = [x for x in report["runs"] if x["fraction"] == fraction]
+        assert {x["arm"] for x in runs} == {"pretrained", "scratch"}
+        assert len({x["train_docs"] for x in runs}) == 1  # identical subsets for both arms
+    assert [row["pretrained"]["train_docs"] for row in report["rows"]] == [24, 240]
+    assert all("gain" in row for row in report["rows"]) and report["val_docs"] == 60
+    assert (tmp_path / "report" / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| 0.1 | 24 | full |" in table and "| 1 | 240 | full |" in table and "| 0.1 | 24 | full |" in r.stdout
