@@ -77,6 +77,10 @@ def framework_fit(args: argparse.Namespace, shards: str, vocab: int, device: tor
     dm = ShardDataModule(path=shards, seq_len=args.seq_len, batch_size=args.batch_size, num_workers=2)
     task = CausalLMTask(preset=args.preset, config={"vocab_size": vocab, "seq_len": args.seq_len}, lr=3e-4,
                         warmup_steps=0, compile=args.compile)
+    if args.no_guard:  # the non-finite guard costs one host sync per step
+        from framework.tasks.base import GuardOptions
+
+        task.guard = GuardOptions(skip_nonfinite=False)
     timer = _Timer(args.warmup, device)
     strategy = make_strategy(args.strategy, precision=precision, accelerator=device.type if device.type == "cpu"
                              else "gpu", micro_batch_size=args.batch_size, gradient_clip_val=1.0)
@@ -97,6 +101,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--strategy", default="auto")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-guard", action="store_true", help="turn the non-finite guard off (its per-step host sync)")
     p.add_argument("--shards", help="a prepared shard dir (default: the stdlib corpus, bytes tokenizer)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
