@@ -86,6 +86,9 @@ class PretrainCLI(LightningCLI):
             trainer.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        from framework.compat import check
+
+        check({"lightning"} | ({"deepspeed"} if "deepspeed" in sys.modules else set()))
         cfg = self._section(self.config_init)
         root = cfg.trainer.default_root_dir
         ckpt_dir = os.path.join(root, "checkpoints")
