@@ -24,9 +24,10 @@ from framework.errors import UserError
 from framework.models import GPT, Encoder, from_pretrained
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-STRATEGIES = ["ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3"]
 # (strategy, model family): every strategy with the GPT; the sharding ones with the masked-LM encoder too
-CASES = [(s, "gpt") for s in STRATEGIES] + [("fsdp", "bert"), ("deepspeed_stage_3", "bert")]
+# every checkpoint layout; the FSDP2 one with the encoder only (the GPT's names go the same way)
+CASES = [("ddp", "gpt"), ("deepspeed_stage_2", "gpt"), ("deepspeed_stage_3", "gpt"), ("fsdp", "bert"),
+         ("deepspeed_stage_3", "bert")]
 PARAMS = {"gpt": 124_672, "bert": 129_280}  # gpt-tiny / bert-test with the 261-token byte vocabulary (padded to 320)
 
 

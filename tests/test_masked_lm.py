@@ -21,7 +21,7 @@ from framework.objectives.masked_lm import mask_tokens, masked_accuracy, masked_
 from framework.tasks.causal_lm import CausalLMTask
 from framework.tasks.masked_lm import MaskedLMTask
 from framework.train import fit
-from test_fit import assert_one_line_error, run_cli, steps
+from test_fit import assert_one_line_error, run_cli, run_main, steps
 from test_fit import write_config as gpt_config
 
 SPECIALS = [250, 251, 252, 253, 254]  # eod, pad, mask, cls, sep of a toy 256-token vocabulary
@@ -304,15 +304,15 @@ def checkpoints(shards, tmp_path_factory) -> dict[str, Path]:
 
 def test_wrong_family_and_bad_input_are_one_line_and_exit_2(shards, checkpoints, tmp_path):
     bert, gpt = str(checkpoints["bert"]), str(checkpoints["gpt"])
-    assert_one_line_error(run_cli("generate", "--ckpt", bert), "holds a 'bert' model")
-    assert_one_line_error(run_cli("fill-mask", "--ckpt", gpt, "--text", "a<|mask|>"), "holds a 'gpt' model")
-    assert_one_line_error(run_cli("fill-mask", "--ckpt", bert, "--text", "no mask here"), "has no <|mask|> token")
+    assert_one_line_error(run_main("generate", "--ckpt", bert), "holds a 'bert' model")
+    assert_one_line_error(run_main("fill-mask", "--ckpt", gpt, "--text", "a<|mask|>"), "holds a 'gpt' model")
+    assert_one_line_error(run_main("fill-mask", "--ckpt", bert, "--text", "no mask here"), "has no <|mask|> token")
     config = str(write_config(tmp_path, shards))
-    assert_one_line_error(run_cli("fit", "--config", config, "--ckpt_path", gpt, cwd=tmp_path),
+    assert_one_line_error(run_main("fit", "--config", config, "--ckpt_path", gpt, cwd=tmp_path),
                           "holds a 'gpt' model but MaskedLMTask needs a 'bert' one")
-    assert_one_line_error(run_cli("fit", "--config", config, "--data.init_args.mask_rate", "1.5", cwd=tmp_path),
+    assert_one_line_error(run_main("fit", "--config", config, "--data.init_args.mask_rate", "1.5", cwd=tmp_path),
                           "data.mask_rate must be in (0, 1)")
-    assert_one_line_error(run_cli("fit", "--config", config, "--data.class_path",
+    assert_one_line_error(run_main("fit", "--config", config, "--data.class_path",
                                   "framework.data.datamodule.ShardDataModule", "--data.init_args.path", str(shards),
                                   cwd=tmp_path), "set data.class_path to framework.data.datamodule.MaskedLMDataModule")
     # a tokenizer without <|mask|>
@@ -323,7 +323,7 @@ def test_wrong_family_and_bad_input_are_one_line_and_exit_2(shards, checkpoints,
     manifest = json.loads((bad / "manifest.json").read_text())
     del manifest["tokenizer"]["special_tokens"]["mask"]
     (bad / "manifest.json").write_text(json.dumps(manifest))
-    assert_one_line_error(run_cli("fit", "--config", config, "--data.init_args.path", str(bad), cwd=tmp_path),
+    assert_one_line_error(run_main("fit", "--config", config, "--data.init_args.path", str(bad), cwd=tmp_path),
                           "has no <|mask|> token, which masked LM needs")
 
 

@@ -71,12 +71,12 @@ def test_sharding_divides_model_states_and_the_plan_picks_what_fits():
 
 
 def test_the_command_prints_a_recommendation_and_bad_sizes_are_one_line():
-    from test_fit import assert_one_line_error, run_cli
+    from test_fit import assert_one_line_error, run_main
 
-    r = run_cli("plan", "--config", "configs/gpt/1.5b.yaml", "--gpus", "8", "--gpu-memory", "80GB")
+    r = run_main("plan", "--config", "configs/gpt/1.5b.yaml", "--gpus", "8", "--gpu-memory", "80GB")
     assert r.returncode == 0, r.stderr
     assert "recommended: --trainer.strategy" in r.stdout and "deepspeed_stage_3_offload" in r.stdout
-    assert_one_line_error(run_cli("plan", "--preset", "gpt2-124m", "--gpu-memory", "eighty"), "bad memory size")
+    assert_one_line_error(run_main("plan", "--preset", "gpt2-124m", "--gpu-memory", "eighty"), "bad memory size")
 
 
 def test_zero_states_agree_with_deepspeeds_own_estimators():
