@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from dist_fit import cli, make_shards, write_config
 from framework.checkpoint.consolidate import checkpoint_meta
