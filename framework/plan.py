@@ -31,7 +31,6 @@ RAM; a 6.7B GPT exhausted the host. `tests/test_plan.py` checks these and the ti
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,6 +251,6 @@ def main(argv: list[str]) -> None:
           f"{' --model.init_args.activation_checkpointing true' if best.checkpointing else ''} "
           f"--data.batch_size {best.micro_batch}   ({_gb(best.gpu).strip()} GiB per GPU, "
           f"~{seq_len * best.micro_batch * n / best.step_seconds:,.0f} tokens/s at {args.mfu:.0%} MFU)")
-    if math.isfinite(best.step_seconds) and best.micro_batch != micro_batch:
+    if best.micro_batch != micro_batch:
         print(f"  (the largest micro-batch that fits, up to 8x the configured {micro_batch}; keep the global batch "
               "with --trainer.accumulate_grad_batches)")

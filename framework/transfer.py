@@ -209,7 +209,7 @@ def main(argv: list[str]) -> None:
 
     probe = ClassificationDataModule(path=args.data, seq_len=args.seq_len, batch_size=args.batch_size, num_workers=0)
     probe.setup("fit")
-    val_labels = probe._indexes["val"].label
+    val_labels = probe.val_labels()
     if not len(val_labels):
         raise UserError(f"'{args.data}' has no val split; prepare it with a --val-fraction > 0")
     counts = [int((val_labels == k).sum()) for k in range(probe.num_classes)]

@@ -266,6 +266,12 @@ class ShardDataModule(L.LightningDataModule):
         return batch
 
     # ---------------------------------------------------------------- checkpointed position
+    def last_trained(self) -> dict[str, int] | None:
+        """Where the last trained batch came from: epoch, segment and its index among each rank's batches."""
+        if self._segment is None:
+            return None
+        return {"epoch": self._segment.epoch, "segment": self._segment.index, "batch": self._batches - 1}
+
     def state_dict(self) -> dict[str, Any]:
         if self._segment is None:
             return {}

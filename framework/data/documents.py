@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -261,6 +261,10 @@ class ClassificationDataModule(ShardDataModule):
         """Classes of the documents trained on (the label-fraction subset)."""
         return self._indexes["train"].label[self._units["train"]]
 
+    def val_labels(self) -> np.ndarray:
+        """Classes of the val split's documents (all of them are validated)."""
+        return self._indexes["val"].label
+
     def _stream(self, shards: list[Shard], batch_size: int, shuffle: bool, train: bool) -> DocumentStream:
         rank, world = self._world()
         split = "train" if train else "val"
@@ -269,14 +273,11 @@ class ClassificationDataModule(ShardDataModule):
                               seed=self.seed, shuffle=shuffle, rank=rank, world=world,
                               workers=max(1, self.num_workers), fill=not train)
 
-    def batch_transform(self, train: bool) -> Callable[[dict, int], dict] | None:
-        return None
-
     def unigram_baseline(self) -> dict[str, float]:
         """The best guess without reading the text: the train subset's class prior, scored on the val split
         (cross-entropy in nats, and the accuracy of always guessing the most frequent class)."""
         train = np.bincount(self.train_labels(), minlength=self.num_classes)
-        val = np.bincount(self._indexes["val"].label, minlength=self.num_classes)
+        val = np.bincount(self.val_labels(), minlength=self.num_classes)
         p = (train + 1) / (train.sum() + self.num_classes)
         return {"name": "class prior", "loss": float(-(val * np.log(p)).sum() / max(1, val.sum())),
                 "accuracy": float(val[int(train.argmax())] / max(1, val.sum()))}

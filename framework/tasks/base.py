@@ -81,6 +81,7 @@ class PretrainTask(L.LightningModule):
         self.config: TransformerConfig | None = None
         self.tokenizer_json: str | None = None
         self.guard = GuardOptions()  # `pretrain fit` sets it from --guard.*
+        self.print_init_report = True  # init_from prints what it loaded (the transfer report turns it off)
         self.skipped: list[dict[str, int]] = []  # the steps the guard skipped: step and data position
         self._nonfinite_in_a_row = 0
 
@@ -156,7 +157,7 @@ class PretrainTask(L.LightningModule):
 
         assert self.model is not None and self.init_from is not None
         report = load_weights(self.model, self.init_from, self.trainer.strategy, TIED[self.model.config.model_type])
-        if self.trainer.is_global_zero and getattr(self, "print_init_report", True):
+        if self.trainer.is_global_zero and self.print_init_report:
             print("\n".join(report.lines(self.init_from)), flush=True)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -249,11 +250,8 @@ class PretrainTask(L.LightningModule):
             p.grad = None
         self._nonfinite_in_a_row += 1
         dm = self.datamodule()
-        segment = getattr(dm, "_segment", None)
-        where = {"step": int(self.global_step)}
-        if segment is not None:  # the batch that produced it: (epoch, segment, batches consumed per rank - 1)
-            where.update(epoch=segment.epoch, segment=segment.index, batch=int(dm._batches) - 1)
-        self.skipped.append(where)
+        batch = dm.last_trained() if hasattr(dm, "last_trained") else None  # the batch that produced it
+        self.skipped.append({"step": int(self.global_step), **(batch or {})})
         self.log("guard/skipped_steps", float(len(self.skipped)), rank_zero_only=True)
         rank_zero_warn(f"step {self.global_step}: the gradient norm is {float(norm)}; the step was skipped on every "
                        f"rank ({len(self.skipped)} skipped so far)")
