@@ -7,9 +7,12 @@ import torch
 
 from framework.data.datamodule import MaskedLMDataModule, ShardDataModule
 from framework.data.documents import ClassificationDataModule
+from framework.data.images import ImageDataModule
 from framework.models import FAMILIES
 from framework.tasks.base import PretrainTask
 from framework.tasks.classification import ClassificationTask
+from framework.tasks.clip import CLIPTask
+from framework.tasks.vision import ImageClassificationTask
 from framework.train import PretrainCLI
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
@@ -18,19 +21,38 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 def test_there_are_configs():
     names = {str(p.relative_to(p.parents[1])) for p in CONFIGS}
     assert names >= {"gpt/smoke.yaml", "gpt/124m.yaml", "gpt/350m.yaml", "gpt/774m.yaml", "gpt/1.5b.yaml",
-                     "bert/smoke.yaml", "bert/base.yaml", "bert/large.yaml", "finetune/smoke.yaml"}
+                     "bert/smoke.yaml", "bert/base.yaml", "bert/large.yaml", "finetune/smoke.yaml",
+                     "vision/smoke.yaml", "vision/resnet50.yaml", "vision/linear-probe.yaml", "clip/smoke.yaml",
+                     "clip/vit-b-16.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(p.parents[1])) for p in CONFIGS])
 def test_config_parses_and_builds(path, tmp_path):
     # GPU recipes are parsed as they are, except that the Trainer is built for this CPU-only machine
     # a fine-tuning recipe takes its backbone from --model.init_from: here a preset of the same family stands in
-    backbone = ["--model.init_args.backbone_preset", "bert-cpu"] if path.parent.name == "finetune" else []
+    backbone = {"finetune": ["--model.init_args.backbone_preset", "bert-cpu"],
+                "vision": ["--model.init_args.mode", "full"] if path.name == "linear-probe.yaml" else []}
+    backbone = backbone.get(path.parent.name, [])
     cli = PretrainCLI(PretrainTask, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
                       args=["--config", str(path), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
                             "--trainer.default_root_dir", str(tmp_path), "--wandb.mode", "disabled", *backbone],
                       save_config_callback=None, load_from_checkpoint_support=False, auto_configure_optimizers=False)
     task, data = cli.model, cli.datamodule
+    if isinstance(task, (ImageClassificationTask, CLIPTask)):  # images: the model is sized by the data's classes
+        assert isinstance(data, ImageDataModule) and data.batch_size >= 1 and data.image_size >= 8
+        if isinstance(task, CLIPTask):
+            assert data.captions and not data.hflip, "captions name positions: a mirrored image contradicts them"
+            config = task.model_class.config_class.from_preset(task.preset, **task.overrides)
+            assert data.max_caption_tokens + 2 <= config.text["seq_len"]
+        else:
+            config = task.model_class.config_class.from_preset(task.preset, **task.overrides)
+        if config.model_type == "clip" or config.model_type == "vit":
+            image = config.image if config.model_type == "clip" else config.to_dict()
+            assert image.get("image_size", data.image_size) == data.image_size or image["model_type"] == "resnet"
+        with torch.device("meta"):
+            assert task.model_class(config).num_params() > 0
+        assert cli.trainer.max_steps > task.warmup_steps
+        return
     if isinstance(task, ClassificationTask):
         assert isinstance(data, ClassificationDataModule)
         config = FAMILIES[task.backbone].config_class.from_preset(task.preset, **task.overrides)

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
+from framework.callbacks.throughput import unit
 from framework.callbacks.wandb_run import run_location
 
 
@@ -84,8 +85,9 @@ class LineProgress(ProgressBar):
         line = f"step {step}/{trainer.max_steps}" if trainer.max_steps > 0 else f"step {step}"
         if "train/loss" in metrics:
             line += f"  loss {float(metrics['train/loss']):.4f}"
-        if "tokens_per_sec" in metrics:
-            line += f"  {float(metrics['tokens_per_sec']):,.0f} tokens/s"
+        rate = f"{unit(pl_module)}_per_sec"
+        if rate in metrics:
+            line += f"  {float(metrics[rate]):,.0f} {unit(pl_module)}/s"
         elapsed = time.perf_counter() - (self._start or time.perf_counter())
         line += f"  elapsed {_fmt_duration(elapsed)}"
         done = step - self._start_step

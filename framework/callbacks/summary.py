@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from framework.callbacks.throughput import unit
 from framework.callbacks.wandb_run import offline_dir, run_location
 
 
@@ -27,7 +28,8 @@ class RunSummary(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         lines = ["", "=" * 30 + " run summary " + "=" * 30]
         metrics = trainer.callback_metrics
-        lines.append(f"steps: {trainer.global_step}   tokens seen: {int(metrics.get('tokens_seen', 0)):,}")
+        seen = unit(pl_module)
+        lines.append(f"steps: {trainer.global_step}   {seen} seen: {int(metrics.get(f'{seen}_seen', 0)):,}")
         if "train/loss" in metrics:
             lines.append(f"train/loss: {float(metrics['train/loss']):.4f}")
         dm = trainer.datamodule

@@ -67,6 +67,11 @@ def peak_tflops(device: torch.device, precision: str = "bf16-mixed") -> float | 
     return flops / 1e12 if flops else None
 
 
+def unit(pl_module: L.LightningModule) -> str:
+    """What a task's batches are counted in (its `unit`: tokens for language models, images for vision)."""
+    return getattr(pl_module, "unit", "tokens")
+
+
 class Throughput(L.Callback):
     """Counts the tokens trained on (all ranks) and times them over windows of whole optimizer steps.
 
@@ -103,7 +108,7 @@ class Throughput(L.Callback):
         self.tokens_seen += tokens
         self._window_tokens += tokens
         self._window_flops += pl_module.batch_flops(batch)  # this rank's
-        pl_module.log("tokens_seen", float(self.tokens_seen), rank_zero_only=True)
+        pl_module.log(f"{unit(pl_module)}_seen", float(self.tokens_seen), rank_zero_only=True)
         if trainer.global_step == self._last_step:  # accumulating: this micro-batch's optimizer step is still to come
             return
         self._last_step = trainer.global_step
@@ -113,7 +118,7 @@ class Throughput(L.Callback):
         if trainer.global_step % max(1, trainer.log_every_n_steps) != 0:
             return
         seconds = max(now - self._window_start, 1e-9)
-        pl_module.log("tokens_per_sec", self._window_tokens / seconds, prog_bar=True, rank_zero_only=True)
+        pl_module.log(f"{unit(pl_module)}_per_sec", self._window_tokens / seconds, prog_bar=True, rank_zero_only=True)
         if self._peak and self._window_flops:
             pl_module.log("mfu", self._window_flops / seconds / self._peak, rank_zero_only=True)
         self._restart(now)

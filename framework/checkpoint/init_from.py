@@ -95,11 +95,26 @@ def source_tokenizer(path: str) -> str | None:
     return checkpoint_meta(path).get("tokenizer_json")
 
 
-def load_weights(model: nn.Module, path: str, strategy: Any, tied: tuple[str, ...]) -> InitReport:
-    """Copy the weights at `path` into `model` (already laid out by `strategy`); see the module docstring."""
+def image_tower(config: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(the image model's config, the prefix of its tensors) in a source: a CLIP's image tower is `visual.*`."""
+    if config.get("model_type") == "clip":
+        return dict(config["image"]), "visual."
+    return config, ""
+
+
+def load_weights(model: nn.Module, path: str, strategy: Any, tied: tuple[str, ...], prefix: str = "",
+                 skip: tuple[str, ...] = ()) -> InitReport:
+    """Copy the weights at `path` into `model` (already laid out by `strategy`); see the module docstring.
+    `prefix`: take only the source's tensors under it (e.g. `visual.`, a CLIP's image tower), without it.
+    `skip`: name prefixes of the model's tensors that keep their fresh init (e.g. `head.`: a new head)."""
     from framework.models import model_type_of
 
     config, source = source_tensors(path)
+    if prefix:
+        config = image_tower(config)[0]
+        source = {n[len(prefix):]: v for n, v in source.items() if n.startswith(prefix)}
+    if skip:
+        source = {n: v for n, v in source.items() if not n.startswith(skip)}
     # a classifier takes the weights of its backbone's family
     found, expected = model_type_of(config), getattr(model.config, "family", model.config.model_type)
     if found != expected:

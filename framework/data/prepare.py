@@ -441,30 +441,38 @@ class _HashingFile:
 
 
 class ShardWriter:
-    """Writes one split's documents into `{split}-NNNNNN.tar` shards of about `max_bytes` token bytes each."""
+    """Writes one split's samples into `{split}-NNNNNN.tar` shards of about `max_bytes` payload bytes each (token
+    bytes for `add`). `ext` and `itemsize` are those of `add`'s token members; `add_sample` writes any members."""
 
     def __init__(self, out: Path, split: str, max_bytes: int, ext: str, itemsize: int, written: list[Path]):
         self.out, self.split, self.max_bytes, self.ext, self.itemsize = out, split, max_bytes, ext, itemsize
         self.written = written  # every path this run creates, for cleanup on failure
         self.shards: list[dict] = []
         self._tar: tarfile.TarFile | None = None  # the open shard, if any
-        self._samples = self._token_bytes = 0  # of the open shard
+        self._samples = self._tokens = self._payload = 0  # of the open shard
 
     def add(self, key: str, data: bytes, label: int | None = None) -> None:
         """One document: `{key}.u16` (its tokens) and, for a labelled corpus, `{key}.cls` (its class index, ASCII,
         webdataset's convention)."""
+        members = [(self.ext, data)] + ([("cls", str(label).encode())] if label is not None else [])
+        self.add_sample(key, members, tokens=len(data) // self.itemsize, size=len(data))
+
+    def add_sample(self, key: str, members: list[tuple[str, bytes]], tokens: int = 0, size: int | None = None) -> None:
+        """One sample: a member `{key}.{ext}` per (ext, payload), in the order given. `size` counts towards the shard
+        size (default: every payload); `tokens` towards the manifest's token count."""
         if self._tar is None:
             self._open()
-        members = [(self.ext, data)] + ([("cls", str(label).encode())] if label is not None else [])
+        assert self._tar is not None
         for ext, payload in members:
             info = tarfile.TarInfo(f"{key}.{ext}")
-            # fixed metadata: the archive is a pure function of the documents
+            # fixed metadata: the archive is a pure function of the samples
             info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = \
                 len(payload), 0, 0o644, 0, 0, "", ""
             self._tar.addfile(info, io.BytesIO(payload))
         self._samples += 1
-        self._token_bytes += len(data)
-        if self._token_bytes >= self.max_bytes:
+        self._tokens += tokens
+        self._payload += sum(len(p) for _, p in members) if size is None else size
+        if self._payload >= self.max_bytes:
             self._close()
 
     def finish(self) -> list[dict]:
@@ -479,7 +487,7 @@ class ShardWriter:
         self._file = open(self._tmp, "wb")  # stays open across add() calls
         self._hashing = _HashingFile(self._file)
         self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.USTAR_FORMAT)
-        self._samples = self._token_bytes = 0
+        self._samples = self._tokens = self._payload = 0
 
     def _close(self) -> None:
         assert self._tar is not None
@@ -488,7 +496,7 @@ class ShardWriter:
         os.fsync(self._file.fileno())  # the rename below must not land before the data does
         self._file.close()
         os.replace(self._tmp, self.out / self._name)
-        self.shards.append({"name": self._name, "samples": self._samples, "tokens": self._token_bytes // self.itemsize,
+        self.shards.append({"name": self._name, "samples": self._samples, "tokens": self._tokens,
                             "bytes": self._hashing.size, "sha256": self._hashing.sha.hexdigest()})
         self._tar = None
 
@@ -817,7 +825,7 @@ def _sha256_file(path: Path) -> str:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one `error:` line and exit 2 via the CLI, not argparse's usage dump
-        raise UserError(f"{message}; see `pretrain prepare --help`")
+        raise UserError(f"{message}; see `{self.prog} --help`")
 
 
 def _parser() -> argparse.ArgumentParser:

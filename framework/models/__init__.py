@@ -13,15 +13,19 @@ import torch
 from torch import nn
 
 from framework.models.classifier import ClassifierConfig, SequenceClassifier
+from framework.models.clip import CLIP, CLIPConfig
 from framework.models.encoder import Encoder, EncoderConfig
 from framework.models.gpt import GPT, GPTConfig
+from framework.models.resnet import ResNet, ResNetConfig
 from framework.models.transformer import ConfigError, TransformerConfig, load_pretrained_files
+from framework.models.vit import ViT, ViTConfig
 
 # model_type -> the model class (its `config_class` is the config dataclass)
-FAMILIES: dict[str, type[nn.Module]] = {"gpt": GPT, "bert": Encoder, "classifier": SequenceClassifier}
+FAMILIES: dict[str, type[nn.Module]] = {"gpt": GPT, "bert": Encoder, "classifier": SequenceClassifier,
+                                       "vit": ViT, "resnet": ResNet, "clip": CLIP}
 # what each family's weights file leaves out because it is tied to another tensor
 TIED: dict[str, tuple[str, ...]] = {"gpt": ("lm_head.weight",), "bert": ("mlm_head.decoder.weight",),
-                                    "classifier": ()}
+                                    "classifier": (), "vit": (), "resnet": (), "clip": ()}
 
 
 def model_type_of(values: dict[str, Any]) -> str:
@@ -64,5 +68,5 @@ def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 __all__ = ["FAMILIES", "TIED", "GPT", "GPTConfig", "Encoder", "EncoderConfig", "ClassifierConfig",
-           "SequenceClassifier", "build_model", "config_from_dict",
-           "from_pretrained", "model_type_of"]
+           "SequenceClassifier", "ViT", "ViTConfig", "ResNet", "ResNetConfig", "CLIP", "CLIPConfig", "build_model",
+           "config_from_dict", "from_pretrained", "model_type_of"]

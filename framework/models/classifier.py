@@ -79,6 +79,34 @@ class ClassifierConfig:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
+def frame_documents(tokens: torch.Tensor, lengths: torch.Tensor, special_ids: dict[str, int], causal: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Documents (B, L) whose first `lengths` tokens are real -> (ids (B, T), padding mask (B, T), the position to
+    pool for each row (B,)), framed as the backbone was pre-trained to read a document: a GPT (causal) reads
+    doc `<|endoftext|>` and is pooled at that last token, the only one that has read the whole document; an encoder
+    reads `<|cls|>` doc `<|sep|>` and is pooled at `<|cls|>`. Used by the classifier and CLIP's text tower."""
+    B = tokens.size(0)
+    rows = torch.arange(B, device=tokens.device)
+    pad = torch.full((B, 1), special_ids["pad"], dtype=tokens.dtype, device=tokens.device)
+    if causal:  # doc <|endoftext|>
+        framed = torch.cat([tokens, pad], dim=1)  # (B, L + 1)
+        framed[rows, lengths] = special_ids["eod"]
+        pool_at = lengths
+    else:  # <|cls|> doc <|sep|>
+        cls = torch.full((B, 1), special_ids["cls"], dtype=tokens.dtype, device=tokens.device)
+        framed = torch.cat([cls, tokens, pad], dim=1)  # (B, L + 2)
+        framed[rows, lengths + 1] = special_ids["sep"]
+        pool_at = torch.zeros_like(lengths)
+    last = lengths if causal else lengths + 1  # the framing token after the document
+    real = torch.arange(framed.size(1), device=tokens.device)[None, :] <= last[:, None]  # (B, T)
+    return framed, real, pool_at
+
+
+def framed_len(longest: int, causal: bool) -> int:
+    """The framed length of documents of at most `longest` tokens: one framing token for a GPT, two for an encoder."""
+    return longest + (1 if causal else 2)
+
+
 class SequenceClassifier(nn.Module):
     config_class = ClassifierConfig
 
@@ -107,24 +135,7 @@ class SequenceClassifier(nn.Module):
         return self
 
     def frame(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids (B, T), padding mask (B, T), the position to pool for each row (B,)) of documents (B, L) whose
-        first `lengths` tokens are real."""
-        ids = self.config.special_ids
-        B = tokens.size(0)
-        rows = torch.arange(B, device=tokens.device)
-        pad = torch.full((B, 1), ids["pad"], dtype=tokens.dtype, device=tokens.device)
-        if self.causal:  # doc <|endoftext|>
-            framed = torch.cat([tokens, pad], dim=1)  # (B, L + 1)
-            framed[rows, lengths] = ids["eod"]
-            pool_at = lengths
-        else:  # <|cls|> doc <|sep|>
-            cls = torch.full((B, 1), ids["cls"], dtype=tokens.dtype, device=tokens.device)
-            framed = torch.cat([cls, tokens, pad], dim=1)  # (B, L + 2)
-            framed[rows, lengths + 1] = ids["sep"]
-            pool_at = torch.zeros_like(lengths)
-        last = lengths if self.causal else lengths + 1  # the framing token after the document
-        real = torch.arange(framed.size(1), device=tokens.device)[None, :] <= last[:, None]  # (B, T)
-        return framed, real, pool_at
+        return frame_documents(tokens, lengths, self.config.special_ids, self.causal)
 
     def features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Pooled document features (B, C)."""
@@ -147,7 +158,7 @@ class SequenceClassifier(nn.Module):
         return self.head(self.dropout(feats))
 
     def framed_len(self, longest: int) -> int:
-        return longest + (1 if self.causal else 2)
+        return framed_len(longest, self.causal)
 
     def flops(self, sequences: int, seq_len: int) -> int:
         """Training FLOPs (matrix multiplies) of `sequences` framed sequences of `seq_len` tokens: the blocks (only

@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, ContextManager, Literal
+from typing import Any, Callable, ClassVar, ContextManager, Literal, TypeVar
 
 import torch
 import torch.nn as nn
@@ -36,64 +36,20 @@ class ConfigError(UserError, ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------- config
-@dataclass
-class TransformerConfig:
-    """Fields every transformer family has. Subclasses set `model_type`, `PRESETS` and their own defaults."""
+class PresetConfig:
+    """What every family's config dataclass shares: named presets, the dict round trip (checkpoints and config.json)
+    and unknown fields named with a suggestion. A subclass is a @dataclass that sets `model_type` and `PRESETS` and
+    checks its values in `__post_init__` (the `check_*` helpers below give every family the same messages)."""
 
     model_type: ClassVar[str] = ""
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
-
-    vocab_size: int = 50304
-    seq_len: int = 1024  # the longest context the model sees
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0  # pre-training with lots of data needs none; fine-tuning may want 0.1
-    bias: bool = True  # biases in Linear and LayerNorm (False is slightly faster and no worse)
-    # "learned" reproduces GPT-2's / BERT's parameter counts and checkpoint shapes. "rope" (rotary, no position
-    # parameters) extrapolates better to longer contexts and is what most recent models use.
-    pos_embedding: Literal["learned", "rope"] = "learned"
-    # The embedding table and logits matmul are padded to a multiple of this (nanoGPT: 50257 -> 50304 ran ~25% faster).
-    # Padded rows are never predicted: the heads slice the logits back to vocab_size.
-    vocab_multiple: int = 64
-
-    def __post_init__(self) -> None:
-        name = type(self).__name__
-        for field in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "vocab_multiple"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}.{field}={value!r} must be a positive integer")
-        if self.n_embd % self.n_head:
-            lo = self.n_embd // self.n_head * self.n_head
-            raise ConfigError(
-                f"{name}.n_embd={self.n_embd} must be divisible by n_head={self.n_head}: "
-                f"use n_embd={lo or self.n_head} or {lo + self.n_head}, or an n_head that divides {self.n_embd}"
-            )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ConfigError(f"{name}.dropout={self.dropout!r} must be a number in [0, 1)")
-        if self.pos_embedding not in ("learned", "rope"):
-            raise ConfigError(f"{name}.pos_embedding={self.pos_embedding!r} is not one of 'learned', 'rope'"
-                              + did_you_mean(str(self.pos_embedding), ["learned", "rope"]))
-        if self.pos_embedding == "rope" and self.head_size % 2:
-            raise ConfigError(f"{name}.pos_embedding='rope' needs an even head size, got n_embd/n_head="
-                              f"{self.head_size}: change n_embd or n_head")
-        if not isinstance(self.bias, bool):
-            raise ConfigError(f"{name}.bias={self.bias!r} must be true or false")
-
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def padded_vocab_size(self) -> int:
-        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
 
     @classmethod
     def presets(cls) -> list[str]:
         return list(cls.PRESETS)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "TransformerConfig":
+    def from_preset(cls: type[C], name: str, **overrides: Any) -> C:
         """The named preset with some fields replaced, e.g. `GPTConfig.from_preset("gpt2-124m", vocab_size=32000)`."""
         if name not in cls.PRESETS:
             family = cls.__name__.removesuffix("Config")
@@ -103,7 +59,7 @@ class TransformerConfig:
         return cls(**{**cls.PRESETS[name], **overrides})
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TransformerConfig":
+    def from_dict(cls: type[C], values: dict[str, Any]) -> C:
         values = dict(values)
         model_type = values.pop("model_type", cls.model_type)
         if model_type != cls.model_type:
@@ -121,6 +77,81 @@ class TransformerConfig:
             if key not in fields:
                 raise ConfigError(f"unknown {cls.__name__} field {key!r}{did_you_mean(key, fields)}; "
                                   f"fields: {', '.join(fields)}")
+
+
+C = TypeVar("C", bound=PresetConfig)
+
+
+def check_positive_ints(config: Any, *fields: str) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{type(config).__name__}.{field}={value!r} must be a positive integer")
+
+
+def check_dropout(config: Any, field: str = "dropout") -> None:
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"{type(config).__name__}.{field}={value!r} must be a number in [0, 1)")
+
+
+def check_bool(config: Any, field: str) -> None:
+    if not isinstance(getattr(config, field), bool):
+        raise ConfigError(f"{type(config).__name__}.{field}={getattr(config, field)!r} must be true or false")
+
+
+def check_choice(config: Any, field: str, choices: tuple[str, ...]) -> None:
+    value = getattr(config, field)
+    if value not in choices:
+        raise ConfigError(f"{type(config).__name__}.{field}={value!r} is not one of "
+                          f"{', '.join(repr(c) for c in choices)}" + did_you_mean(str(value), choices))
+
+
+def check_heads(config: Any) -> None:
+    """n_embd must split evenly into n_head heads; the message offers the nearest sizes that do."""
+    if config.n_embd % config.n_head:
+        lo = config.n_embd // config.n_head * config.n_head
+        raise ConfigError(
+            f"{type(config).__name__}.n_embd={config.n_embd} must be divisible by n_head={config.n_head}: "
+            f"use n_embd={lo or config.n_head} or {lo + config.n_head}, or an n_head that divides {config.n_embd}"
+        )
+
+
+@dataclass
+class TransformerConfig(PresetConfig):
+    """Fields every transformer family has. Subclasses set `model_type`, `PRESETS` and their own defaults."""
+
+    vocab_size: int = 50304
+    seq_len: int = 1024  # the longest context the model sees
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # pre-training with lots of data needs none; fine-tuning may want 0.1
+    bias: bool = True  # biases in Linear and LayerNorm (False is slightly faster and no worse)
+    # "learned" reproduces GPT-2's / BERT's parameter counts and checkpoint shapes. "rope" (rotary, no position
+    # parameters) extrapolates better to longer contexts and is what most recent models use.
+    pos_embedding: Literal["learned", "rope"] = "learned"
+    # The embedding table and logits matmul are padded to a multiple of this (nanoGPT: 50257 -> 50304 ran ~25% faster).
+    # Padded rows are never predicted: the heads slice the logits back to vocab_size.
+    vocab_multiple: int = 64
+
+    def __post_init__(self) -> None:
+        check_positive_ints(self, "vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "vocab_multiple")
+        check_heads(self)
+        check_dropout(self)
+        check_choice(self, "pos_embedding", ("learned", "rope"))
+        if self.pos_embedding == "rope" and self.head_size % 2:
+            raise ConfigError(f"{type(self).__name__}.pos_embedding='rope' needs an even head size, got "
+                              f"n_embd/n_head={self.head_size}: change n_embd or n_head")
+        check_bool(self, "bias")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
 
 
 def did_you_mean(name: str, choices: Any) -> str:
@@ -292,6 +323,11 @@ def run_trunk(trunk: nn.ModuleDict, config: TransformerConfig, idx: torch.Tensor
     return trunk.ln_f(x)
 
 
+def gathered(module: nn.Module, gather: Callable[[nn.Module], ContextManager[Any]] | None) -> ContextManager[Any]:
+    """`gather(module)` (e.g. ZeRO-3's GatheredParameters around the module's own parameters), or nothing."""
+    return gather(module) if gather is not None else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, config: TransformerConfig, skip: tuple[nn.Module, ...] = (),
                  gather: Callable[[nn.Module], ContextManager[Any]] | None = None) -> None:
@@ -305,7 +341,7 @@ def init_weights(model: nn.Module, config: TransformerConfig, skip: tuple[nn.Mod
     for module in model.modules():
         if any(module is s for s in skip) or not isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
             continue
-        with gather(module) if gather is not None else contextlib.nullcontext():
+        with gathered(module, gather):
             if isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
                 continue

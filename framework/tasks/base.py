@@ -84,11 +84,13 @@ class PretrainTask(L.LightningModule):
         self.print_init_report = True  # init_from prints what it loaded (the transfer report turns it off)
         self.skipped: list[dict[str, int]] = []  # the steps the guard skipped: step and data position
         self._nonfinite_in_a_row = 0
+        self.corrupt_samples = 0  # on this rank, since the fit started
 
     # ---------------------------------------------------------------- for subclasses
     model_class: type[nn.Module]  # the model family; its `config_class` has the presets and the model_type
     block_types: tuple[type[nn.Module], ...] = ()  # the model's repeated blocks: units of sharding and recompute
     perplexity = False  # log val/ppl = exp(val/loss): only where the loss is a per-token log-likelihood of the data
+    unit = "tokens"  # what batch_tokens counts: logged as {unit}_seen and {unit}_per_sec
 
     def set_model_config(self, preset: str, config: dict[str, Any] | None) -> None:
         """Remember the preset and its overrides; fail on a bad preset or field now, not after data setup."""
@@ -104,7 +106,7 @@ class PretrainTask(L.LightningModule):
         raise NotImplementedError
 
     def batch_tokens(self, batch: dict[str, Any]) -> int:
-        """Tokens the model processed for this batch (tokens_seen, tokens_per_sec)."""
+        """What the model processed for this batch, in `unit`s (tokens_seen, tokens_per_sec for a language model)."""
         raise NotImplementedError
 
     def batch_flops(self, batch: dict[str, Any]) -> int:
@@ -168,6 +170,9 @@ class PretrainTask(L.LightningModule):
     # ---------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         measures = self.compute_losses(batch)
+        if batch.get("corrupt"):  # undecodable samples the reader replaced by filler rows (a host int: no sync)
+            self.corrupt_samples += int(batch["corrupt"])
+            self.log("data/corrupt_samples", float(self.corrupt_samples), rank_zero_only=True)
         for name, (value, _) in measures.items():
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss")
         self.log("lr", self.lr_at(self.global_step), prog_bar=False)

@@ -21,7 +21,52 @@ from framework.tasks.base import Measures, PretrainTask
 MODES = ("full", "linear", "lora")
 
 
-class ClassificationTask(PretrainTask):
+class ClassMetrics:
+    """Per-class measures every classification task logs: macro-F1 (train: over the batches since the last log; val:
+    over the whole val split, its confusion matrix summed over ranks) and, in the run summary, per-class precision,
+    recall and F1. A task calls `_add_confusion` from compute_losses and sets `class_names`."""
+
+    _confusion: dict[str, torch.Tensor]
+    val_confusion: torch.Tensor | None = None  # of the last validation, for the run summary
+    class_names: list[str]
+
+    def _add_confusion(self, split: str, logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> None:
+        K = logits.size(-1)
+        pairs = labels[real] * K + logits.argmax(-1)[real]
+        counts = torch.bincount(pairs, minlength=K * K).view(K, K)  # [true, predicted]
+        if split in self._confusion:
+            self._confusion[split] = self._confusion[split] + counts
+        else:
+            self._confusion[split] = counts
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0 and "train" in self._confusion:
+            self.log("train/macro_f1", macro_f1(self._confusion.pop("train")))
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        confusion = self._confusion.pop("val", None)
+        if confusion is None:
+            return
+        confusion = self.trainer.strategy.reduce(confusion.double(), reduce_op="sum")
+        self.val_confusion = confusion.cpu()
+        self.log("val/macro_f1", macro_f1(confusion).float(), rank_zero_only=True)
+
+    def summary_lines(self) -> list[str]:
+        """Per-class precision, recall and F1 of the last validation, for the run summary."""
+        if self.val_confusion is None:
+            return super().summary_lines()
+        c = self.val_confusion
+        lines = super().summary_lines() + [f"{'class':<24} {'support':>8} {'precision':>10} {'recall':>8} {'F1':>6}"]
+        for k, (p, r, f) in enumerate(zip(*per_class(c))):
+            name = self.class_names[k] if k < len(self.class_names) else str(k)
+            lines.append(f"{name[:24]:<24} {int(c[k].sum()):>8} {p:>10.1%} {r:>8.1%} {f:>6.1%}")
+        return lines
+
+
+class ClassificationTask(ClassMetrics, PretrainTask):
     """Fine-tunes (or trains from scratch) a sequence classifier; logs train/val `loss`, `accuracy` and `macro_f1`
     (val: over the whole val split; train: over the batches since the last log), per-class F1 in the run summary.
 
@@ -72,7 +117,6 @@ class ClassificationTask(PretrainTask):
 
             FAMILIES[backbone].config_class.from_preset(backbone_preset, **self.overrides)  # a bad preset/field fails now
         self._confusion: dict[str, torch.Tensor] = {}
-        self.val_confusion: torch.Tensor | None = None  # of the last validation, for the run summary
         self.class_names: list[str] = []
 
     # ---------------------------------------------------------------- model
@@ -163,41 +207,6 @@ class ClassificationTask(PretrainTask):
         correct = ((logits.detach().argmax(-1) == labels) & real).sum()
         self._add_confusion("train" if self.training else "val", logits.detach(), labels, real)
         return {"loss": (loss, count), "accuracy": (correct / count.clamp(min=1), count)}
-
-    def _add_confusion(self, split: str, logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> None:
-        K = logits.size(-1)
-        pairs = labels[real] * K + logits.argmax(-1)[real]
-        counts = torch.bincount(pairs, minlength=K * K).view(K, K)  # [true, predicted]
-        if split in self._confusion:
-            self._confusion[split] = self._confusion[split] + counts
-        else:
-            self._confusion[split] = counts
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
-        if (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0 and "train" in self._confusion:
-            self.log("train/macro_f1", macro_f1(self._confusion.pop("train")))
-        return loss
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        confusion = self._confusion.pop("val", None)
-        if confusion is None:
-            return
-        confusion = self.trainer.strategy.reduce(confusion.double(), reduce_op="sum")
-        self.val_confusion = confusion.cpu()
-        self.log("val/macro_f1", macro_f1(confusion).float(), rank_zero_only=True)
-
-    def summary_lines(self) -> list[str]:
-        """Per-class precision, recall and F1 of the last validation, for the run summary."""
-        if self.val_confusion is None:
-            return super().summary_lines()
-        c = self.val_confusion
-        lines = super().summary_lines() + [f"{'class':<24} {'support':>8} {'precision':>10} {'recall':>8} {'F1':>6}"]
-        for k, (p, r, f) in enumerate(zip(*per_class(c))):
-            name = self.class_names[k] if k < len(self.class_names) else str(k)
-            lines.append(f"{name[:24]:<24} {int(c[k].sum()):>8} {p:>10.1%} {r:>8.1%} {f:>6.1%}")
-        return lines
 
     def batch_tokens(self, batch: dict[str, Any]) -> int:
         assert self.model is not None
