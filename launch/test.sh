@@ -7,7 +7,7 @@ source launch/setup.sh
 # DeepSpeed JIT-builds one small op on CPU (its shared-memory allreduce); keep the build between runs
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 set +e
-python -m pytest -q "$@"
+python -m pytest -q --durations=20 "$@"  # the slowest tests, to keep the suite inside its CI budget
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then

@@ -219,3 +219,25 @@ def test_both_objectives_train_on_two_processes(shapes, tmp_path, strategy):
         fit(cfg)
         ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
         assert ckpt.exists(), f"{strategy} {name}: no checkpoint"
+
+
+def test_bad_input_is_one_line_and_exit_2(shapes, clip_run, tmp_path):
+    clip_cfg = config(tmp_path, shapes, CLIP_TASK, {"preset": "clip-test"}, steps=2,
+                      data_args={"captions": True, "max_caption_tokens": 30, "hflip": False})
+    assert_one_line_error(run_main("fit", "--config", str(clip_cfg), "--trainer.accumulate_grad_batches", "2",
+                                   cwd=tmp_path), "use model.accum_freq=2 instead")
+    assert_one_line_error(run_main("fit", "--config", str(clip_cfg), "--data.init_args.captions", "false",
+                                   cwd=tmp_path), "CLIPTask needs image-caption pairs")
+    assert_one_line_error(run_main("fit", "--config", str(clip_cfg), "--model.init_args.accum_freq", "3",
+                                   cwd=tmp_path), "not a multiple of model.accum_freq=3")
+    sup_cfg = config(tmp_path, shapes, SUPERVISED, {"backbone": "vit", "backbone_preset": "vit-test"}, steps=2,
+                     data_args={"image_size": 48})
+    assert_one_line_error(run_main("fit", "--config", str(sup_cfg), cwd=tmp_path),
+                          "data.image_size=48 but the ViT takes 32 px images")
+    assert_one_line_error(run_main("fit", "--config", str(sup_cfg), "--model.init_args.mode", "linear",
+                                   cwd=tmp_path), "model.mode=linear probes a pre-trained backbone")
+    ckpt = str(clip_run[0] / "checkpoints" / "last.ckpt")
+    assert_one_line_error(run_main("zero-shot", "--ckpt", ckpt, "--data", str(shapes), "--template", "a shape"),
+                          "--template must each hold one '{}'")
+    assert_one_line_error(run_main("generate", "--ckpt", ckpt), "holds a 'clip' model")
+    assert_one_line_error(run_main("zero-shot", "--ckpt", ckpt, "--data", str(tmp_path / "nowhere")), "nowhere")
