@@ -47,16 +47,19 @@ def train_one(pretrained: str, data: str, fraction: float, mode: str, arm: str, 
     """One fine-tuning run in this process (no logger, no checkpoint) -> its final val accuracy and macro-F1."""
     import lightning as L
 
-    from framework.data.documents import ClassificationDataModule
-    from framework.tasks.classification import ClassificationTask
-
     started = time.perf_counter()
     L.seed_everything(seed, verbose=False)
-    dm = ClassificationDataModule(path=data, seq_len=args.seq_len, batch_size=args.batch_size, num_workers=0,
-                                  seed=seed, label_fraction=fraction)
-    task = ClassificationTask(init_from=pretrained, random_init=arm == "scratch", mode=mode, lr=lr, pooling=args.pooling,
-                              head_lr=lr * args.head_lr_ratio, warmup_steps=max(1, args.steps // 10),
-                              weight_decay=0.01, betas=(0.9, 0.98), min_lr_ratio=0.1)
+    dm = datamodule(data, args, seed=seed, label_fraction=fraction)
+    common = dict(init_from=pretrained, random_init=arm == "scratch", mode=mode, lr=lr, head_lr=lr * args.head_lr_ratio,
+                  warmup_steps=max(1, args.steps // 10), weight_decay=0.01, betas=(0.9, 0.98), min_lr_ratio=0.1)
+    if is_images(data):
+        from framework.tasks.vision import ImageClassificationTask
+
+        task: Any = ImageClassificationTask(**common)
+    else:
+        from framework.tasks.classification import ClassificationTask
+
+        task = ClassificationTask(pooling=args.pooling, **common)
     task.print_init_report = False  # the same lines every run: the report states where the weights come from
     trainer = L.Trainer(accelerator=args.accelerator, devices=1, max_steps=args.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -65,6 +68,28 @@ def train_one(pretrained: str, data: str, fraction: float, mode: str, arm: str, 
     metrics = trainer.callback_metrics
     return Run(fraction, mode, arm, lr, seed, float(metrics["val/accuracy"]), float(metrics["val/macro_f1"]),
                len(dm.train_labels()), time.perf_counter() - started)
+
+
+def is_images(data: str) -> bool:
+    """Whether `data` holds image shards (`pretrain prepare-images`) rather than labelled documents."""
+    try:
+        with open(os.path.join(data, "manifest.json")) as f:
+            return "images" in json.load(f)
+    except (OSError, ValueError):
+        return False  # the datamodule reports a missing or broken manifest with its fix
+
+
+def datamodule(data: str, args: argparse.Namespace, seed: int = 0, label_fraction: float = 1.0) -> Any:
+    """The labelled data's datamodule: images or documents."""
+    if is_images(data):
+        from framework.data.images import ImageDataModule
+
+        return ImageDataModule(path=data, image_size=args.image_size, batch_size=args.batch_size, num_workers=0,
+                               seed=seed, label_fraction=label_fraction)
+    from framework.data.documents import ClassificationDataModule
+
+    return ClassificationDataModule(path=data, seq_len=args.seq_len, batch_size=args.batch_size, num_workers=0,
+                                    seed=seed, label_fraction=label_fraction)
 
 
 def summarize(runs: list[Run]) -> list[dict[str, Any]]:
@@ -107,10 +132,10 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     lines = [f"# Transfer report: {header['data']}", "",
              f"Pre-trained: `{header['pretrained']}`. Scratch: the same architecture, randomly initialised. "
              f"Each cell: mean ± std val accuracy over {header['seeds']} seeds, on the whole val split "
-             f"({header['val_docs']} documents, {header['classes']} classes; majority class "
+             f"({header['val_docs']} {header['unit']}, {header['classes']} classes; majority class "
              f"{header['majority']:.1%}), with the best LR of {header['lrs']} for that cell; "
-             f"{header['steps']} steps of batch {header['batch_size']}, sequences of {header['seq_len']} tokens.", "",
-             "| label fraction | train docs | mode | pre-trained | scratch | gain |",
+             f"{header['steps']} steps of batch {header['batch_size']}, {header['shape']}.", "",
+             f"| label fraction | train {header['unit']} | mode | pre-trained | scratch | gain |",
              "|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         cells = []
@@ -171,7 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pretrain transfer-report", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", required=True, help="a checkpoint of `pretrain fit` (any strategy) or an export")
-    p.add_argument("--data", required=True, help="labelled shards (`pretrain prepare --label-field` or --task)")
+    p.add_argument("--data", required=True, help="labelled shards (`pretrain prepare --label-field` or --task) or "
+                                                 "image shards (`pretrain prepare-images`)")
     p.add_argument("--output", required=True, help="directory for report.md, report.json and transfer.png")
     p.add_argument("--fractions", default="0.01,0.1,1.0", help="label fractions (default 0.01,0.1,1.0)")
     p.add_argument("--modes", default="full", help="any of full,linear,lora (default full)")
@@ -182,13 +208,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="documents per batch (default 16)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per document after framing (default 128)")
     p.add_argument("--pooling", default="", help="cls or mean (encoder), last or mean (GPT); default cls / last")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels, for image shards (default 64)")
     p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default auto)")
     return p
 
 
 def main(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
-    from framework.tasks.classification import MODES
+    images = is_images(args.data)
+    if images:
+        from framework.tasks.vision import MODES
+    else:
+        from framework.tasks.classification import MODES
 
     fractions, lrs = _floats(args.fractions, "fractions"), _floats(args.lrs, "lrs")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -205,16 +236,16 @@ def main(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _quiet()
 
-    from framework.data.documents import ClassificationDataModule
-
-    probe = ClassificationDataModule(path=args.data, seq_len=args.seq_len, batch_size=args.batch_size, num_workers=0)
+    probe = datamodule(args.data, args)
     probe.setup("fit")
     val_labels = probe.val_labels()
     if not len(val_labels):
         raise UserError(f"'{args.data}' has no val split; prepare it with a --val-fraction > 0")
     counts = [int((val_labels == k).sum()) for k in range(probe.num_classes)]
     header = {"pretrained": args.pretrained, "data": args.data, "seeds": args.seeds, "lrs": lrs, "steps": args.steps,
-              "batch_size": args.batch_size, "seq_len": args.seq_len, "val_docs": len(val_labels),
+              "batch_size": args.batch_size, "val_docs": len(val_labels), "unit": "images" if images else "docs",
+              "shape": f"{args.image_size} px images" if images else f"sequences of {args.seq_len} tokens",
+              **({} if images else {"seq_len": args.seq_len}),
               "classes": probe.num_classes, "majority": max(counts) / len(val_labels), "modes": modes,
               "fractions": fractions}
     plan = [(f, m, a, lr, s) for f in fractions for m in modes for a in ARMS for lr in lrs for s in range(args.seeds)]
@@ -227,7 +258,7 @@ def main(argv: list[str]) -> None:
         runs.append(run)
         elapsed = time.perf_counter() - started
         eta = elapsed / i * (len(plan) - i)
-        print(f"[{i}/{len(plan)}] fraction {f:g} ({run.train_docs} docs) {m:<6} {a:<10} lr {lr:g} seed {s}: "
+        print(f"[{i}/{len(plan)}] fraction {f:g} ({run.train_docs} {header['unit']}) {m:<6} {a:<10} lr {lr:g} seed {s}: "
               f"val accuracy {run.accuracy:.1%}  macro-F1 {run.macro_f1:.1%}  ({run.seconds:.1f} s, "
               f"eta {eta / 60:.1f} min)", flush=True)
     rows = summarize(runs)

@@ -39,6 +39,8 @@ class ImageClassificationTask(ClassMetrics, PretrainTask):
         mode: `full` (every weight trains) or `linear` (the backbone is frozen, its BatchNorm statistics too, and
             only a new head trains: a linear probe of its features).
         head_lr: the head's own peak LR (default: lr), e.g. higher for a linear probe.
+        random_init: with init_from, build the same architecture but keep its random init (the "scratch" baseline
+            of `pretrain transfer-report`).
         **kwargs: the optimizer, schedule, clipping, compile, MFU and init_from options of PretrainTask. With
             init_from, the head is always new (its classes are this data's).
     """
@@ -49,7 +51,7 @@ class ImageClassificationTask(ClassMetrics, PretrainTask):
 
     def __init__(self, backbone: str = "resnet", backbone_preset: str = "resnet-cpu",
                  config: dict[str, Any] | None = None, label_smoothing: float = 0.0, mode: str = "full",
-                 head_lr: float | None = None, **kwargs: Any):
+                 head_lr: float | None = None, random_init: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         from framework.models import FAMILIES
@@ -64,7 +66,7 @@ class ImageClassificationTask(ClassMetrics, PretrainTask):
             raise UserError("model.mode=linear probes a pre-trained backbone: set model.init_from")
         self.model_class = FAMILIES[backbone]
         self.backbone, self.mode = backbone, mode
-        self.label_smoothing, self.head_lr = label_smoothing, head_lr
+        self.label_smoothing, self.head_lr, self.random_init = label_smoothing, head_lr, random_init
         if self.init_from is None:
             self.set_model_config(backbone_preset, config)
         else:
@@ -118,6 +120,8 @@ class ImageClassificationTask(ClassMetrics, PretrainTask):
         from framework.checkpoint.init_from import image_tower, load_weights, source_config
 
         assert self.model is not None and self.init_from is not None
+        if self.random_init:
+            return
         prefix = image_tower(source_config(self.init_from))[1]
         report = load_weights(self.model, self.init_from, self.trainer.strategy, (), prefix=prefix, skip=("head.",))
         if self.trainer.is_global_zero and self.print_init_report:
