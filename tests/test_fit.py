@@ -89,6 +89,16 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(shards, tmp_path):
     # the K=2 newest step checkpoints are kept (the final step 8 coincides with a periodic save)
     assert sorted(p.name for p in ckpt.glob("step*.ckpt")) == ["step0000004.ckpt", "step0000008.ckpt"]
 
+    # the newest checkpoint damaged on disk (torn by a failing disk, or a copy cut short): `last` falls back to the
+    # previous one with a warning naming the bad file, and training from there repeats steps 4-7 exactly
+    newest = ckpt / "step0000008.ckpt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=r"resuming from .*step0000004\.ckpt.*step0000008\.ckpt"):
+        fit(["--config", str(write_config(b, shards)), "--ckpt_path", "last"])
+    again = steps(b)[8:]
+    assert [s["step"] for s in again] == [4, 5, 6, 7]
+    assert [s["loss"] for s in again] == [s["loss"] for s in straight[4:]]
+
 
 def test_fit_trains_validates_and_summarises(shards, tmp_path, capsys):
     fit(["--config", str(write_config(tmp_path, shards, trainer__max_steps=6))])

@@ -17,9 +17,11 @@ nothing). After every resume (checked by tests/dist_fit.py callbacks):
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -122,6 +124,20 @@ def test_resume_on_another_world_size(strategy, family, shards, universe, tmp_pa
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert peek(str(last), "wandb_run_id") == ids.pop()
     assert peek(str(last), "global_step") == first
+
+    # a sharded checkpoint that lost a rank's file is not resumable: `last` passes over it, naming it
+    from framework.callbacks.checkpointing import find_checkpoint
+    from framework.checkpoint.formats import checkpoint_problem
+
+    assert checkpoint_problem(last) is None
+    if strategy.startswith("deepspeed") and worlds[-1] > 1:
+        newest = os.path.realpath(last)
+        victim = sorted(glob.glob(os.path.join(newest, "*", "*optim_states.pt")))[-1]
+        os.remove(victim)
+        assert "optimizer states of 1 of its 2 ranks" in checkpoint_problem(last)
+        with pytest.warns(UserWarning, match="cannot be read"):
+            older = find_checkpoint("last", str(last.parent))
+        assert older != str(last) and checkpoint_problem(older) is None
 
 
 @pytest.mark.slow

@@ -9,11 +9,13 @@ A sharded checkpoint resumes on any world size (framework/checkpoint/reshard.py)
 
 from __future__ import annotations
 
+import glob
 import os
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
 from framework.errors import UserError
 
@@ -61,17 +63,43 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 def find_checkpoint(ckpt_path: str | None, dirpath: str) -> str | None:
-    """The file a `--ckpt_path` means: None for a fresh run, 'last' resolved in dirpath (None if there is none yet,
-    so that a requeued job's first attempt starts fresh); a path that does not exist is a UserError."""
+    """The file a `--ckpt_path` means: None for a fresh run, 'last' resolved in dirpath (None if the run has no
+    checkpoint yet, so that a requeued job's first attempt starts fresh; a damaged newest checkpoint falls back to
+    the previous one, see `usable_checkpoint`); a path that does not exist is a UserError."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
         last = os.path.join(dirpath, "last.ckpt")
-        return last if os.path.exists(last) else None
+        steps = glob.glob(os.path.join(dirpath, "step*.ckpt"))
+        return usable_checkpoint(last, steps) if os.path.lexists(last) or steps else None
     if not os.path.exists(ckpt_path):
         raise UserError(f"checkpoint '{ckpt_path}' does not exist; pass an existing step*.ckpt (file or directory), or "
                         "--ckpt_path last to resume the newest checkpoint of this run (if any)")
     return ckpt_path
+
+
+def usable_checkpoint(last: str, steps: list[str]) -> str:
+    """`last` when it reads as a checkpoint of this framework; otherwise (a link to a checkpoint deleted or damaged
+    on disk, a sharded directory missing a rank's file) the newest step checkpoint that does, with a warning naming
+    each one passed over. Resuming from an older checkpoint repeats the steps after it: nothing is lost, the data
+    position is the checkpoint's. None usable: one line naming them."""
+    from framework.checkpoint.formats import checkpoint_problem
+
+    target = os.path.realpath(last) if os.path.lexists(last) else None
+    candidates = ([last] if target is not None else []) + sorted(
+        (p for p in steps if os.path.realpath(p) != target), key=os.path.basename, reverse=True)
+    bad = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if bad:
+                rank_zero_warn(f"resuming from '{path}': the newer checkpoint(s) cannot be read ("
+                               + "; ".join(f"'{p}': {why}" for p, why in bad) + ")")
+            return path
+        bad.append((os.path.realpath(path) if path == last else path, problem))
+    raise UserError(f"no readable checkpoint to resume in '{os.path.dirname(last)}' ("
+                    + "; ".join(f"'{p}': {why}" for p, why in bad[:3]) + "); remove them to start afresh, or pass "
+                    "--ckpt_path PATH of a good one")
 
 
 def peek(path: str, key: str) -> Any:

@@ -167,6 +167,23 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why a checkpoint cannot be resumed from (unreadable, not ours, a sharded one missing a rank's files), or None.
+    Reads only the metadata (tensors stay on disk) and lists the shard files."""
+    try:
+        meta = read_meta(path)
+        if "model_config" not in meta or "global_step" not in meta:
+            return "it was not written by `pretrain fit` of this framework"
+        if checkpoint_kind(path) == "deepspeed":
+            _, optim = deepspeed_files(path)
+            world = int(meta.get("dp_world_size", 1))
+            if len(optim) < world or any(os.path.getsize(f) == 0 for f in optim):
+                return f"it has the optimizer states of {len(optim)} of its {world} ranks"
+    except UserError as e:
+        return str(e)
+    return None
+
+
 def saved_world_size(path: str | os.PathLike) -> int | None:
     """How many data-parallel ranks wrote a sharded checkpoint (None for a single file, which any world can load)."""
     path = os.fspath(path)
