@@ -89,8 +89,8 @@ def write_config(tmp: Path, shards: Path, *, strategy: str, devices: int, max_st
 
 def cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m framework ARGS` in a clean environment (Lightning launches the other ranks itself)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in _LAUNCHER_VARS and not k.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_"))}
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and k != "WANDB_SERVICE"
+           and not k.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_"))}
     env.update(WANDB_MODE="offline", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
     return subprocess.run([sys.executable, "-m", "framework", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=timeout)

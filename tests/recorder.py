@@ -1,6 +1,11 @@
 """A test callback that appends every training step's loss and a digest of its batch to a JSON-lines file."""
 
 import json
+import os
+import random
+import signal
+import threading
+import time
 
 import lightning as L
 
@@ -23,6 +28,25 @@ class StepRecorder(L.Callback):
             f.write(json.dumps(record) + "\n")
         if self.stop_at is not None and trainer.global_step >= self.stop_at:
             trainer.should_stop = True
+
+
+class KillSelf(L.Callback):
+    """SIGKILL this process, as the OOM killer or a lost node would: `where="step"` right after optimizer step
+    `at_step`; `where="save"` while the checkpoint of that step is being written (a timer thread fires a random
+    0-`jitter` ms after the save begins, so the kill lands before, inside or just after the file's write)."""
+
+    def __init__(self, at_step: int, where: str = "step", jitter_ms: float = 30.0, seed: int = 0):
+        self.at_step, self.where, self.jitter, self.rng = at_step, where, jitter_ms / 1000, random.Random(seed)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.where == "step" and trainer.global_step == self.at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if self.where == "save" and trainer.global_step == self.at_step:
+            delay = self.rng.uniform(0, self.jitter)
+            threading.Thread(target=lambda: (time.sleep(delay), os.kill(os.getpid(), signal.SIGKILL)),
+                             daemon=True).start()
 
 
 class DivergingValidationTask(CausalLMTask):

@@ -172,7 +172,10 @@ def test_a_nan_validation_batch_makes_val_loss_nan_and_warns(shards, tmp_path, c
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    """`pretrain ARGS` as a fresh shell would run it: without this process's W&B service (an in-process fit
+    started one, and WANDB_SERVICE would make the child register its runs there, outliving a killed child)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "WANDB_MODE": "offline",
+           "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
     return subprocess.run([sys.executable, "-m", "framework", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=300)
 
@@ -227,3 +230,31 @@ def test_missing_manifest_is_one_line_and_exit_2(shards, tmp_path):
     empty.mkdir()
     r = run_cli("fit", "--config", str(write_config(tmp_path, shards)), "--data.path", str(empty), cwd=tmp_path)
     assert_one_line_error(r, "no manifest")
+
+
+def test_sigkill_in_a_step_and_in_a_checkpoint_write_loses_nothing(shards, tmp_path, seed=0):
+    """Chaos: a run SIGKILLed after a step and again while a checkpoint is being written, each time resumed with
+    --ckpt_path last, ends with weights bit-equal to an uninterrupted run's, and every step's batch as it had."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    over = {"trainer__max_steps": 10, "checkpoint": {"every_n_steps": 2, "keep": 2}, "summary__sample_tokens": 0}
+    fit(["--config", str(write_config(a, shards, **over))])  # in this process: only the killed runs need their own
+    kills = [{"at_step": 5, "where": "step"}, {"at_step": 8, "where": "save", "seed": seed}]
+    for i, kill in enumerate(kills):
+        config = write_config(b, shards, **over)
+        cfg = json.loads(config.read_text())
+        cfg["trainer"]["callbacks"].append({"class_path": "recorder.KillSelf", "init_args": kill})
+        config.write_text(json.dumps(cfg))
+        r = run_cli("fit", "--config", str(config), *(["--ckpt_path", "last"] if i else []))
+        assert r.returncode == -9, (kill, r.returncode, r.stderr[-2000:])
+    fit(["--config", str(write_config(b, shards, **over)), "--ckpt_path", "last"])
+
+    straight = torch.load(a / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    resumed = torch.load(b / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == straight["global_step"] == 10
+    for name, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+    # each step's surviving record (the last time it was trained) is the uninterrupted run's: same batch, same loss
+    final = {s["step"]: s for s in steps(b)}
+    assert [(s["tokens"], s["loss"]) for s in steps(a)] == [(final[k]["tokens"], final[k]["loss"]) for k in range(10)]
+    assert len(steps(b)) > 10  # steps after the last good checkpoint were trained again, and only their effect kept
