@@ -20,9 +20,9 @@ class StepRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         record = {"step": trainer.global_step - 1, "loss": float(outputs["loss"])}
-        for key in ("tokens", "input_ids", "labels"):  # causal-LM windows; masked-LM inputs and labels
+        for key in ("tokens", "input_ids", "labels", "sample_ids"):  # windows; masked-LM inputs; images' samples
             if key in batch:
-                t = batch[key]
+                t = batch[key].reshape(batch[key].shape[0], -1)  # (B, L); a vision batch's labels are (B,)
                 record[key] = int((t * (1 + t.new_tensor(range(t.shape[1])))).sum())
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -256,3 +256,25 @@ def test_the_transfer_report_probes_an_image_tower_against_a_random_one(shapes, 
     full = next(row for row in report["rows"] if row["fraction"] == 1.0)
     assert full["gain"] > 0.05, f"the pre-trained tower's features are no better than a random one's: {full}"
     assert "| 1 | 2040 | linear |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_resumed_clip_fit_continues_exactly(shapes, tmp_path):
+    """6 steps straight == 3 steps + resume from last + 3 steps, loss for loss and caption for caption: the data
+    position, the augmentation (random crops, seeded per sample), dropout's RNG and accum_freq's recompute."""
+    losses = {}
+    for name, stops in (("straight", [None]), ("resumed", [3, None])):
+        tmp = tmp_path / name
+        tmp.mkdir()
+        for i, stop in enumerate(stops):
+            recorder = {"class_path": "recorder.StepRecorder",
+                        "init_args": {"path": str(tmp / "steps.jsonl"), "stop_at": stop}}
+            cfg = config(tmp, shapes, CLIP_TASK, {"preset": "clip-test", "accum_freq": 2,
+                                                  "config": {"image": {"dropout": 0.1}, "text": {"dropout": 0.1}}},
+                         steps=6, data_args={"captions": True, "max_caption_tokens": 30, "batch_size": 8},
+                         callbacks=[recorder], limit_val_batches=1)
+            from framework.train import fit as run_fit
+
+            run_fit(["--config", str(cfg), *(["--ckpt_path", "last"] if i else [])])
+        losses[name] = [json.loads(line) for line in (tmp / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses["resumed"]] == list(range(6))
+    assert losses["resumed"] == losses["straight"]
