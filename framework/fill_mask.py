@@ -12,7 +12,7 @@ import torch
 from framework.checkpoint.formats import trust_checkpoint
 from framework.data.tokenizer import Tokenizer
 from framework.errors import UserError
-from framework.generate import load_model
+from framework.generate import add_model_arguments, load_model
 from framework.models.encoder import Encoder
 
 MASK = "<|mask|>"
@@ -62,11 +62,7 @@ def show(model: Encoder, tok: Tokenizer, text: str, top_k: int) -> list[str]:
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="pretrain fill-mask", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="a checkpoint of `pretrain fit` of a masked-LM encoder (any strategy)")
-    p.add_argument("--model", help="a directory written by `pretrain export` from such a checkpoint")
-    p.add_argument("--tokenizer", help="tokenizer.json to use instead of the one the checkpoint carries")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle the checkpoint fully (only for files from a trusted source; default: weights-only)")
+    add_model_arguments(p, "a masked-LM encoder")
     p.add_argument("--text", required=True, help=f"text with one or more {MASK} tokens")
     p.add_argument("--top-k", type=int, default=5, help="candidates shown per mask")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -79,14 +79,20 @@ def load_model(ckpt: str | None, model_dir: str | None, tokenizer: str | None,
     return model, Tokenizer.from_str(tok_json)
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="pretrain generate", description=__doc__)
-    p.add_argument("--ckpt", help="a checkpoint written by `pretrain fit` with any strategy "
+def add_model_arguments(p: argparse.ArgumentParser, of: str) -> None:
+    """--ckpt, --model, --tokenizer and --trust-checkpoint: where a command's model (`of` what kind) comes from,
+    as `load_model` takes them."""
+    p.add_argument("--ckpt", help=f"a checkpoint of `pretrain fit` of {of}, any strategy "
                    "(e.g. runs/NAME/checkpoints/last.ckpt)")
-    p.add_argument("--model", help="a directory written by `pretrain export` (config.json, model.safetensors)")
+    p.add_argument("--model", help="a directory written by `pretrain export` from such a checkpoint")
     p.add_argument("--tokenizer", help="tokenizer.json to use instead of the one the checkpoint carries")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="unpickle the checkpoint fully (only for files from a trusted source; default: weights-only)")
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="pretrain generate", description=__doc__)
+    add_model_arguments(p, "a GPT")
     p.add_argument("--prompt", default="", help="text to continue (default: start from an end-of-document token)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

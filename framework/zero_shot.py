@@ -77,21 +77,18 @@ def evaluate(model: Any, tok: Any, batches: Any, class_names: list[str], templat
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="pretrain zero-shot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="a checkpoint of `pretrain fit` of a CLIP (any strategy)")
-    p.add_argument("--model", help="a directory written by `pretrain export` from such a checkpoint")
+    from framework.generate import add_model_arguments, load_model
+
+    add_model_arguments(p, "a CLIP")
     p.add_argument("--data", required=True, help="image shards written by `pretrain prepare-images` (its val split)")
     p.add_argument("--template", action="append", dest="templates",
                    help="a prompt with {} for the class name (repeat for an ensemble; default: the templates the "
                         "checkpoint was validated with, else 'a {}.', 'a photo of a {}.', 'a picture of a {}.')")
-    p.add_argument("--tokenizer", help="tokenizer.json to use instead of the one the checkpoint carries")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle the checkpoint fully (only for files from a trusted source; default: weights-only)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     from framework.checkpoint.formats import trust_checkpoint
     from framework.data.images import ImageDataModule
-    from framework.generate import load_model
 
     trust_checkpoint(args.trust_checkpoint)
     if args.batch_size < 1:

@@ -561,6 +561,24 @@ def _cleanup(written: list[Path], out: Path, created: bool) -> None:
             out.rmdir()  # only if empty: never remove something we did not write
 
 
+@contextlib.contextmanager
+def output_transaction(out: Path, overwrite: bool) -> Iterator[list[Path]]:
+    """Check `out` is usable, then yield the list in which the run records every path it creates: on any failure
+    they are all removed again (and `out` itself when this run created it); an OSError (disk full, I/O error) becomes
+    one line naming the fix. The run commits by writing its manifest last."""
+    created = _prepare_output_dir(out, overwrite)
+    written: list[Path] = []
+    try:
+        yield written
+    except OSError as e:  # reading errors are UserErrors already: this is the output side (disk full, I/O error)
+        _cleanup(written, out, created)
+        raise UserError(f"writing to '{out}' failed ({e.strerror or e}); free space or choose another --output, "
+                        "then run again") from None
+    except BaseException:
+        _cleanup(written, out, created)
+        raise
+
+
 # ---------------------------------------------------------------------------------------------------- prepare
 
 def parse_size(size: str | int) -> int:
@@ -735,9 +753,7 @@ def prepare(inputs: list[str] | None, output: str | Path, tokenizer: str = "byte
     if not files:
         raise UserError("no input files found; pass --input PATH (files, directories, globs, .jsonl)")
     val_files = _held_out(val_inputs, files, out) if val_inputs else []
-    created = _prepare_output_dir(out, overwrite)
-    written: list[Path] = []
-    try:
+    with output_transaction(out, overwrite) as written:
         # before touching a previous output: a BPE pass that meets bad input leaves the old dataset intact
         tok, spec = _make_tokenizer(tokenizer, files, seed, val_fraction, strict, progress)
         plan = plan_labels(files + val_files, labels, seed, val_fraction, strict, progress) if labels else None
@@ -751,13 +767,6 @@ def prepare(inputs: list[str] | None, output: str | Path, tokenizer: str = "byte
         manifest = build_manifest(tok, spec, tokenizer_text, inputs, stats, splits, seed, val_fraction, shard_size,
                                   strict, val_inputs, plan)
         _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n", written)  # last: commits the run
-    except OSError as e:  # reading errors are UserErrors already: this is the output side (disk full, I/O error)
-        _cleanup(written, out, created)
-        raise UserError(f"writing to '{out}' failed ({e.strerror or e}); free space or choose another --output, "
-                        "then run again") from None
-    except BaseException:
-        _cleanup(written, out, created)
-        raise
     if progress:
         print(summary(manifest, out, time.perf_counter() - started), file=sys.stderr)
     return manifest

@@ -41,9 +41,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from framework import __version__
-from framework.data.prepare import (MANIFEST, SPLITS, TOKENIZER, ShardWriter, _atomic_write, _cleanup, _file_bar,
-                                    _hash, _Parser, _prepare_output_dir, _remove_previous, _split_entry, _walk,
-                                    make_key, parse_size)
+from framework.data.prepare import (MANIFEST, SPLITS, TOKENIZER, ShardWriter, _atomic_write, _file_bar, _hash,
+                                    _Parser, _remove_previous, _split_entry, _walk, make_key, output_transaction,
+                                    parse_size)
 from framework.data.tokenizer import Tokenizer, build_tokenizer
 from framework.errors import UserError
 
@@ -317,9 +317,7 @@ def prepare_images(input: str | None, output: str | Path, *, synthetic: int = 0,
                         f"{image_size}): use --class-by shape|shape-colour, --format png|jpg, --image-size >= 16")
     # the folders are listed before the output is touched: bad input leaves nothing behind
     listed = list_folders(input, val_input, out) if input is not None else None
-    created = _prepare_output_dir(out, overwrite)
-    written: list[Path] = []
-    try:
+    with output_transaction(out, overwrite) as written:
         scan = check_images(*listed, progress) if listed else scan_synthetic(synthetic, seed, class_by, image_format)
         splits = split_items(scan, val_fraction, seed, input or "--synthetic")
         if overwrite:
@@ -330,13 +328,6 @@ def prepare_images(input: str | None, output: str | Path, *, synthetic: int = 0,
         manifest = _manifest(scan, splits, shards, tok, spec, input, val_input, synthetic, seed, val_fraction,
                              shard_size, image_size, class_by, image_format)
         _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n", written)  # last: commits the run
-    except OSError as e:
-        _cleanup(written, out, created)
-        raise UserError(f"writing to '{out}' failed ({e.strerror or e}); free space or choose another --output, "
-                        "then run again") from None
-    except BaseException:
-        _cleanup(written, out, created)
-        raise
     if scan.skipped:
         more = f" and {len(scan.skipped) - 10} more" if len(scan.skipped) > 10 else ""
         warnings.warn(f"skipped {len(scan.skipped)} undecodable image(s): {'; '.join(scan.skipped[:10])}{more}",

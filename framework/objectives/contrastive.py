@@ -91,6 +91,16 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tens
     if image_emb.dim() != 2 or image_emb.shape != text_emb.shape:
         raise ValueError(f"clip_loss expects image and text embeddings of the same shape (B, E), got "
                          f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+    logits_i2t, logits_t2i, labels, count = contrastive_logits(image_emb, text_emb, scale, valid)
+    return infonce(logits_i2t, logits_t2i, labels, count), count
+
+
+def contrastive_logits(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor,
+                       valid: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """clip_loss's logits: (this rank's valid images against every caption (M, N), its valid captions against every
+    image (M, N), each row's own column (M,), M as a tensor), with invalid candidates at -inf. For a caller that
+    wants more than the loss from one gather (e.g. the in-batch accuracy)."""
     rank, _ = _world()
     B = image_emb.size(0)
     dtype = torch.promote_types(image_emb.dtype, torch.float32)  # bf16 logits at scale 100 would lose ~2 digits
@@ -113,8 +123,15 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tens
         # 0 * inf would be NaN. Every kept row has its own (valid) column finite.
         logits_i2t, logits_t2i, labels = logits_i2t[valid], logits_t2i[valid], labels[valid]
         count = valid.sum()
+    return logits_i2t, logits_t2i, labels, count
+
+
+def infonce(logits_i2t: torch.Tensor, logits_t2i: torch.Tensor, labels: torch.Tensor,
+            count: torch.Tensor) -> torch.Tensor:
+    """(CE(image -> text) + CE(text -> image)) / 2, the mean over `count` rows; 0 with zero gradients, not NaN,
+    when there is no row."""
     total = F.cross_entropy(logits_i2t, labels, reduction="sum") + F.cross_entropy(logits_t2i, labels, reduction="sum")
-    return total / 2 / count.clamp(min=1), count  # no valid row: 0 with zero gradients, not NaN
+    return total / 2 / count.clamp(min=1)
 
 
 @torch.no_grad()

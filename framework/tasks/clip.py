@@ -9,7 +9,6 @@ the whole batch. Lightning's accumulate_grad_batches would shrink the negatives 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from framework.errors import UserError
 from framework.models.clip import CLIP
 from framework.models.resnet import Stage
 from framework.models.transformer import Block
-from framework.objectives.contrastive import (clip_loss, retrieval_recall, zero_shot_accuracy,
+from framework.objectives.contrastive import (contrastive_logits, infonce, retrieval_recall, zero_shot_accuracy,
                                               zero_shot_classifier)
 from framework.tasks.base import Measures, PretrainTask
 from framework.zero_shot import DEFAULT_TEMPLATES, check_templates, encode_prompts
@@ -101,15 +100,15 @@ class CLIPTask(PretrainTask):
         chunks = self.accum_freq if self.training and torch.is_grad_enabled() else 1
         images, texts, scale = self(batch["images"], batch["tokens"], batch["lengths"], chunks=chunks)
         valid = batch["valid"]
-        loss, count = clip_loss(images.float(), texts.float(), scale.float(), valid)
-        with torch.no_grad():
-            # this rank's images whose own caption wins among the global batch's (the same logits the loss used)
-            correct = _local_top1(images.float(), texts.float(), valid)
+        # clip_loss, with its logits kept for the accuracy: one feature gather per step
+        logits_i2t, logits_t2i, own, count = contrastive_logits(images.float(), texts.float(), scale.float(), valid)
+        loss = infonce(logits_i2t, logits_t2i, own, count)
+        # this rank's images whose own caption wins among the global batch's
+        correct = (logits_i2t.detach().argmax(-1) == own).sum()
         if not self.training:
             labels = batch.get("labels", torch.full_like(valid, -100, dtype=torch.long))
             self._val_outputs.append((images.detach().float(), texts.detach().float(), valid, labels))
-        n = valid.sum()
-        return {"loss": (loss, count), "accuracy": (correct / n.clamp(min=1), n),
+        return {"loss": (loss, count), "accuracy": (correct / count.clamp(min=1), count),
                 "logit_scale": (scale.detach().float(), 1)}
 
     def on_validation_epoch_end(self) -> None:
@@ -160,16 +159,3 @@ class CLIPTask(PretrainTask):
         if self.model is None:
             return 0
         return self.model.flops(int(batch["images"].size(0)), int(batch["tokens"].numel()))
-
-
-def _local_top1(images: torch.Tensor, texts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """How many of this rank's valid images score their own caption highest among the global batch's captions."""
-    from framework.objectives.contrastive import gather_with_grad
-
-    all_texts, all_valid = gather_with_grad(texts), gather_with_grad(valid.float()[:, None])[:, 0] > 0
-    logits = images @ all_texts.T  # (B, W*B)
-    logits = logits.masked_fill(~all_valid[None, :], -math.inf)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
-    own = torch.arange(images.size(0), device=images.device) + rank * images.size(0)
-    return ((logits.argmax(-1) == own) & valid).sum()
