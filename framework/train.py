@@ -60,6 +60,8 @@ class DistributedOptions:
 
 
 class PretrainCLI(LightningCLI):
+    restart_after: dict[str, Any] | None = None  # the loss-spike rollback this fit restarts after (see `run`)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
@@ -97,6 +99,9 @@ class PretrainCLI(LightningCLI):
         logger = make_logger(cfg.wandb, root, peek(ckpt, RUN_ID_KEY) if ckpt else None)
         if hasattr(self.model, "guard"):
             self.model.guard = cfg.guard
+        if self.restart_after is not None:  # the weights of the checkpoint before the spike, the data after it
+            self.model.resume_rollback = self.restart_after
+            self.datamodule.skip_to = self.restart_after["data"]
         callbacks = [Throughput(), WandbRunId(), cfg.summary]
         if self.subcommand in ("fit", None):
             # SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: stop after this step; StepCheckpoint saves it
@@ -175,11 +180,31 @@ def run(subcommand: str, argv: list[str]) -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     if not verbose():
         quiet_third_party()
+    rollback = None
+    while True:
+        cli = _run_cli(subcommand, argv, rollback)
+        rollback = getattr(cli.model, "rollback", None)
+        if rollback is None:
+            break
+        # a loss spike (framework/guard.py): every rank restarts the fit from the checkpoint before it, in this
+        # process; the process group stays up, and Lightning must not launch the other ranks a second time
+        argv = [*argv, "--ckpt_path", rollback["event"]["checkpoint"]]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            os.environ.setdefault("LOCAL_RANK", "0")
+    preempted = [c for c in cli.trainer.callbacks if isinstance(c, Preemption) and c.signal_received == "SIGTERM"]
+    if preempted:
+        print(f"stopped on SIGTERM after step {preempted[0].stopped_at}, which is checkpointed: exiting with "
+              f"{EXIT_REQUEUE} (requeue, then resume with --ckpt_path last)", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_REQUEUE)
+
+
+def _run_cli(subcommand: str, argv: list[str], rollback: dict[str, Any] | None) -> PretrainCLI:
+    PretrainCLI.restart_after = rollback
     try:
-        cli = PretrainCLI(PretrainTask, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                          args=[subcommand, *argv], save_config_kwargs={"overwrite": True},
-                          load_from_checkpoint_support=False, auto_configure_optimizers=False,
-                          parser_kwargs={"exit_on_error": False, "allow_abbrev": False})
+        return PretrainCLI(PretrainTask, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                           args=[subcommand, *argv], save_config_kwargs={"overwrite": True},
+                           load_from_checkpoint_support=False, auto_configure_optimizers=False,
+                           parser_kwargs={"exit_on_error": False, "allow_abbrev": False})
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - jsonargparse reports bad configs as ArgumentError / ValueError
@@ -196,12 +221,8 @@ def run(subcommand: str, argv: list[str]) -> None:
             raise UserError(f"the trainer settings are invalid: {flat}; fix the --trainer.* value it names") from None
         raise
     finally:
+        PretrainCLI.restart_after = None
         _finish_wandb()
-    preempted = [c for c in cli.trainer.callbacks if isinstance(c, Preemption) and c.signal_received == "SIGTERM"]
-    if preempted:
-        print(f"stopped on SIGTERM after step {preempted[0].stopped_at}, which is checkpointed: exiting with "
-              f"{EXIT_REQUEUE} (requeue, then resume with --ckpt_path last)", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_REQUEUE)
 
 
 def _finish_wandb() -> None:

@@ -78,3 +78,21 @@ class NonFiniteLossTask(CausalLMTask):
             loss, count = measures["loss"]
             measures["loss"] = (loss * float("nan"), count)
         return measures
+
+
+class SpikeLossTask(CausalLMTask):
+    """A GPT whose training loss is multiplied by `factor` on the batches `poison` of each rank's epoch (their index
+    among the rank's batches), on rank `rank` only or on every rank: a poisoned data window, as real loss spikes are
+    tied to data. Only the loss the guard sees grows; a rollback that skips those batches never meets them again."""
+
+    def __init__(self, poison: list[int], factor: float = 50.0, rank: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.poison, self.factor, self.poison_rank = set(poison), factor, rank
+
+    def compute_losses(self, batch):
+        measures = super().compute_losses(batch)
+        where = self.trainer.datamodule.last_trained() if self.training else None
+        if where is not None and where["batch"] in self.poison and self.poison_rank in (None, self.global_rank):
+            loss, count = measures["loss"]
+            measures["loss"] = (loss * self.factor, count)
+        return measures

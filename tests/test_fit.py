@@ -232,16 +232,16 @@ def test_missing_manifest_is_one_line_and_exit_2(shards, tmp_path):
     assert_one_line_error(r, "no manifest")
 
 
-def test_sigkill_after_a_step_loses_nothing(shards, tmp_path, seed=0):
-    """Chaos: a run SIGKILLed after a step and resumed with
-    --ckpt_path last, ends with weights bit-equal to an uninterrupted run's, and every step's batch as it had."""
+def test_sigkill_in_steps_and_in_a_checkpoint_write_loses_nothing(shards, tmp_path, seed=0):
+    """Chaos: a run SIGKILLed after a step, its resumed run killed again after a step, and that one killed while a
+    checkpoint is being written, each time resumed with --ckpt_path last, ends with weights bit-equal to an
+    uninterrupted run's, and every step's batch as it had."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     over = {"trainer__max_steps": 10, "checkpoint": {"every_n_steps": 2, "keep": 2}, "summary__sample_tokens": 0}
     fit(["--config", str(write_config(a, shards, **over))])  # in this process: only the killed runs need their own
-    # Not yet held, so not asserted here: a second kill of the resumed run (at step 7, resumed from its step-6
-    # checkpoint) or a kill inside a checkpoint write ends with weights that differ from the uninterrupted run's
-    kills = [{"at_step": 5, "where": "step", "seed": seed}]
+    kills = [{"at_step": 5, "where": "step"}, {"at_step": 7, "where": "step"},
+             {"at_step": 8, "where": "save", "seed": seed}]
     for i, kill in enumerate(kills):
         config = write_config(b, shards, **over)
         cfg = json.loads(config.read_text())

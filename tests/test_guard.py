@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from dist_fit import cli, make_shards, write_config
+from dist_fit import cli, make_shards, records, write_config
 from framework.checkpoint.consolidate import checkpoint_meta
+from framework.train import fit
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +59,65 @@ def test_a_diverged_run_stops_with_one_line(shards, tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "3 optimizer steps in a row (steps 3-5)" in errors[0], r.stderr[-3000:]
     assert "Traceback" not in r.stderr
+
+
+def _spike_fit(tmp: Path, shards: Path, max_steps: int, poison: list[int], stop_at: int | None = None,
+               strategy: str = "auto", devices: int = 1, rank: int | None = None) -> Path:
+    """A config whose GPT meets a loss spike on the batches `poison` (x50 loss), with a guard quick to react."""
+    config = write_config(tmp, shards, strategy=strategy, devices=devices, max_steps=max_steps, stop_at=stop_at,
+                          every_n_steps=3)
+    cfg = json.loads(config.read_text())
+    cfg["model"] = {"class_path": "recorder.SpikeLossTask",
+                    "init_args": {**cfg["model"]["init_args"], "preset": "gpt-tiny", "poison": poison, "rank": rank}}
+    cfg["guard"] = {"spike_window": 4, "spike_warmup": 4, "spike_patience": 3, "spike_sigmas": 6.0}
+    config.write_text(json.dumps(cfg))
+    return config
+
+
+def _final(records: list[dict]) -> dict[int, dict]:
+    """Each step's last record on rank 0: what survived the rollbacks."""
+    return {r["step"]: r for r in records if r["rank"] == 0}
+
+
+def test_a_loss_spike_rolls_back_skips_its_window_and_resumes_exactly(shards, tmp_path, capsys):
+    """Batches 8-10 spike the loss: the guard confirms it at step 10, restarts from the step-6 checkpoint (the
+    step-9 one holds the spike and is set aside) with the data position after batch 10, and the run ends at step 16
+    having trained batches 0-7 and 11-20 into its weights, listed as such. A run stopped after the rollback and
+    resumed ends bit-equal."""
+    a, b, ref = tmp_path / "a", tmp_path / "b", tmp_path / "ref"
+    for d in (a, b, ref):
+        d.mkdir()
+    fit(["--config", str(_spike_fit(a, shards, max_steps=16, poison=[8, 9, 10]))])
+    out = capsys.readouterr()
+    ckpts = a / "run" / "checkpoints"
+    meta = checkpoint_meta(ckpts / "last.ckpt")
+    assert meta["global_step"] == 16
+    [event] = meta["guard"]["rollbacks"]
+    assert (event["first_step"], event["step"], event["to_step"]) == (8, 10, 6), event
+    assert event["skipped"] == {"from": {"epoch": 0, "segment": 0, "batches": 6},
+                                "to": {"epoch": 0, "segment": 0, "batches": 11}}
+    assert event["loss"] > 20 * event["threshold"] / 6  # the x50 batches, not noise
+    assert (ckpts / "rolled_back" / "step0000009.ckpt").exists() and not (ckpts / "step0000009.ckpt").exists()
+    line = "loss spike at steps 8-10"
+    assert line in out.err and "rolled back to step 6 (step0000006.ckpt), batches 6-10 of epoch 0 skipped" in out.out
+
+    # the batches trained into the final weights: 0-5 before the checkpoint, then 11-20 -- a plain run's batches
+    write_config(ref, shards, strategy="auto", devices=1, max_steps=21)
+    fit(["--config", str(ref / "config.json")])
+    plain = [r["windows"] for r in sorted(_final(records(ref)).values(), key=lambda r: r["step"])]
+    final = _final(records(a))
+    assert sorted(final) == list(range(16))
+    assert [final[s]["windows"] for s in range(6)] == plain[:6]
+    assert [final[s]["windows"] for s in range(6, 16)] == plain[11:21]
+
+    # stopped after the rollback (at step 12, checkpointed) and resumed: the same weights, bit for bit
+    fit(["--config", str(_spike_fit(b, shards, max_steps=16, poison=[8, 9, 10], stop_at=12))])
+    fit(["--config", str(_spike_fit(b, shards, max_steps=16, poison=[8, 9, 10])), "--ckpt_path", "last"])
+    straight = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    resumed = torch.load(b / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    def where(events):  # the run directories differ
+        return [{k: v for k, v in e.items() if k not in ("checkpoint", "set_aside")} for e in events]
+
+    assert where(resumed["guard"]["rollbacks"]) == where(straight["guard"]["rollbacks"]) == where([event])
+    for name, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name

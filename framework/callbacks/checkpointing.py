@@ -55,6 +55,11 @@ class StepCheckpoint(ModelCheckpoint):
         epoch ran out of data with max_epochs reached)."""
         self._save_now(trainer)
 
+    def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
+        """Also never after a loss spike that this fit is rolling back from: its weights hold the spike."""
+        rolling_back = getattr(trainer.lightning_module, "rollback", None) is not None
+        return rolling_back or super()._should_skip_saving_checkpoint(trainer)
+
     def _save_now(self, trainer: L.Trainer) -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # skips a step that is already saved
             candidates = self._monitor_candidates(trainer)

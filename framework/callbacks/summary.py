@@ -26,6 +26,8 @@ class RunSummary(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module, "rollback", None) is not None:  # the fit restarts from a checkpoint: not the end
+            return
         lines = ["", "=" * 30 + " run summary " + "=" * 30]
         metrics = trainer.callback_metrics
         seen = unit(pl_module)

@@ -98,6 +98,7 @@ class ShardDataModule(L.LightningDataModule):
         self._segment: cursor.Segment | None = None
         self._batches = 0
         self._loaded: dict | None = None  # a restored position, applied at the next train iteration
+        self.skip_to: dict | None = None  # a position that replaces the restored one (a rollback: train.run sets it)
         self._train_stream: TokenStream | None = None
 
     # ---------------------------------------------------------------- shards and tokenizer
@@ -280,6 +281,8 @@ class ShardDataModule(L.LightningDataModule):
                 "segment": self._segment.state(), "batches": self._batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.skip_to is not None:  # a rollback after a loss spike: the checkpoint's weights, a later position
+            state_dict, self.skip_to = self.skip_to, None
         self._loaded = dict(state_dict) if state_dict else None
 
     def _apply_loaded(self, stream: TokenStream) -> None:

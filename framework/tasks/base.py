@@ -8,8 +8,10 @@ is set up, so that its vocabulary comes from the shards and a sharding strategy 
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,10 +34,22 @@ class GuardOptions:
     global after the gradient reduction, so every rank decides alike), the learning-rate schedule moves on, the step
     is counted (`guard/skipped_steps`), listed with its data position in the checkpoint and the run summary, and the
     run continues. After max_consecutive such steps in a row the run stops with one line: it has diverged.
-    Not under DeepSpeed, which keeps its gradients to itself (its fp16 loss scaler skips overflowing steps)."""
+    Not under DeepSpeed, which keeps its gradients to itself (its fp16 loss scaler skips overflowing steps).
+
+    A loss spike (framework/guard.py) -- spike_patience steps in a row whose loss, averaged over ranks, is above the
+    median + spike_sigmas robust standard deviations of the last spike_window losses, from step spike_warmup on --
+    rolls the fit back to the newest checkpoint from before the spike and skips the batches that led into it (listed
+    in the checkpoint and the run summary, and logged to W&B as the guard/events table). After max_rollbacks
+    rollbacks the run stops with one line. spike_window=0 turns spike detection off (it costs one all-reduce of a
+    scalar per step on several ranks)."""
 
     skip_nonfinite: bool = True
     max_consecutive: int = 10
+    spike_window: int = 100
+    spike_sigmas: float = 6.0
+    spike_patience: int = 3
+    spike_warmup: int = 100
+    max_rollbacks: int = 3
 
 
 class PretrainTask(L.LightningModule):
@@ -84,6 +98,11 @@ class PretrainTask(L.LightningModule):
         self.print_init_report = True  # init_from prints what it loaded (the transfer report turns it off)
         self.skipped: list[dict[str, int]] = []  # the steps the guard skipped: step and data position
         self._nonfinite_in_a_row = 0
+        self.rollbacks: list[dict[str, Any]] = []  # the loss spikes rolled back (framework.guard.describe)
+        self.rollback: dict[str, Any] | None = None  # set when this fit must restart from a checkpoint (train.run)
+        self.resume_rollback: dict[str, Any] | None = None  # the rollback this fit restarts from (train.run sets it)
+        self._detector: Any = None
+        self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, on the device
         self.corrupt_samples = 0  # on this rank, since the fit started
 
     # ---------------------------------------------------------------- for subclasses
@@ -173,6 +192,7 @@ class PretrainTask(L.LightningModule):
         if batch.get("corrupt"):  # undecodable samples the reader replaced by filler rows (a host int: no sync)
             self.corrupt_samples += int(batch["corrupt"])
             self.log("data/corrupt_samples", float(self.corrupt_samples), rank_zero_only=True)
+        self._step_losses.append(measures["loss"][0].detach())
         for name, (value, _) in measures.items():
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss")
         self.log("lr", self.lr_at(self.global_step), prog_bar=False)
@@ -235,22 +255,50 @@ class PretrainTask(L.LightningModule):
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip the global gradient norm (after unscaling). DeepSpeed keeps gradients in its own buffers and clips
-        them itself (gradient_clipping in its JSON); it reports the norm after its step."""
-        if _is_deepspeed(self.trainer.strategy):
-            return
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], max_norm)
-        self.log("grad_norm", norm)
-        if self.guard.skip_nonfinite:
-            self._guard(norm)
+        """Clip the global gradient norm (after unscaling), then the guard. DeepSpeed keeps gradients in its own
+        buffers and clips them itself (gradient_clipping in its JSON); it reports the norm after its step."""
+        norm = None
+        if not _is_deepspeed(self.trainer.strategy):
+            max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], max_norm)
+            self.log("grad_norm", norm)
+        self._guard(norm)
 
-    def _guard(self, norm: torch.Tensor) -> None:
-        """Skip this optimizer step when the (global) gradient norm is not finite: optimizers leave parameters
-        without a gradient untouched. One host sync per step: the price of never applying a NaN update."""
-        if bool(torch.isfinite(norm)):
-            self._nonfinite_in_a_row = 0
+    @property
+    def detector(self) -> Any:
+        if self._detector is None:
+            from framework.guard import SpikeDetector
+
+            g = self.guard
+            self._detector = SpikeDetector(g.spike_window, g.spike_sigmas, g.spike_patience, g.spike_warmup)
+        return self._detector
+
+    def _guard(self, norm: torch.Tensor | None) -> None:
+        """One host sync per step for both checks: the price of never applying a NaN update or training on through
+        a spike. The step's loss is averaged over ranks first, so every rank takes the same decision."""
+        losses, self._step_losses = self._step_losses, []
+        watch = self.guard.spike_window > 0 and bool(losses)
+        check_norm = norm is not None and self.guard.skip_nonfinite
+        if not (watch or check_norm):
             return
+        values = []
+        if watch:
+            loss = torch.stack(losses).float().mean()
+            values.append(self.trainer.strategy.reduce(loss, reduce_op="mean").reshape(()))
+        if check_norm:
+            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor (every rank takes part, as every rank is here)
+                norm = norm.full_tensor()
+            values.append(norm.float().reshape(()))
+        host = torch.stack(values).tolist()
+        if check_norm and not math.isfinite(host[-1]):
+            self._skip_step(host[-1])
+            return
+        self._nonfinite_in_a_row = 0
+        if watch:
+            self._watch_loss(host[0])
+
+    def _skip_step(self, norm: float) -> None:
+        """Skip this optimizer step: optimizers leave parameters without a gradient untouched."""
         for p in self.parameters():
             p.grad = None
         self._nonfinite_in_a_row += 1
@@ -258,21 +306,89 @@ class PretrainTask(L.LightningModule):
         batch = dm.last_trained() if hasattr(dm, "last_trained") else None  # the batch that produced it
         self.skipped.append({"step": int(self.global_step), **(batch or {})})
         self.log("guard/skipped_steps", float(len(self.skipped)), rank_zero_only=True)
-        rank_zero_warn(f"step {self.global_step}: the gradient norm is {float(norm)}; the step was skipped on every "
+        rank_zero_warn(f"step {self.global_step}: the gradient norm is {norm}; the step was skipped on every "
                        f"rank ({len(self.skipped)} skipped so far)")
+        self._log_guard_events()
         if self._nonfinite_in_a_row >= self.guard.max_consecutive:
             first = self.skipped[-self._nonfinite_in_a_row]["step"]
             raise UserError(f"{self._nonfinite_in_a_row} optimizer steps in a row (steps {first}-{self.global_step}) "
                             "had a non-finite loss or gradient: the run has diverged; resume from an earlier "
                             "checkpoint with a lower model.lr (or raise guard.max_consecutive)")
 
+    def _watch_loss(self, loss: float) -> None:
+        """Feed the spike detector; on a confirmed spike, plan the rollback and stop this fit after the step."""
+        from framework.guard import checkpoint_before, describe, position, set_aside_after
+
+        spike = self.detector.update(int(self.global_step), loss)
+        if spike is None:
+            return
+        first, step = int(spike[0]["step"]), int(self.global_step)
+        where = f"loss spike at steps {first}-{step} (loss {max(s['loss'] for s in spike):.4g} > threshold " \
+                f"{spike[0]['threshold']:.4g})"
+        if len(self.rollbacks) >= self.guard.max_rollbacks:
+            done = ", ".join(f"{r['first_step']}-{r['step']}" for r in self.rollbacks)
+            raise UserError(f"{where} after {len(self.rollbacks)} rollback(s) already (spikes at steps {done}): "
+                            "stopping; resume from an earlier checkpoint with a lower model.lr, or raise "
+                            "guard.max_rollbacks")
+        dirpath = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        plan: dict[str, Any] = {"checkpoint": None}
+        if self.trainer.is_global_zero and dirpath:  # rank 0 reads the disk; every rank follows its choice
+            good = checkpoint_before(dirpath, first)
+            if good is not None:
+                from framework.checkpoint.formats import read_meta
+
+                dm = self.datamodule()
+                saved = read_meta(good).get(type(dm).__qualname__) if dm is not None else None
+                plan = {"checkpoint": good, "to_step": int(read_meta(good)["global_step"]),
+                        "from": position(saved), "moved": set_aside_after(dirpath, good)}
+        plan = self.trainer.strategy.broadcast(plan, src=0)
+        if plan["checkpoint"] is None:
+            raise UserError(f"{where}, but there is no checkpoint from before step {first} to roll back to in "
+                            f"'{dirpath}'; checkpoint more often (checkpoint.every_n_steps) or keep more "
+                            "(checkpoint.keep), or set guard.spike_window=0 to train on through spikes")
+        dm = self.datamodule()
+        data = dm.state_dict() if dm is not None and hasattr(dm, "state_dict") else {}
+        event = {"step": step, "first_step": first, "loss": max(s["loss"] for s in spike),
+                 "threshold": spike[0]["threshold"], "to_step": plan["to_step"], "checkpoint": plan["checkpoint"],
+                 "skipped": {"from": plan["from"], "to": position(data)}, "set_aside": plan["moved"]}
+        self.rollbacks.append(event)
+        self.rollback = {"event": event, "data": data, "rollbacks": list(self.rollbacks)}
+        for p in self.parameters():  # this step's update is not applied either (DeepSpeed's is, and rolled back)
+            p.grad = None
+        self.trainer.should_stop = True  # the same step on every rank: the decision is on the rank-averaged loss
+        if self.trainer.is_global_zero:
+            print(f"guard: {describe(event)} (rollback {len(self.rollbacks)} of at most "
+                  f"{self.guard.max_rollbacks})", file=sys.stderr, flush=True)
+        self._log_guard_events()
+
+    def _log_guard_events(self) -> None:
+        """Every guard event so far as a W&B table (guard/events): step, loss, action, what was skipped."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)] if self._trainer is not None else []
+        if not loggers or not self.trainer.is_global_zero:
+            return
+        import wandb
+
+        from framework.guard import describe
+
+        rows = [[s["step"], None, "skipped step (non-finite gradient)", json.dumps(s)] for s in self.skipped]
+        rows += [[r["step"], r["loss"], "rollback", describe(r)] for r in self.rollbacks]
+        for logger in loggers:
+            logger.experiment.log({"guard/events": wandb.Table(columns=["step", "loss", "action", "detail"],
+                                                               data=sorted(rows, key=lambda r: r[0]))})
+
     def summary_lines(self) -> list[str]:
         """Lines for the run summary."""
-        if not self.skipped:
-            return []
-        listed = ", ".join(str(s["step"]) for s in self.skipped[:10]) + (" ..." if len(self.skipped) > 10 else "")
-        return [f"guard: {len(self.skipped)} step(s) skipped for a non-finite gradient: {listed} (listed with their "
-                "data positions in the checkpoint, key 'guard')"]
+        from framework.guard import describe
+
+        lines = []
+        if self.skipped:
+            listed = ", ".join(str(s["step"]) for s in self.skipped[:10]) + (" ..." if len(self.skipped) > 10 else "")
+            lines.append(f"guard: {len(self.skipped)} step(s) skipped for a non-finite gradient: {listed} (listed "
+                         "with their data positions in the checkpoint, key 'guard')")
+        lines += [f"guard: {describe(r)}" for r in self.rollbacks]
+        return lines
 
     # ---------------------------------------------------------------- checkpoint extras
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -299,11 +415,17 @@ class PretrainTask(L.LightningModule):
         else:
             per_rank = [own]
         checkpoint["rng_states"] = {"per_rank": per_rank}
-        checkpoint["guard"] = {"options": asdict(self.guard), "skipped": list(self.skipped)}
+        checkpoint["guard"] = {"options": asdict(self.guard), "skipped": list(self.skipped),
+                               "rollbacks": list(self.rollbacks), "detector": self.detector.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_family(checkpoint.get("model_config"), self.model_class.config_class.model_type, type(self).__name__)
-        self.skipped = list(checkpoint.get("guard", {}).get("skipped", []))
+        guard = checkpoint.get("guard", {})
+        self.skipped = list(guard.get("skipped", []))
+        self.rollbacks = list(guard.get("rollbacks", []))
+        self.detector.load_state_dict(guard.get("detector", {}))
+        if self.resume_rollback is not None:  # restarting after a spike: the weights are from before it
+            self.rollbacks = list(self.resume_rollback["rollbacks"])
         states = checkpoint.get("rng_states")
         if states is not None:
             self._rng_states = states  # applied at fit start: Lightning seeds again after loading the checkpoint
