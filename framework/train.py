@@ -227,6 +227,9 @@ def _run_cli(subcommand: str, argv: list[str], rollback: dict[str, Any] | None) 
 
 def _finish_wandb() -> None:
     """Close the W&B run of this process, so that a later fit in the same process starts (or resumes) its own."""
+    from framework.callbacks.wandb_run import wait_for_runs
+
+    wait_for_runs()
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()

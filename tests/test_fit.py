@@ -81,6 +81,15 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(shards, tmp_path):
     ids = [re.match(r"offline-run-\d+_\d+-([a-z0-9]+)", p.name).group(1)
            for p in sorted((b / "run" / "wandb").glob("offline-run-*"))]
     assert len(ids) == 2 and ids[0] == ids[1]
+    # and W&B holds every step's train/loss once, the first ones included (logged while its run was still starting
+    # in the background), with the config
+    from wandb_records import config_keys, history
+
+    files = [next(p.glob("*.wandb")) for p in sorted((b / "run" / "wandb").glob("offline-run-*"))]
+    logged = [(r["trainer/global_step"], r["train/loss"]) for f in files for r in history(f) if "train/loss" in r]
+    assert [step for step, _ in logged] == list(range(8))
+    assert [loss for _, loss in logged] == pytest.approx([s["loss"] for s in resumed], rel=1e-6)
+    assert {"config", "lr", "git_sha"} <= config_keys(files[0])
     last = torch.load(ckpt / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["wandb_run_id"] == ids[0]
     assert last["global_step"] == 8 and "tokenizer_json" in last and last["model_config"]["n_layer"] == 2
@@ -260,3 +269,20 @@ def test_sigkill_in_steps_and_in_a_checkpoint_write_loses_nothing(shards, tmp_pa
     final = {s["step"]: s for s in steps(b)}
     assert [(s["tokens"], s["loss"]) for s in steps(a)] == [(final[k]["tokens"], final[k]["loss"]) for k in range(10)]
     assert len(steps(b)) > 10  # steps after the last good checkpoint were trained again, and only their effect kept
+
+
+def test_a_first_checkpoint_cut_off_mid_write_means_a_fresh_start(tmp_path):
+    """A sharded run killed while writing its first checkpoint leaves a directory without its metadata: `last`
+    then means "no checkpoint yet" (a fresh start, with a warning naming it), not an error that stops every requeue;
+    a damaged file is still an error."""
+    from framework.callbacks.checkpointing import find_checkpoint
+    from framework.errors import UserError
+
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step0000002.ckpt").mkdir(parents=True)
+    (ckpts / "step0000002.ckpt" / "__0_0.distcp").write_bytes(b"\0" * 64)  # one rank's shard, no meta.pt yet
+    with pytest.warns(UserWarning, match=r"starting afresh: no checkpoint of this run was written completely"):
+        assert find_checkpoint("last", str(ckpts)) is None
+    (ckpts / "step0000004.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="no readable checkpoint to resume"):
+        find_checkpoint("last", str(ckpts))

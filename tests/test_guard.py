@@ -121,3 +121,50 @@ def test_a_loss_spike_rolls_back_skips_its_window_and_resumes_exactly(shards, tm
     assert where(resumed["guard"]["rollbacks"]) == where(straight["guard"]["rollbacks"]) == where([event])
     for name, value in straight["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], value), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2"])
+def test_a_spike_on_one_rank_rolls_back_every_rank_alike(strategy, shards, tmp_path):
+    """Only rank 1's batches 8-10 spike: the decision is on the rank-averaged loss, so both ranks roll back to the
+    step-6 checkpoint together, skip the same window, and finish the same steps with the same batches as each other;
+    FSDP2 and DeepSpeed (sharded checkpoint directories) behave alike."""
+    if strategy.startswith("deepspeed"):
+        from dist_fit import build_deepspeed_ops
+
+        build_deepspeed_ops()
+    config = _spike_fit(tmp_path, shards, max_steps=12, poison=[8, 9, 10], strategy=strategy, devices=2, rank=1)
+    r = cli("fit", "--config", str(config), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stderr.count("guard: loss spike at steps 8-10") == 1, r.stderr[-3000:]  # rank 0 tells it, once
+    ckpts = tmp_path / "run" / "checkpoints"
+    meta = checkpoint_meta(ckpts / "last.ckpt")
+    [event] = meta["guard"]["rollbacks"]
+    assert meta["global_step"] == 12 and (event["first_step"], event["to_step"]) == (8, 6)
+    assert event["skipped"]["to"]["batches"] == 11 and (ckpts / "rolled_back" / "step0000009.ckpt").exists()
+    for rank in (0, 1):
+        trained = [json.loads(line) for line in (tmp_path / f"steps.rank{rank}.jsonl").read_text().splitlines()]
+        assert [s["step"] for s in trained] == [*range(11), *range(6, 12)]  # in the order trained
+        first_pass, final = trained[:11], {s["step"]: s for s in trained}
+        # after the rollback each rank trains its own batches from 11 on: its first pass trained 0-10
+        assert all(final[k]["windows"] == first_pass[k]["windows"] for k in range(6))
+        assert all(final[k]["windows"] not in [s["windows"] for s in first_pass] for k in range(6, 12))
+
+
+def test_the_spike_detector_defaults_ignore_noise_and_catch_a_jump():
+    """The default settings on a noisy, decreasing 3000-step loss curve (and through a noisy plateau): no false
+    alarm; the same curve with three steps 40% up (over a few sigmas of its noise) at step 2000: caught there."""
+    import random
+
+    from framework.guard import SpikeDetector
+    from framework.tasks.base import GuardOptions
+
+    g = GuardOptions()
+    rng = random.Random(0)
+    curve = [2.0 + 5.0 * 0.998 ** t + rng.gauss(0, 0.08) for t in range(3000)]
+    quiet = SpikeDetector(g.spike_window, g.spike_sigmas, g.spike_patience, g.spike_warmup)
+    assert all(quiet.update(t, loss) is None for t, loss in enumerate(curve))
+    spiked = SpikeDetector(g.spike_window, g.spike_sigmas, g.spike_patience, g.spike_warmup)
+    found = [spiked.update(t, loss * (1.4 if 2000 <= t < 2003 else 1.0)) for t, loss in enumerate(curve)]
+    assert [t for t, f in enumerate(found) if f] == [2002]
+    assert [s["step"] for s in found[2002]] == [2000, 2001, 2002]

@@ -83,11 +83,13 @@ def find_checkpoint(ckpt_path: str | None, dirpath: str) -> str | None:
     return ckpt_path
 
 
-def usable_checkpoint(last: str, steps: list[str]) -> str:
+def usable_checkpoint(last: str, steps: list[str]) -> str | None:
     """`last` when it reads as a checkpoint of this framework; otherwise (a link to a checkpoint deleted or damaged
     on disk, a sharded directory missing a rank's file) the newest step checkpoint that does, with a warning naming
     each one passed over. Resuming from an older checkpoint repeats the steps after it: nothing is lost, the data
-    position is the checkpoint's. None usable: one line naming them."""
+    position is the checkpoint's. None usable: None (a fresh start) when every one is a sharded directory whose
+    write never finished (no metadata: the job was killed while writing its first checkpoint, so nothing was saved
+    yet), else one line naming them."""
     from framework.checkpoint.formats import checkpoint_problem
 
     target = os.path.realpath(last) if os.path.lexists(last) else None
@@ -102,9 +104,27 @@ def usable_checkpoint(last: str, steps: list[str]) -> str:
                                + "; ".join(f"'{p}': {why}" for p, why in bad) + ")")
             return path
         bad.append((os.path.realpath(path) if path == last else path, problem))
+    if all(_unfinished(p) for p, _ in bad):
+        rank_zero_warn("starting afresh: no checkpoint of this run was written completely ("
+                       + "; ".join(f"'{p}': {why}" for p, why in bad[:3]) + ")")
+        return None
     raise UserError(f"no readable checkpoint to resume in '{os.path.dirname(last)}' ("
                     + "; ".join(f"'{p}': {why}" for p, why in bad[:3]) + "); remove them to start afresh, or pass "
                     "--ckpt_path PATH of a good one")
+
+
+def _unfinished(path: str) -> bool:
+    """A checkpoint directory without the metadata its strategy writes last (FSDP2's meta.pt, DeepSpeed's model
+    states): a write that was cut off, not a damaged checkpoint."""
+    from framework.checkpoint.formats import checkpoint_kind
+
+    if not os.path.isdir(path):
+        return False
+    try:
+        checkpoint_kind(path)
+    except UserError:
+        return True
+    return False
 
 
 def peek(path: str, key: str) -> Any:
