@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -77,10 +78,10 @@ def framework_fit(args: argparse.Namespace, shards: str, vocab: int, device: tor
     dm = ShardDataModule(path=shards, seq_len=args.seq_len, batch_size=args.batch_size, num_workers=2)
     task = CausalLMTask(preset=args.preset, config={"vocab_size": vocab, "seq_len": args.seq_len}, lr=3e-4,
                         warmup_steps=0, compile=args.compile)
-    if args.no_guard:  # the non-finite guard costs one host sync per step
+    if args.no_guard:  # the guards cost one host sync per step
         from framework.tasks.base import GuardOptions
 
-        task.guard = GuardOptions(skip_nonfinite=False)
+        task.guard = GuardOptions(skip_nonfinite=False, spike_window=0)
     timer = _Timer(args.warmup, device)
     strategy = make_strategy(args.strategy, precision=precision, accelerator=device.type if device.type == "cpu"
                              else "gpu", micro_batch_size=args.batch_size, gradient_clip_val=1.0)
@@ -101,7 +102,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--strategy", default="auto")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--no-guard", action="store_true", help="turn the non-finite guard off (its per-step host sync)")
+    p.add_argument("--no-guard", action="store_true",
+                   help="turn the guards off (the non-finite check's and the spike check's per-step host sync)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="alternate plain loop and framework this many times; report each and the medians")
     p.add_argument("--shards", help="a prepared shard dir (default: the stdlib corpus, bytes tokenizer)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,15 +125,24 @@ def main() -> None:
                                        vocab_size=max(preset.vocab_size, data_vocab))
         with torch.device("meta"):
             flops_per_token = GPT(config).flops_per_token(args.seq_len)
-        base = plain_loop(config, args.batch_size, args.seq_len, args.steps, args.warmup, device, bf16, args.compile)
-        ours = framework_fit(args, shards, config.vocab_size, device, precision)
+        pairs = []
+        for i in range(max(1, args.repeats)):  # alternating, so a machine's slow phase hits both sides
+            base = plain_loop(config, args.batch_size, args.seq_len, args.steps, args.warmup, device, bf16,
+                              args.compile)
+            ours = framework_fit(args, shards, config.vocab_size, device, precision)
+            pairs.append((base, ours))
+            print(f"run {i + 1}: plain {base:,.0f} tokens/s, pretrain fit {ours:,.0f} tokens/s, {ours / base:.3f}x",
+                  flush=True)
     peak = peak_tflops(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.preset}, batch {args.batch_size} x {args.seq_len}, {precision}, compile={args.compile}, "
-          f"strategy={args.strategy}, device {name}, torch {torch.__version__}")
+          f"strategy={args.strategy}, device {name}, torch {torch.__version__}, guard {'off' if args.no_guard else 'on'}")
+    base, ours = statistics.median(b for b, _ in pairs), statistics.median(o for _, o in pairs)
+    print(f"median of {len(pairs)} alternating runs:")
     for label, rate in (("plain PyTorch loop", base), (f"pretrain fit ({args.strategy})", ours)):
         mfu = f"   MFU {rate * flops_per_token / (peak * 1e12):6.1%}" if peak else ""
-        print(f"{label:<34} {rate:12,.0f} tokens/s   {rate / base:5.2f}x{mfu}")
+        print(f"{label:<34} {rate:12,.0f} tokens/s   {rate / base:5.3f}x{mfu}")
+    print(f"median of the per-run ratios: {statistics.median(o / b for b, o in pairs):.3f}x")
 
 
 if __name__ == "__main__":
