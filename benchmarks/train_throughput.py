@@ -75,7 +75,7 @@ def framework_fit(args: argparse.Namespace, shards: str, vocab: int, device: tor
     from framework.distributed import make_strategy
     from framework.tasks.causal_lm import CausalLMTask
 
-    dm = ShardDataModule(path=shards, seq_len=args.seq_len, batch_size=args.batch_size, num_workers=2)
+    dm = ShardDataModule(path=shards, seq_len=args.seq_len, batch_size=args.batch_size, num_workers=args.workers)
     task = CausalLMTask(preset=args.preset, config={"vocab_size": vocab, "seq_len": args.seq_len}, lr=3e-4,
                         warmup_steps=0, compile=args.compile)
     if args.no_guard:  # the guards cost one host sync per step
@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-guard", action="store_true",
                    help="turn the guards off (the non-finite check's and the spike check's per-step host sync)")
+    p.add_argument("--workers", type=int, default=2, help="the framework's data workers (the plain loop has none)")
     p.add_argument("--repeats", type=int, default=3,
                    help="alternate plain loop and framework this many times; report each and the medians")
     p.add_argument("--shards", help="a prepared shard dir (default: the stdlib corpus, bytes tokenizer)")
@@ -136,7 +137,8 @@ def main() -> None:
     peak = peak_tflops(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.preset}, batch {args.batch_size} x {args.seq_len}, {precision}, compile={args.compile}, "
-          f"strategy={args.strategy}, device {name}, torch {torch.__version__}, guard {'off' if args.no_guard else 'on'}")
+          f"strategy={args.strategy}, device {name}, torch {torch.__version__}, guard {'off' if args.no_guard else 'on'}, "
+          f"{args.workers} data workers")
     base, ours = statistics.median(b for b, _ in pairs), statistics.median(o for _, o in pairs)
     print(f"median of {len(pairs)} alternating runs:")
     for label, rate in (("plain PyTorch loop", base), (f"pretrain fit ({args.strategy})", ours)):

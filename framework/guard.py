@@ -6,7 +6,8 @@ sigma is the median absolute deviation scaled to a normal's standard deviation (
 median so that a flat loss does not make a hair trigger. Losses above the threshold are kept out of the window, so a
 spike does not raise its own bar. Nothing is checked before step `warmup` or before the window is full.
 
-On a spike the fit rolls back (framework/train.py): it restarts from the newest checkpoint written before the spike
+On a spike -- or on max_consecutive non-finite steps, or on a non-finite loss under DeepSpeed, whose optimizer step
+cannot be skipped -- the fit rolls back (framework/train.py): it restarts from the newest checkpoint written before the spike
 began, with the model, optimizer, schedule and RNG of that checkpoint and the data position of the step that
 confirmed the spike, so the window of batches that led into the spike is skipped (and listed, never silently lost).
 The checkpoints written after the spike began hold its effect: they are moved to `checkpoints/rolled_back/` and
@@ -129,5 +130,8 @@ def describe(event: dict[str, Any]) -> str:
         window = f"data skipped up to batch {stop['batches'] - 1} of epoch {stop['epoch']}"
     else:
         window = "no data position to skip"
-    return (f"loss spike at steps {steps} (loss {event['loss']:.4g} > threshold {event['threshold']:.4g}): rolled "
-            f"back to step {event['to_step']} ({os.path.basename(event['checkpoint'])}), {window}")
+    reason = event.get("reason", "a loss spike")
+    what = f"{reason} at steps {steps}" if "-" in steps else f"{reason} at step {steps}"
+    if event.get("threshold") is not None:
+        what += f" (loss {event['loss']:.4g} > threshold {event['threshold']:.4g})"
+    return f"{what}: rolled back to step {event['to_step']} ({os.path.basename(event['checkpoint'])}), {window}"

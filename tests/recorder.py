@@ -83,11 +83,13 @@ class NonFiniteLossTask(CausalLMTask):
 class SpikeLossTask(CausalLMTask):
     """A GPT whose training loss is multiplied by `factor` on the batches `poison` of each rank's epoch (their index
     among the rank's batches), on rank `rank` only or on every rank: a poisoned data window, as real loss spikes are
-    tied to data. Only the loss the guard sees grows; a rollback that skips those batches never meets them again."""
+    tied to data. Only the loss the guard sees grows; a rollback that skips those batches never meets them again.
+    nan: make those losses NaN instead."""
 
-    def __init__(self, poison: list[int], factor: float = 50.0, rank: int | None = None, **kwargs):
+    def __init__(self, poison: list[int], factor: float = 50.0, rank: int | None = None, nan: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
-        self.poison, self.factor, self.poison_rank = set(poison), factor, rank
+        self.poison, self.factor, self.poison_rank = set(poison), float("nan") if nan else factor, rank
 
     def compute_losses(self, batch):
         measures = super().compute_losses(batch)

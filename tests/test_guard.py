@@ -57,7 +57,8 @@ def test_a_diverged_run_stops_with_one_line(shards, tmp_path):
             "--guard.max_consecutive", "3", cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-3000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "3 optimizer steps in a row (steps 3-5)" in errors[0], r.stderr[-3000:]
+    assert len(errors) == 1 and "3 optimizer steps in a row with a non-finite loss or gradient at steps 3-5: the " \
+        "run has diverged, and there is no checkpoint from before step 3" in errors[0], r.stderr[-3000:]
     assert "Traceback" not in r.stderr
 
 
@@ -136,7 +137,7 @@ def test_a_spike_on_one_rank_rolls_back_every_rank_alike(strategy, shards, tmp_p
     config = _spike_fit(tmp_path, shards, max_steps=12, poison=[8, 9, 10], strategy=strategy, devices=2, rank=1)
     r = cli("fit", "--config", str(config), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stderr.count("guard: loss spike at steps 8-10") == 1, r.stderr[-3000:]  # rank 0 tells it, once
+    assert r.stderr.count("guard: a loss spike at steps 8-10") == 1, r.stderr[-3000:]  # rank 0 tells it, once
     ckpts = tmp_path / "run" / "checkpoints"
     meta = checkpoint_meta(ckpts / "last.ckpt")
     [event] = meta["guard"]["rollbacks"]
@@ -168,3 +169,21 @@ def test_the_spike_detector_defaults_ignore_noise_and_catch_a_jump():
     found = [spiked.update(t, loss * (1.4 if 2000 <= t < 2003 else 1.0)) for t, loss in enumerate(curve)]
     assert [t for t, f in enumerate(found) if f] == [2002]
     assert [s["step"] for s in found[2002]] == [2000, 2001, 2002]
+
+
+@pytest.mark.slow
+def test_a_nan_under_deepspeed_rolls_back(shards, tmp_path):
+    """DeepSpeed applies its optimizer step itself, so a NaN loss cannot be skipped: a NaN on rank 1's batch 8 rolls
+    both ranks back to the step-6 checkpoint, past batches 6-8, and the run ends with finite weights."""
+    from dist_fit import build_deepspeed_ops
+    from framework.checkpoint.consolidate import load_state_dict
+
+    build_deepspeed_ops()
+    config = _spike_fit(tmp_path, shards, max_steps=10, poison=[8], strategy="deepspeed_stage_2", devices=2, rank=1)
+    r = cli("fit", "--config", str(config), "--model.init_args.nan", "true", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    [event] = checkpoint_meta(ckpts / "last.ckpt")["guard"]["rollbacks"]
+    assert "non-finite loss under DeepSpeed" in event["reason"] and (event["step"], event["to_step"]) == (8, 6)
+    assert event["skipped"]["to"]["batches"] == 9
+    assert all(torch.isfinite(t).all() for t in load_state_dict(ckpts / "last.ckpt").values())

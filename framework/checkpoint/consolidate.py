@@ -12,6 +12,11 @@ that tensor, so an exporter holds one tensor in memory at a time, beyond what th
   ceil(numel / world) elements of every parameter, parameters back to back in each rank's flat groups, the last
   rank's piece zero-padded. This is deepspeed/utils/zero_to_fp32.py's reconstruction, which loads every
   partition (ZeRO-1/2: concatenated, i.e. the whole model) first; here nothing is read before it is needed.
+  Why not DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint(..., lazy_mode=True)` (checked in 0.19.8): its
+  laziness covers ZeRO-3 only (ZeRO-1/2 still `torch.cat` every group's partitions into the full fp32 vector,
+  "memory usage doubles here"), and it reads the optimizer files with `weights_only=False`, i.e. full unpickling,
+  which our loader refuses for checkpoints not marked trusted (formats.torch_load). tests/test_export.py checks
+  this reader against live ZeRO-2 and ZeRO-3 models.
 
 Names are the model's own (`transformer.wte.weight`, ...): the task keeps its model under `model.`, which is dropped,
 and the readers drop aliases of tied weights (framework.models.TIED: `lm_head.weight` is `transformer.wte.weight`).

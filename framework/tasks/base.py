@@ -277,7 +277,9 @@ class PretrainTask(L.LightningModule):
         """One host sync per step for both checks: the price of never applying a NaN update or training on through
         a spike. The step's loss is averaged over ranks first, so every rank takes the same decision."""
         losses, self._step_losses = self._step_losses, []
-        watch = self.guard.spike_window > 0 and bool(losses)
+        deepspeed = _is_deepspeed(self.trainer.strategy)
+        # under DeepSpeed the loss is the only early sign of a NaN: its optimizer step cannot be skipped from here
+        watch = (self.guard.spike_window > 0 or (deepspeed and self.guard.skip_nonfinite)) and bool(losses)
         check_norm = norm is not None and self.guard.skip_nonfinite
         if not (watch or check_norm):
             return
@@ -294,11 +296,21 @@ class PretrainTask(L.LightningModule):
             self._skip_step(host[-1])
             return
         self._nonfinite_in_a_row = 0
-        if watch:
-            self._watch_loss(host[0])
+        if not watch:
+            return
+        step = int(self.global_step)
+        if deepspeed and self.guard.skip_nonfinite and not math.isfinite(host[0]):
+            self._roll_back(step, step, host[0], None, "a non-finite loss under DeepSpeed (whose optimizer step "
+                            "cannot be skipped)")
+            return
+        spike = self.detector.update(step, host[0])
+        if spike is not None:
+            self._roll_back(int(spike[0]["step"]), step, max(s["loss"] for s in spike), spike[0]["threshold"],
+                            "a loss spike")
 
     def _skip_step(self, norm: float) -> None:
-        """Skip this optimizer step: optimizers leave parameters without a gradient untouched."""
+        """Skip this optimizer step: optimizers leave parameters without a gradient untouched. After
+        max_consecutive in a row, roll back (the model may be damaged in ways a finite norm does not show)."""
         for p in self.parameters():
             p.grad = None
         self._nonfinite_in_a_row += 1
@@ -311,24 +323,20 @@ class PretrainTask(L.LightningModule):
         self._log_guard_events()
         if self._nonfinite_in_a_row >= self.guard.max_consecutive:
             first = self.skipped[-self._nonfinite_in_a_row]["step"]
-            raise UserError(f"{self._nonfinite_in_a_row} optimizer steps in a row (steps {first}-{self.global_step}) "
-                            "had a non-finite loss or gradient: the run has diverged; resume from an earlier "
-                            "checkpoint with a lower model.lr (or raise guard.max_consecutive)")
+            self._roll_back(first, int(self.global_step), float("nan"), None,
+                            f"{self._nonfinite_in_a_row} optimizer steps in a row with a non-finite loss or gradient")
 
-    def _watch_loss(self, loss: float) -> None:
-        """Feed the spike detector; on a confirmed spike, plan the rollback and stop this fit after the step."""
+    def _roll_back(self, first: int, step: int, loss: float, threshold: float | None, reason: str) -> None:
+        """Plan a rollback to the newest checkpoint from before step `first` and stop this fit after this step;
+        framework/train.py restarts it from there with the data position after this step. Every rank calls this
+        at the same step (the decisions are on rank-averaged or global values); rank 0 chooses the checkpoint."""
         from framework.guard import checkpoint_before, describe, position, set_aside_after
 
-        spike = self.detector.update(int(self.global_step), loss)
-        if spike is None:
-            return
-        first, step = int(spike[0]["step"]), int(self.global_step)
-        where = f"loss spike at steps {first}-{step} (loss {max(s['loss'] for s in spike):.4g} > threshold " \
-                f"{spike[0]['threshold']:.4g})"
+        where = f"{reason} at steps {first}-{step}" if first != step else f"{reason} at step {step}"
         if len(self.rollbacks) >= self.guard.max_rollbacks:
             done = ", ".join(f"{r['first_step']}-{r['step']}" for r in self.rollbacks)
-            raise UserError(f"{where} after {len(self.rollbacks)} rollback(s) already (spikes at steps {done}): "
-                            "stopping; resume from an earlier checkpoint with a lower model.lr, or raise "
+            raise UserError(f"{where} after {len(self.rollbacks)} rollback(s) already (at steps {done}): the run has "
+                            "diverged; resume from an earlier checkpoint with a lower model.lr, or raise "
                             "guard.max_rollbacks")
         dirpath = getattr(self.trainer.checkpoint_callback, "dirpath", None)
         plan: dict[str, Any] = {"checkpoint": None}
@@ -338,24 +346,25 @@ class PretrainTask(L.LightningModule):
                 from framework.checkpoint.formats import read_meta
 
                 dm = self.datamodule()
-                saved = read_meta(good).get(type(dm).__qualname__) if dm is not None else None
-                plan = {"checkpoint": good, "to_step": int(read_meta(good)["global_step"]),
-                        "from": position(saved), "moved": set_aside_after(dirpath, good)}
+                meta = read_meta(good)
+                saved = meta.get(type(dm).__qualname__) if dm is not None else None
+                plan = {"checkpoint": good, "to_step": int(meta["global_step"]), "from": position(saved),
+                        "moved": set_aside_after(dirpath, good)}
         plan = self.trainer.strategy.broadcast(plan, src=0)
         if plan["checkpoint"] is None:
-            raise UserError(f"{where}, but there is no checkpoint from before step {first} to roll back to in "
-                            f"'{dirpath}'; checkpoint more often (checkpoint.every_n_steps) or keep more "
-                            "(checkpoint.keep), or set guard.spike_window=0 to train on through spikes")
+            raise UserError(f"{where}: the run has diverged, and there is no checkpoint from before step {first} to "
+                            f"roll back to in '{dirpath}'; resume from an earlier checkpoint with a lower model.lr, "
+                            "or checkpoint more often (checkpoint.every_n_steps)")
         dm = self.datamodule()
         data = dm.state_dict() if dm is not None and hasattr(dm, "state_dict") else {}
-        event = {"step": step, "first_step": first, "loss": max(s["loss"] for s in spike),
-                 "threshold": spike[0]["threshold"], "to_step": plan["to_step"], "checkpoint": plan["checkpoint"],
+        event = {"step": step, "first_step": first, "reason": reason, "loss": loss, "threshold": threshold,
+                 "to_step": plan["to_step"], "checkpoint": plan["checkpoint"],
                  "skipped": {"from": plan["from"], "to": position(data)}, "set_aside": plan["moved"]}
         self.rollbacks.append(event)
         self.rollback = {"event": event, "data": data, "rollbacks": list(self.rollbacks)}
         for p in self.parameters():  # this step's update is not applied either (DeepSpeed's is, and rolled back)
             p.grad = None
-        self.trainer.should_stop = True  # the same step on every rank: the decision is on the rank-averaged loss
+        self.trainer.should_stop = True  # the same step on every rank
         if self.trainer.is_global_zero:
             print(f"guard: {describe(event)} (rollback {len(self.rollbacks)} of at most "
                   f"{self.guard.max_rollbacks})", file=sys.stderr, flush=True)
