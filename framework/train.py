@@ -229,10 +229,19 @@ def _finish_wandb() -> None:
     """Close the W&B run of this process, so that a later fit in the same process starts (or resumes) its own."""
     from framework.callbacks.wandb_run import wait_for_runs
 
-    wait_for_runs()
     wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+    try:
+        wait_for_runs()
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()
+    except Exception as e:  # noqa: BLE001 - e.g. W&B's service process got the job's SIGTERM too and is gone
+        print(f"warning: could not close the W&B run cleanly ({type(e).__name__}: {e}); what it received is in "
+              "its run folder (offline) or on the server, and a resume continues it", file=sys.stderr, flush=True)
+        if wandb is not None:
+            try:
+                wandb.teardown()  # forget the broken run, so a later fit in this process can start its own
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def _in_chain(e: BaseException | None, kind: type[BaseException], depth: int = 0) -> BaseException | None:
