@@ -108,6 +108,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="alternate plain loop and framework this many times; report each and the medians")
     p.add_argument("--shards", help="a prepared shard dir (default: the stdlib corpus, bytes tokenizer)")
+    p.add_argument("--no-overhead", action="store_true",
+                   help="skip the overhead measurement: step time of both sides on gpt-tiny (compute ~0)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = device.type == "cuda"
@@ -134,6 +136,7 @@ def main() -> None:
             pairs.append((base, ours))
             print(f"run {i + 1}: plain {base:,.0f} tokens/s, pretrain fit {ours:,.0f} tokens/s, {ours / base:.3f}x",
                   flush=True)
+        overhead = None if args.no_overhead else overhead_ms(args, shards, device, bf16, precision)
     peak = peak_tflops(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.preset}, batch {args.batch_size} x {args.seq_len}, {precision}, compile={args.compile}, "
@@ -145,6 +148,30 @@ def main() -> None:
         mfu = f"   MFU {rate * flops_per_token / (peak * 1e12):6.1%}" if peak else ""
         print(f"{label:<34} {rate:12,.0f} tokens/s   {rate / base:5.3f}x{mfu}")
     print(f"median of the per-run ratios: {statistics.median(o / b for b, o in pairs):.3f}x")
+    if overhead is not None:
+        step_ms = 1000 * args.batch_size * args.seq_len / base
+        print(f"framework overhead: {overhead:.2f} ms per step (median over {max(1, args.repeats)} gpt-tiny pairs), "
+              f"{overhead / step_ms:.1%} of this model's {step_ms:.0f} ms plain step")
+
+
+def overhead_ms(args: argparse.Namespace, shards: str, device: torch.device, bf16: bool, precision: str) -> float:
+    """What the framework adds to every step, in ms: step time minus the plain loop's on gpt-tiny (4 x 32 tokens),
+    whose compute is so small that the difference is the loop, hooks, logging and guards; data read in-process.
+    A difference of step times is steadier than a ratio of two noisy throughputs."""
+    tiny = argparse.Namespace(**{**vars(args), "preset": "gpt-tiny", "seq_len": 32, "batch_size": 4, "steps": 300,
+                                 "warmup": 20, "workers": 0})
+    data_vocab = json.loads((Path(shards) / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    config = GPTConfig.from_preset("gpt-tiny", seq_len=32, vocab_size=max(GPTConfig.from_preset("gpt-tiny").vocab_size,
+                                                                          data_vocab))
+    tokens = tiny.batch_size * tiny.seq_len
+    diffs = []
+    for _ in range(max(1, args.repeats)):
+        base = plain_loop(config, tiny.batch_size, tiny.seq_len, tiny.steps, tiny.warmup, device, bf16, args.compile)
+        ours = framework_fit(tiny, shards, config.vocab_size, device, precision)
+        diffs.append(1000 * tokens / ours - 1000 * tokens / base)
+        print(f"overhead pair: plain {1000 * tokens / base:.2f} ms/step, pretrain fit {1000 * tokens / ours:.2f} "
+              f"ms/step", flush=True)
+    return statistics.median(diffs)
 
 
 if __name__ == "__main__":

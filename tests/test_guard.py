@@ -125,11 +125,11 @@ def test_a_loss_spike_rolls_back_skips_its_window_and_resumes_exactly(shards, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2"])
+@pytest.mark.parametrize("strategy", ["fsdp"])  # deepspeed_stage_2 passes too (~15 s): its rollback is tested below
 def test_a_spike_on_one_rank_rolls_back_every_rank_alike(strategy, shards, tmp_path):
     """Only rank 1's batches 8-10 spike: the decision is on the rank-averaged loss, so both ranks roll back to the
-    step-6 checkpoint together, skip the same window, and finish the same steps with the same batches as each other;
-    FSDP2 and DeepSpeed (sharded checkpoint directories) behave alike."""
+    step-6 checkpoint together, skip the same window, and finish the same steps with the same batches as each other
+    (a sharded checkpoint directory is the one rolled back to)."""
     if strategy.startswith("deepspeed"):
         from dist_fit import build_deepspeed_ops
 
