@@ -182,11 +182,28 @@ def test_a_nan_validation_batch_makes_val_loss_nan_and_warns(shards, tmp_path, c
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`pretrain ARGS` as a fresh shell would run it: without this process's W&B service (an in-process fit
-    started one, and WANDB_SERVICE would make the child register its runs there, outliving a killed child)."""
+    started one, and WANDB_SERVICE would make the child register its runs there, outliving a killed child).
+
+    In its own session, with its output in files rather than pipes: a SIGKILLed run leaves its children behind (a
+    data worker until it notices, a W&B service started moments before the kill), and they would hold a pipe open
+    for as long as they live. Once the run itself has exited, whatever is left of its session is killed."""
+    import signal
+    import tempfile
+
     env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "WANDB_MODE": "offline",
            "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-    return subprocess.run([sys.executable, "-m", "framework", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+    cmd = [sys.executable, "-m", "framework", *args]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=cwd, start_new_session=True)
+        try:
+            proc.wait(timeout=300)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
 def run_main(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
