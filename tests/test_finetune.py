@@ -278,6 +278,69 @@ def test_frozen_modes_train_only_the_head_and_adapters_of_a_gpt_backbone(mode, l
             torch.testing.assert_close(start[name], pretrained[name], rtol=0, atol=0, msg=name)  # loaded as is
 
 
+@pytest.mark.slow
+def test_lora_checkpoints_keep_only_what_they_train_and_get_the_rest_from_the_base(labelled, tmp_path):
+    """A LoRA fine-tune's checkpoints hold the adapters and the head only; a resume from them continues exactly, and
+    an export merges the adapters into the base weights it reads back; a changed or missing base is one line."""
+    import os
+    import shutil
+
+    from dist_fit import fit, write_config
+    from safetensors.torch import load_file
+    from test_fit import assert_one_line_error, run_main
+
+    from framework.checkpoint.consolidate import load_state_dict
+    from framework.models.classifier import lora_scale
+    from framework.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    GPT(GPTConfig.from_preset("gpt-tiny", vocab_size=261)).save_pretrained(tmp_path / "gpt")
+    base = load_file(tmp_path / "gpt" / "model.safetensors")
+    args = ("--model.init_args.init_from", str(tmp_path / "gpt"), "--model.init_args.mode", "lora")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for run in (straight, resumed):
+        run.mkdir()
+    common = dict(strategy="ddp", devices=1, max_steps=4, every_n_steps=2, family="classify")
+    fit(write_config(straight, labelled, **common), *args)
+    fit(write_config(resumed, labelled, stop_at=2, **common), *args)
+    fit(write_config(resumed, labelled, label=1, **common), *args, "--ckpt_path", "last")
+
+    last = resumed / "run" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    saved = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    assert saved and all(k.startswith("head.") or ".lora_" in k for k in saved), sorted(saved)
+    assert ckpt["frozen_from"]["path"] == os.path.realpath(tmp_path / "gpt")
+    saved_bytes = sum(v.nbytes for v in saved.values())
+    base_bytes = sum(v.nbytes for v in base.values())
+    assert saved_bytes < 0.2 * base_bytes, (saved_bytes, base_bytes)
+
+    full = load_state_dict(last)  # the checkpoint's tensors with the frozen ones read back from the base
+    assert set(full) > set(saved) and all(torch.equal(full[k], base[k]) for k in base if k in full)
+    reference = load_state_dict(straight / "run" / "checkpoints" / "last.ckpt")
+    assert full.keys() == reference.keys()
+    for name in full:  # the resumed fine-tune ends where the uninterrupted one does
+        torch.testing.assert_close(full[name], reference[name], rtol=0, atol=0, msg=name)
+
+    r = run_main("export", str(last), str(tmp_path / "exported"))
+    assert r.returncode == 0, r.stderr
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    scale = lora_scale(ClassifierConfig.from_dict(ckpt["model_config"]))
+    for name, tensor in exported.items():
+        adapter = name.removesuffix(".weight")
+        expected = full[name]
+        if adapter + ".lora_A" in full:
+            expected = expected + scale * full[adapter + ".lora_B"] @ full[adapter + ".lora_A"]
+        torch.testing.assert_close(tensor, expected, msg=name)
+    assert any(adapter.endswith(".lora_A") for adapter in full)
+
+    torch.manual_seed(1)  # another pre-trained model where the base was: the checkpoint must not take it
+    GPT(GPTConfig.from_preset("gpt-tiny", vocab_size=261)).save_pretrained(tmp_path / "gpt")
+    assert_one_line_error(run_main("export", str(last), str(tmp_path / "other")), "has changed since")
+    shutil.rmtree(tmp_path / "gpt")
+    assert_one_line_error(run_main("export", str(last), str(tmp_path / "other")), "which no longer exists")
+    assert not (tmp_path / "other").exists()
+
+
 def test_data_tokenized_otherwise_than_the_pretrained_model_is_one_line(labelled, tmp_path):
     from test_fit import assert_one_line_error, run_cli
 

@@ -38,6 +38,7 @@ from framework.checkpoint.formats import checkpoint_kind, deepspeed_files, read_
 from framework.errors import UserError
 
 MODEL_PREFIX = "model."  # PretrainTask keeps its nn.Module as `self.model`
+FROZEN_KEY = "frozen_from"  # a fine-tune's checkpoint without its frozen base tensors: where they are (init_from.py)
 
 
 @dataclass
@@ -57,7 +58,7 @@ def model_tensors(path: str | os.PathLike) -> list[TensorSource]:
     path = os.fspath(path)
     kind = checkpoint_kind(path)
     if kind == "file":
-        sources = _file_tensors(path)
+        sources = _file_tensors(path)  # with the frozen base tensors a LoRA or linear fine-tune left out, if any
     elif kind == "dcp":
         sources = _dcp_tensors(path)
     else:
@@ -84,7 +85,14 @@ def _file_tensors(path: str) -> list[TensorSource]:
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise UserError(f"'{path}' has no state_dict: it is not a Lightning checkpoint written by `pretrain fit`")
-    return [TensorSource(k, tuple(v.shape), v.dtype, lambda v=v: v) for k, v in state.items() if torch.is_tensor(v)]
+    out = [TensorSource(k, tuple(v.shape), v.dtype, lambda v=v: v) for k, v in state.items() if torch.is_tensor(v)]
+    if ckpt.get(FROZEN_KEY) is not None:
+        from framework.checkpoint.init_from import frozen_sources
+
+        have = {k.removeprefix(MODEL_PREFIX) for k in state}
+        out += [TensorSource(MODEL_PREFIX + s.name, s.shape, s.dtype, s.load)
+                for s in frozen_sources(ckpt[FROZEN_KEY], have, path)]
+    return out
 
 
 # ---------------------------------------------------------------- torch.distributed.checkpoint directory

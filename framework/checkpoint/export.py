@@ -7,11 +7,13 @@
 The same files as the models' `save_pretrained`, so `framework.models.from_pretrained(OUT_DIR)` (or
 `GPT.from_pretrained`, `Encoder.from_pretrained`), `pretrain generate --model OUT_DIR` (GPT) and
 `pretrain fill-mask --model OUT_DIR` (encoder) load them.
-CKPT is any checkpoint `pretrain fit` writes: a .ckpt file (DDP, one process), a torch.distributed.checkpoint directory (FSDP2) or a DeepSpeed ZeRO-1/2/3 directory, on any number
-of ranks; `last.ckpt` works too. No process group and no GPU are needed, and the weights are streamed tensor by
-tensor from the (memory-mapped) checkpoint into the output file (framework.checkpoint.consolidate), so the host
-never holds the whole model. OUT_DIR appears complete or not at all: it is written under a temporary name beside
-it and renamed into place.
+CKPT is any checkpoint `pretrain fit` writes: a .ckpt file (DDP, one process), a torch.distributed.checkpoint
+directory (FSDP2) or a DeepSpeed ZeRO-1/2/3 directory, on any number of ranks; `last.ckpt` works too. No process group
+and no GPU are needed, and the weights are streamed tensor by tensor from the (memory-mapped) checkpoint into the
+output file (framework.checkpoint.consolidate), so the host never holds the whole model. A linear or LoRA fine-tune's
+.ckpt holds only its trained tensors; the frozen rest is read from the pre-trained source it records
+(framework.checkpoint.init_from.frozen_sources). OUT_DIR appears complete or not at all: it is written under a
+temporary name beside it and renamed into place.
 """
 
 from __future__ import annotations

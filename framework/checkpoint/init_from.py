@@ -13,11 +13,19 @@ group; exports are read lazily with safetensors) and copied into the model as th
 Names are matched exactly; a shape or model-family mismatch is one clear error. Tensors the model has and the source
 lacks (e.g. a new head) keep their fresh init and are reported as new; tensors of the source the model lacks (e.g. a
 pre-training head) are reported as dropped.
+
+A fine-tune that freezes its backbone (modes `linear` and `lora`) need not save it again: its .ckpt files keep only
+the trained tensors (the head, the adapters) and record, under `frozen_from`, where the rest comes from (the real
+path of init_from) with a fingerprint of each frozen tensor (`frozen_record`). Every reader of such a checkpoint
+(a resume, `pretrain export`, another init_from) gets the frozen tensors back from that source (`frozen_sources`),
+each checked against its fingerprint, so a base that was overwritten or moved is one clear error, never a silently
+different model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -155,3 +163,61 @@ def load_weights(model: nn.Module, path: str, strategy: Any, tied: tuple[str, ..
 def _full_shape(t: torch.Tensor) -> torch.Size:
     """The unsharded shape of a parameter (ZeRO-3 keeps it in ds_shape; a DTensor's shape is the full one)."""
     return getattr(t, "ds_shape", t.shape)
+
+
+def frozen_record(model: nn.Module, path: str) -> dict[str, Any]:
+    """What a checkpoint without `model`'s frozen parameters (which came from init_from `path`) keeps to get them
+    back: the source's real path (`last.ckpt` is a link that moves on) and each tensor's shape, dtype and
+    fingerprint. Full (unsharded) tensors only: the single-file strategies."""
+    return {"path": os.path.realpath(path),
+            "tensors": {name: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."),
+                               **_fingerprint(p)}
+                        for name, p in model.named_parameters() if not p.requires_grad}}
+
+
+def frozen_sources(record: dict[str, Any], have: set[str], ckpt: str, fallback: str | None = None) -> list[Any]:
+    """The frozen tensors a checkpoint (`ckpt`) left out, as TensorSources read from the source it records (or from
+    `fallback`, this run's init_from, when the recorded path is gone); each is checked against its fingerprint when
+    it is read. `have`: the names the checkpoint holds itself."""
+    from framework.checkpoint.consolidate import TensorSource
+
+    path = record["path"]
+    if not os.path.exists(path) and fallback is not None and os.path.exists(fallback):
+        path = fallback
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint '{ckpt}' keeps only the tensors its fine-tune trained; the frozen rest comes "
+                        f"from '{record['path']}', which no longer exists: put that checkpoint or export back there "
+                        "(or pass it as --model.init_from when resuming)")
+    _, source = source_tensors(path)
+    out = []
+    for name, want in record["tensors"].items():
+        if name in have:
+            continue
+        if name not in source or tuple(source[name][0]) != tuple(want["shape"]):
+            raise UserError(f"'{path}' is not the model checkpoint '{ckpt}' was fine-tuned from (tensor {name} is "
+                            "missing or has another shape); pass the original pre-trained checkpoint")
+        dtype = getattr(torch, want["dtype"])
+
+        def load(name: str = name, read: Callable[[], torch.Tensor] = source[name][1], want: dict = want,
+                 dtype: torch.dtype = dtype) -> torch.Tensor:
+            t = read().to(dtype)
+            if not _same_fingerprint(_fingerprint(t), want):
+                raise UserError(f"'{path}' has changed since checkpoint '{ckpt}' was fine-tuned from it (tensor "
+                                f"{name} differs); the checkpoint keeps only the trained tensors and needs the "
+                                "exact pre-trained weights: restore them, or fine-tune again")
+            return t
+
+        out.append(TensorSource(name, tuple(want["shape"]), dtype, load))
+    return out
+
+
+def _fingerprint(t: torch.Tensor) -> dict[str, float]:
+    t = t.detach().double()
+    return {"sum": float(t.sum()), "sumsq": float((t * t).sum())}
+
+
+def _same_fingerprint(a: dict[str, float], b: dict[str, float]) -> bool:
+    """Equal up to summation order (another device or thread count adds in another order)."""
+    scale = math.sqrt(max(b["sumsq"], 0.0))
+    return (abs(a["sumsq"] - b["sumsq"]) <= 1e-6 * b["sumsq"] + 1e-12
+            and abs(a["sum"] - b["sum"]) <= 1e-6 * scale + 1e-12)
