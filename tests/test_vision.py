@@ -197,6 +197,12 @@ def test_a_linear_probe_of_the_clip_image_tower_trains_only_a_new_head(shapes, c
     assert tower and set(probe) - set(tower) == {"head.weight", "head.bias"}
     for name, value in tower.items():  # frozen: weights and BatchNorm/other buffers as pre-trained
         assert torch.equal(probe[name], value), name
+    # the probe's checkpoint keeps the new head (and buffers) only: the tower is read back from the export
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["frozen_from"]["prefix"] == "visual." and {"model.head.weight", "model.head.bias"} <= set(
+        saved["state_dict"])
+    assert all(k.startswith("model.head.") or k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+               for k in saved["state_dict"]), sorted(saved["state_dict"])
 
 
 # ---------------------------------------------------------------- strategies: 2 CPU processes

@@ -165,11 +165,11 @@ def _full_shape(t: torch.Tensor) -> torch.Size:
     return getattr(t, "ds_shape", t.shape)
 
 
-def frozen_record(model: nn.Module, path: str) -> dict[str, Any]:
-    """What a checkpoint without `model`'s frozen parameters (which came from init_from `path`) keeps to get them
-    back: the source's real path (`last.ckpt` is a link that moves on) and each tensor's shape, dtype and
-    fingerprint. Full (unsharded) tensors only: the single-file strategies."""
-    return {"path": os.path.realpath(path),
+def frozen_record(model: nn.Module, path: str, prefix: str = "") -> dict[str, Any]:
+    """What a checkpoint without `model`'s frozen parameters (which came from init_from `path`, named there with
+    `prefix`) keeps to get them back: the source's real path (`last.ckpt` is a link that moves on) and each tensor's
+    shape, dtype and fingerprint. Full (unsharded) tensors only: the single-file strategies."""
+    return {"path": os.path.realpath(path), "prefix": prefix,
             "tensors": {name: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."),
                                **_fingerprint(p)}
                         for name, p in model.named_parameters() if not p.requires_grad}}
@@ -189,6 +189,8 @@ def frozen_sources(record: dict[str, Any], have: set[str], ckpt: str, fallback: 
                         f"from '{record['path']}', which no longer exists: put that checkpoint or export back there "
                         "(or pass it as --model.init_from when resuming)")
     _, source = source_tensors(path)
+    prefix = record.get("prefix", "")
+    source = {n[len(prefix):]: v for n, v in source.items() if n.startswith(prefix)}
     out = []
     for name, want in record["tensors"].items():
         if name in have:

@@ -96,6 +96,7 @@ class PretrainTask(L.LightningModule):
         self.tokenizer_json: str | None = None
         self.guard = GuardOptions()  # `pretrain fit` sets it from --guard.*
         self.print_init_report = True  # init_from prints what it loaded (the transfer report turns it off)
+        self._frozen: dict[str, Any] | None = None  # where checkpoints' frozen tensors come from (_leave_out_frozen)
         self.skipped: list[dict[str, int]] = []  # the steps the guard skipped: step and data position
         self._nonfinite_in_a_row = 0
         self.rollbacks: list[dict[str, Any]] = []  # the loss spikes rolled back (framework.guard.describe)
@@ -426,8 +427,53 @@ class PretrainTask(L.LightningModule):
         checkpoint["rng_states"] = {"per_rank": per_rank}
         checkpoint["guard"] = {"options": asdict(self.guard), "skipped": list(self.skipped),
                                "rollbacks": list(self.rollbacks), "detector": self.detector.state_dict()}
+        self._leave_out_frozen(checkpoint)
+
+    # ---------------------------------------------------------------- checkpoints without a frozen backbone
+    def frozen_from_init(self) -> bool:
+        """Whether this fine-tune's frozen parameters are init_from's weights, unchanged (linear probes, LoRA): then
+        its checkpoints need not store them again. The tasks with such modes override it."""
+        return False
+
+    def init_prefix(self) -> str:
+        """The prefix of init_from's names for this model's tensors (a CLIP checkpoint's image tower: `visual.`)."""
+        return ""
+
+    def _leave_out_frozen(self, checkpoint: dict[str, Any]) -> None:
+        """A single-file checkpoint (one process, DDP) of a frozen-backbone fine-tune keeps only what it trains: the
+        frozen tensors are recorded with init_from's real path and a fingerprint each (init_from.frozen_record), and
+        every reader gets them back from there. FSDP2 and DeepSpeed write every tensor through their own formats."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+
+        from framework.checkpoint.consolidate import FROZEN_KEY, MODEL_PREFIX
+        from framework.checkpoint.init_from import frozen_record
+
+        state = checkpoint.get("state_dict")
+        if (state is None or not self.frozen_from_init()
+                or isinstance(self.trainer.strategy, (DeepSpeedStrategy, ModelParallelStrategy))):
+            return
+        assert self.model is not None and self.init_from is not None
+        if self._frozen is None:
+            self._frozen = frozen_record(self.model, self.init_from, self.init_prefix())
+        for name in self._frozen["tensors"]:
+            state.pop(MODEL_PREFIX + name, None)
+        checkpoint[FROZEN_KEY] = self._frozen
+
+    def _restore_frozen(self, checkpoint: dict[str, Any]) -> None:
+        """The frozen tensors a checkpoint left out, read back from its pre-trained source into its state dict."""
+        from framework.checkpoint.consolidate import FROZEN_KEY, MODEL_PREFIX
+        from framework.checkpoint.init_from import frozen_sources
+
+        record, state = checkpoint.get(FROZEN_KEY), checkpoint.get("state_dict")
+        if record is None or state is None:
+            return
+        have = {k.removeprefix(MODEL_PREFIX) for k in state}
+        for source in frozen_sources(record, have, str(self.trainer.ckpt_path), fallback=self.init_from):
+            state[MODEL_PREFIX + source.name] = source.load()
+        self._frozen = record
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restore_frozen(checkpoint)
         check_family(checkpoint.get("model_config"), self.model_class.config_class.model_type, type(self).__name__)
         guard = checkpoint.get("guard", {})
         self.skipped = list(guard.get("skipped", []))

@@ -118,7 +118,6 @@ class ClassificationTask(ClassMetrics, PretrainTask):
             FAMILIES[backbone].config_class.from_preset(backbone_preset, **self.overrides)  # a bad preset/field fails now
         self._confusion: dict[str, torch.Tensor] = {}
         self.class_names: list[str] = []
-        self._frozen: dict[str, Any] | None = None  # where checkpoints' frozen tensors come from (on_save_checkpoint)
 
     # ---------------------------------------------------------------- model
     def check_data(self, datamodule: Any) -> None:
@@ -184,38 +183,8 @@ class ClassificationTask(ClassMetrics, PretrainTask):
         if not self.random_init:
             super()._load_init_weights()
 
-    # ---------------------------------------------------------------- checkpoints without the frozen backbone
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Modes linear and lora save only what they train: the frozen backbone is init_from's, recorded with a
-        fingerprint per tensor (framework.checkpoint.init_from.frozen_record) instead of stored again. Single-file
-        checkpoints only (one process, DDP): FSDP2 and DeepSpeed write every tensor through their own formats."""
-        super().on_save_checkpoint(checkpoint)
-        state = checkpoint.get("state_dict")
-        if (self.mode == "full" or self.init_from is None or self.random_init or state is None
-                or not _single_file(self.trainer.strategy)):
-            return
-        from framework.checkpoint.consolidate import FROZEN_KEY, MODEL_PREFIX
-        from framework.checkpoint.init_from import frozen_record
-
-        assert self.model is not None
-        if self._frozen is None:
-            self._frozen = frozen_record(self.model, self.init_from)
-        for name in self._frozen["tensors"]:
-            state.pop(MODEL_PREFIX + name, None)
-        checkpoint[FROZEN_KEY] = self._frozen
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from framework.checkpoint.consolidate import FROZEN_KEY, MODEL_PREFIX
-        from framework.checkpoint.init_from import frozen_sources
-
-        record = checkpoint.get(FROZEN_KEY)
-        state = checkpoint.get("state_dict")
-        if record is not None and state is not None:  # the frozen tensors back from the pre-trained source
-            have = {k.removeprefix(MODEL_PREFIX) for k in state}
-            for source in frozen_sources(record, have, str(self.trainer.ckpt_path), fallback=self.init_from):
-                state[MODEL_PREFIX + source.name] = source.load()
-            self._frozen = record
-        super().on_load_checkpoint(checkpoint)
+    def frozen_from_init(self) -> bool:
+        return self.mode != "full" and self.init_from is not None and not self.random_init
 
     def lr_scale(self, name: str) -> float:
         name = name.removeprefix("model.")
@@ -252,13 +221,6 @@ class ClassificationTask(ClassMetrics, PretrainTask):
             return 0
         B, L = batch["tokens"].shape
         return self.model.flops(B, self.model.framed_len(L))
-
-
-def _single_file(strategy: Any) -> bool:
-    """Whether the strategy saves Lightning's checkpoint dict as one file (not FSDP2's DCP or DeepSpeed's directory)."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
-
-    return not isinstance(strategy, (DeepSpeedStrategy, ModelParallelStrategy))
 
 
 def scores(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

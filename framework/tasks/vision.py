@@ -117,15 +117,24 @@ class ImageClassificationTask(ClassMetrics, PretrainTask):
         return model
 
     def _load_init_weights(self) -> None:
-        from framework.checkpoint.init_from import image_tower, load_weights, source_config
+        from framework.checkpoint.init_from import load_weights
 
         assert self.model is not None and self.init_from is not None
         if self.random_init:
             return
-        prefix = image_tower(source_config(self.init_from))[1]
-        report = load_weights(self.model, self.init_from, self.trainer.strategy, (), prefix=prefix, skip=("head.",))
+        report = load_weights(self.model, self.init_from, self.trainer.strategy, (), prefix=self.init_prefix(),
+                              skip=("head.",))
         if self.trainer.is_global_zero and self.print_init_report:
             print("\n".join(report.lines(self.init_from)), flush=True)
+
+    def frozen_from_init(self) -> bool:
+        return self.mode == "linear" and self.init_from is not None and not self.random_init
+
+    def init_prefix(self) -> str:
+        from framework.checkpoint.init_from import image_tower, source_config
+
+        assert self.init_from is not None
+        return image_tower(source_config(self.init_from))[1]
 
     def train(self, mode: bool = True) -> "ImageClassificationTask":
         """A linear probe keeps the backbone in eval mode: its BatchNorm statistics and dropout stay as trained."""
