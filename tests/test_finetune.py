@@ -333,10 +333,18 @@ def test_lora_checkpoints_keep_only_what_they_train_and_get_the_rest_from_the_ba
         torch.testing.assert_close(tensor, expected, msg=name)
     assert any(adapter.endswith(".lora_A") for adapter in full)
 
-    torch.manual_seed(1)  # another pre-trained model where the base was: the checkpoint must not take it
-    GPT(GPTConfig.from_preset("gpt-tiny", vocab_size=261)).save_pretrained(tmp_path / "gpt")
-    assert_one_line_error(run_main("export", str(last), str(tmp_path / "other")), "has changed since")
+    moved = tmp_path / "moved-gpt"  # a base moved elsewhere: a resume that names it there continues from it
+    shutil.copytree(tmp_path / "gpt", moved)
     shutil.rmtree(tmp_path / "gpt")
+    fit(write_config(resumed, labelled, label=2, **{**common, "max_steps": 6}), "--model.init_args.init_from",
+        str(moved), "--model.init_args.mode", "lora", "--ckpt_path", "last")
+    later = torch.load(last, map_location="cpu", weights_only=False)
+    assert later["global_step"] == 6 and later["frozen_from"]["path"] == os.path.realpath(moved)
+
+    torch.manual_seed(1)  # another pre-trained model where the base was: the checkpoint must not take it
+    GPT(GPTConfig.from_preset("gpt-tiny", vocab_size=261)).save_pretrained(moved)
+    assert_one_line_error(run_main("export", str(last), str(tmp_path / "other")), "has changed since")
+    shutil.rmtree(moved)
     assert_one_line_error(run_main("export", str(last), str(tmp_path / "other")), "which no longer exists")
     assert not (tmp_path / "other").exists()
 

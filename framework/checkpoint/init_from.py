@@ -175,15 +175,12 @@ def frozen_record(model: nn.Module, path: str, prefix: str = "") -> dict[str, An
                         for name, p in model.named_parameters() if not p.requires_grad}}
 
 
-def frozen_sources(record: dict[str, Any], have: set[str], ckpt: str, fallback: str | None = None) -> list[Any]:
-    """The frozen tensors a checkpoint (`ckpt`) left out, as TensorSources read from the source it records (or from
-    `fallback`, this run's init_from, when the recorded path is gone); each is checked against its fingerprint when
-    it is read. `have`: the names the checkpoint holds itself."""
+def frozen_sources(record: dict[str, Any], have: set[str], ckpt: str) -> list[Any]:
+    """The frozen tensors a checkpoint (`ckpt`) left out, as TensorSources read from the source it records; each is
+    checked against its fingerprint when it is read. `have`: the names the checkpoint holds itself."""
     from framework.checkpoint.consolidate import TensorSource
 
     path = record["path"]
-    if not os.path.exists(path) and fallback is not None and os.path.exists(fallback):
-        path = fallback
     if not os.path.exists(path):
         raise UserError(f"checkpoint '{ckpt}' keeps only the tensors its fine-tune trained; the frozen rest comes "
                         f"from '{record['path']}', which no longer exists: put that checkpoint or export back there "

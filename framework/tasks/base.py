@@ -467,10 +467,12 @@ class PretrainTask(L.LightningModule):
         record, state = checkpoint.get(FROZEN_KEY), checkpoint.get("state_dict")
         if record is None or state is None:
             return
+        if not os.path.exists(record["path"]) and self.init_from is not None and os.path.exists(self.init_from):
+            record = {**record, "path": os.path.realpath(self.init_from)}  # moved: this run's init_from says where
         have = {k.removeprefix(MODEL_PREFIX) for k in state}
-        for source in frozen_sources(record, have, str(self.trainer.ckpt_path), fallback=self.init_from):
+        for source in frozen_sources(record, have, str(self.trainer.ckpt_path)):
             state[MODEL_PREFIX + source.name] = source.load()
-        self._frozen = record
+        self._frozen = record  # later checkpoints record the same source
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restore_frozen(checkpoint)
