@@ -183,7 +183,7 @@ def frozen_sources(record: dict[str, Any], have: set[str], ckpt: str) -> list[An
     path = record["path"]
     if not os.path.exists(path):
         raise UserError(f"checkpoint '{ckpt}' keeps only the tensors its fine-tune trained; the frozen rest comes "
-                        f"from '{record['path']}', which no longer exists: put that checkpoint or export back there "
+                        f"from '{path}', which no longer exists: put that checkpoint or export back there "
                         "(or pass it as --model.init_from when resuming)")
     _, source = source_tensors(path)
     prefix = record.get("prefix", "")
@@ -217,6 +217,6 @@ def _fingerprint(t: torch.Tensor) -> dict[str, float]:
 
 def _same_fingerprint(a: dict[str, float], b: dict[str, float]) -> bool:
     """Equal up to summation order (another device or thread count adds in another order)."""
-    scale = math.sqrt(max(b["sumsq"], 0.0))
+    scale = math.sqrt(b["sumsq"])
     return (abs(a["sumsq"] - b["sumsq"]) <= 1e-6 * b["sumsq"] + 1e-12
             and abs(a["sum"] - b["sum"]) <= 1e-6 * scale + 1e-12)
