@@ -1,4 +1,4 @@
-from framework.cli import main
+from framework.commands import main
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from framework.errors import UserError
 
 INTERNALS: list[tuple[str, str, str]] = [
     ("lightning", "lightning.pytorch.cli:LightningCLI._parse_ckpt_path",
-     "overridden so that a checkpoint's hyperparameters never replace the config (framework/train.py)"),
+     "overridden so that a checkpoint's hyperparameters never replace the config (framework/commands/fit.py)"),
     ("lightning", "lightning.pytorch.cli:LightningCLI._get", "the callbacks given in the config (train.py)"),
     ("lightning", "lightning.pytorch.cli:LightningCLI._parser", "the callbacks given in the config (train.py)"),
     ("lightning", "lightning.pytorch.cli:LightningCLI._instantiate_trainer", "our callbacks added (train.py)"),

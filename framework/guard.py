@@ -7,7 +7,7 @@ median so that a flat loss does not make a hair trigger. Losses above the thresh
 spike does not raise its own bar. Nothing is checked before step `warmup` or before the window is full.
 
 On a spike -- or on max_consecutive non-finite steps, or on a non-finite loss under DeepSpeed, whose optimizer step
-cannot be skipped -- the fit rolls back (framework/train.py): it restarts from the newest checkpoint written before the spike
+cannot be skipped -- the fit rolls back (framework/commands/fit.py): it restarts from the newest checkpoint written before the spike
 began, with the model, optimizer, schedule and RNG of that checkpoint and the data position of the step that
 confirmed the spike, so the window of batches that led into the spike is skipped (and listed, never silently lost).
 The checkpoints written after the spike began hold its effect: they are moved to `checkpoints/rolled_back/` and

@@ -13,7 +13,7 @@ from framework.tasks.base import PretrainTask
 from framework.tasks.classification import ClassificationTask
 from framework.tasks.clip import CLIPTask
 from framework.tasks.vision import ImageClassificationTask
-from framework.train import PretrainCLI
+from framework.commands.fit import PretrainCLI
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from framework.data.prepare import prepare
-from framework.train import fit, validate
+from framework.commands.fit import fit, validate
 
 ROOT = Path(__file__).parent.parent
 
@@ -212,7 +212,7 @@ def run_main(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
     import contextlib
     import io
 
-    from framework.cli import main
+    from framework.commands import main
 
     out, err = io.StringIO(), io.StringIO()
     old = os.getcwd()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from test_fit import shards, steps, write_config  # noqa: F401 - the shards fixture is reused
-from framework.train import fit
+from framework.commands.fit import fit
 
 pytestmark = pytest.mark.gpu
 

@@ -10,7 +10,7 @@ import torch
 
 from dist_fit import cli, make_shards, records, write_config
 from framework.checkpoint.consolidate import checkpoint_meta
-from framework.train import fit
+from framework.commands.fit import fit
 
 
 @pytest.fixture(scope="module")

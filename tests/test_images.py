@@ -17,7 +17,8 @@ from PIL import Image
 from framework.data.cursor import continue_on
 from framework.data.images import (IGNORE_LABEL, ImageDataModule, ImageIndex, ImageStream, ImageTransform,
                                    describe_image_shards)
-from framework.data.prepare_images import (COLOURS, POSITIONS, SIZES, caption_of, class_names, main, prepare_images,
+from framework.commands.prepare_images import main
+from framework.data.prepare_images import (COLOURS, POSITIONS, SIZES, caption_of, class_names, prepare_images,
                                            synthetic_sample)
 from framework.data.shards import manifest_shards
 from framework.errors import UserError

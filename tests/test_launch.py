@@ -25,7 +25,7 @@ import torch
 from slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
 
 from framework.data.prepare import prepare
-from framework.train import fit
+from framework.commands.fit import fit
 
 ROOT = Path(__file__).parent.parent
 TORCHRUN = ROOT / "launch" / "torchrun.sh"

@@ -20,7 +20,7 @@ from framework.objectives.causal_lm import IGNORE_INDEX
 from framework.objectives.masked_lm import mask_tokens, masked_accuracy, masked_lm_loss
 from framework.tasks.causal_lm import CausalLMTask
 from framework.tasks.masked_lm import MaskedLMTask
-from framework.train import fit
+from framework.commands.fit import fit
 from test_fit import assert_one_line_error, run_cli, run_main, steps
 from test_fit import write_config as gpt_config
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from framework.models.gpt import GPT, GPTConfig
-from framework.plan import GiB, describe_model, estimate, fits, plan
+from framework.commands.plan import GiB, describe_model, estimate, fits, plan
 
 GB = 1e9
 
@@ -84,7 +84,7 @@ def test_zero_states_agree_with_deepspeeds_own_estimators():
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from framework.plan import PROCESS
+    from framework.commands.plan import PROCESS
 
     m = describe_model("gpt2-1.5b", seq_len=1024)
     kw = dict(seq_len=1024, micro_batch=1, gpus=8)

@@ -92,7 +92,7 @@ def plain_loop(shards: Path, model: torch.nn.Module, step_loss, lr: float, capti
 
 
 def fit_in_process(capsys, cfg: Path, *args: str) -> str:
-    from framework.train import fit as run_fit
+    from framework.commands.fit import fit as run_fit
 
     run_fit(["--config", str(cfg), *args])
     return capsys.readouterr().out
@@ -126,7 +126,7 @@ def clip_run(shapes, tmp_path_factory) -> tuple[Path, str]:
     import contextlib
     import io
 
-    from framework.train import fit as run_fit
+    from framework.commands.fit import fit as run_fit
 
     tmp = tmp_path_factory.mktemp("clip")
     cfg = config(tmp, shapes, CLIP_TASK, {
@@ -144,7 +144,7 @@ def test_clip_learns_as_well_as_a_plain_loop_and_classifies_zero_shot(shapes, cl
     from framework.data.tokenizer import load_tokenizer
     from framework.models.clip import CLIP, CLIPConfig
     from framework.objectives.contrastive import clip_loss
-    from framework.zero_shot import evaluate
+    from framework.inference import evaluate
 
     run, out = clip_run
     top1 = float(out.split("zero-shot top-1: ")[1].split("%")[0]) / 100
@@ -278,7 +278,7 @@ def test_a_resumed_clip_fit_continues_exactly(shapes, tmp_path):
                                                   "config": {"image": {"dropout": 0.1}, "text": {"dropout": 0.1}}},
                          steps=6, data_args={"captions": True, "max_caption_tokens": 30, "batch_size": 8},
                          callbacks=[recorder], limit_val_batches=1)
-            from framework.train import fit as run_fit
+            from framework.commands.fit import fit as run_fit
 
             run_fit(["--config", str(cfg), *(["--ckpt_path", "last"] if i else [])])
         losses[name] = [json.loads(line) for line in (tmp / "steps.jsonl").read_text().splitlines()]

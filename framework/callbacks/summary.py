@@ -80,7 +80,7 @@ class RunSummary(L.Callback):
 
         tok = Tokenizer.from_str(text)
         if hasattr(model, "mlm_head"):
-            from framework.fill_mask import MASK, show
+            from framework.inference import MASK, show
 
             if MASK not in self.prompt or "mask" not in tok.special_ids:
                 return None

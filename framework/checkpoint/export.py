@@ -18,7 +18,6 @@ temporary name beside it and renamed into place.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from framework.checkpoint.consolidate import TensorSource, checkpoint_meta, model_tensors
-from framework.checkpoint.formats import checkpoint_kind, trust_checkpoint
+from framework.checkpoint.formats import checkpoint_kind
 from framework.checkpoint.safetensors_stream import save_safetensors, total_bytes
 from framework.errors import UserError
 from framework.models import TIED, build_model, config_from_dict
@@ -128,34 +127,3 @@ def _replace_dir(src: Path, dst: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="pretrain export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt", metavar="CKPT", help="a checkpoint of `pretrain fit` (file or directory; last.ckpt works)")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (must be empty or absent)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle the checkpoint fully (only for files from a trusted source; default: weights-only)")
-    args = p.parse_args(argv)
-    trust_checkpoint(args.trust_checkpoint)
-    summary = export(args.ckpt, args.out_dir, overwrite=args.overwrite)
-    step = f" (step {summary['step']})" if summary["step"] is not None else ""
-    print(f"exported a {summary['model_type']!r} model: {summary['parameters']:,} parameters "
-          f"({_size(summary['bytes'])}) from the {summary['kind']} "
-          f"checkpoint {args.ckpt}{step} to {summary['out']}")
-    if not summary["tokenizer"]:
-        print(f"note: the checkpoint carries no tokenizer; copy the {TOKENIZER_FILE} beside its training shards into "
-              f"{summary['out']} (or pass --tokenizer to `pretrain generate`)")
-    command = {"bert": "pretrain fill-mask --model", "gpt": "pretrain generate --model"}.get(summary["model_type"])
-    load = f"framework.models.from_pretrained('{summary['out']}')"
-    print(f"use it: {command} {summary['out']}   or   {load}" if command else f"use it: {load}")

@@ -30,7 +30,7 @@ from PIL import Image
 
 from framework.data.documents import (IGNORE_LABEL, SampleDataModule, SampleStream, ShardError, ShardFiles,
                                       tar_entries)
-from framework.data.prepare_images import main, prepare_images, synthetic_sample  # noqa: F401  # re-exported
+from framework.data.prepare_images import prepare_images, synthetic_sample  # noqa: F401  # re-exported
 from framework.data.shards import Shard, _is_local, _local_path, _name, _parse_header, beside, expand
 from framework.data.tokenizer import Tokenizer, bytes_tokenizer, load_tokenizer, parse_spec
 from framework.errors import UserError
@@ -465,4 +465,4 @@ def _bytes_tokenizer_file() -> str:
 
 
 __all__ = ["DECODE_ERRORS", "IMAGE_EXTS", "ImageDataModule", "ImageIndex", "ImageStream", "ImageTransform",
-           "describe_image_shards", "main", "prepare_images", "synthetic_sample"]
+           "describe_image_shards", "prepare_images", "synthetic_sample"]

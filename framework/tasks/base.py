@@ -329,7 +329,7 @@ class PretrainTask(L.LightningModule):
 
     def _roll_back(self, first: int, step: int, loss: float, threshold: float | None, reason: str) -> None:
         """Plan a rollback to the newest checkpoint from before step `first` and stop this fit after this step;
-        framework/train.py restarts it from there with the data position after this step. Every rank calls this
+        framework/commands/fit.py restarts it from there with the data position after this step. Every rank calls this
         at the same step (the decisions are on rank-averaged or global values); rank 0 chooses the checkpoint."""
         from framework.guard import checkpoint_before, describe, position, set_aside_after
 

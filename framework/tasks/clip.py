@@ -20,7 +20,7 @@ from framework.models.transformer import Block
 from framework.objectives.contrastive import (contrastive_logits, infonce, retrieval_recall, zero_shot_accuracy,
                                               zero_shot_classifier)
 from framework.tasks.base import Measures, PretrainTask
-from framework.zero_shot import DEFAULT_TEMPLATES, check_templates, encode_prompts
+from framework.inference import DEFAULT_TEMPLATES, check_templates, encode_prompts
 
 
 class CLIPTask(PretrainTask):

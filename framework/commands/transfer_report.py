@@ -191,7 +191,7 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from framework.data.prepare import _Parser
+    from framework.commands.common import ArgParser as _Parser
 
     p = _Parser(prog="pretrain transfer-report", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -198,7 +198,7 @@ def _gb(x: float) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from framework.data.prepare import _Parser
+    from framework.commands.common import ArgParser as _Parser
 
     p = _Parser(prog="pretrain plan", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
