@@ -78,17 +78,16 @@ def framework_fit(args: argparse.Namespace, shards: str, vocab: int, device: tor
     dm = ShardDataModule(path=shards, seq_len=args.seq_len, batch_size=args.batch_size, num_workers=args.workers)
     task = CausalLMTask(preset=args.preset, config={"vocab_size": vocab, "seq_len": args.seq_len}, lr=3e-4,
                         warmup_steps=0, compile=args.compile)
-    if args.no_guard:  # the guards cost one host sync per step
-        from framework.tasks.base import GuardOptions
+    from framework.callbacks.guard import Guard
 
-        task.guard = GuardOptions(skip_nonfinite=False, spike_window=0)
+    guard = [] if args.no_guard else [Guard()]  # the guards cost one host sync per step
     timer = _Timer(args.warmup, device)
     strategy = make_strategy(args.strategy, precision=precision, accelerator=device.type if device.type == "cpu"
                              else "gpu", micro_batch_size=args.batch_size, gradient_clip_val=1.0)
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, strategy=strategy,
                         precision=precision, max_steps=args.warmup + args.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=[timer])
+                        limit_val_batches=0, callbacks=[timer, *guard])
     trainer.fit(task, datamodule=dm)
     return timer.tokens / (timer.end - timer.start)
 

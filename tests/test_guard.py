@@ -157,8 +157,7 @@ def test_the_spike_detector_defaults_ignore_noise_and_catch_a_jump():
     alarm; the same curve with three steps 40% up (over a few sigmas of its noise) at step 2000: caught there."""
     import random
 
-    from framework.guard import SpikeDetector
-    from framework.tasks.base import GuardOptions
+    from framework.callbacks.guard import GuardOptions, SpikeDetector
 
     g = GuardOptions()
     rng = random.Random(0)

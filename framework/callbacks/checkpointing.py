@@ -57,8 +57,9 @@ class StepCheckpoint(ModelCheckpoint):
 
     def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
         """Also never after a loss spike that this fit is rolling back from: its weights hold the spike."""
-        rolling_back = getattr(trainer.lightning_module, "rollback", None) is not None
-        return rolling_back or super()._should_skip_saving_checkpoint(trainer)
+        from framework.callbacks.guard import rolling_back
+
+        return rolling_back(trainer) or super()._should_skip_saving_checkpoint(trainer)
 
     def _save_now(self, trainer: L.Trainer) -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # skips a step that is already saved

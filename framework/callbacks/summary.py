@@ -26,7 +26,9 @@ class RunSummary(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if getattr(pl_module, "rollback", None) is not None:  # the fit restarts from a checkpoint: not the end
+        from framework.callbacks.guard import rolling_back
+
+        if rolling_back(trainer):  # the fit restarts from a checkpoint: not the end
             return
         lines = ["", "=" * 30 + " run summary " + "=" * 30]
         metrics = trainer.callback_metrics
@@ -55,6 +57,9 @@ class RunSummary(L.Callback):
                 lines.append(f"val/accuracy: {float(metrics['val/accuracy']):.2%}")
         if "val/macro_f1" in metrics:
             lines.append(f"val/macro_f1: {float(metrics['val/macro_f1']):.2%}")
+        for callback in trainer.callbacks:  # the guard's, then the task's
+            if callback is not self and hasattr(callback, "summary_lines"):
+                lines += callback.summary_lines()
         lines += getattr(pl_module, "summary_lines", lambda: [])()
         ckpt = trainer.checkpoint_callback
         if ckpt is not None and getattr(ckpt, "last_model_path", ""):

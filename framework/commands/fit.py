@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import StrategyRegistry
 
 from framework.callbacks.checkpointing import StepCheckpoint, find_checkpoint, peek
+from framework.callbacks.guard import Guard, GuardOptions
 from framework.callbacks.preemption import EXIT_REQUEUE, Preemption
 from framework.callbacks.progress import progress_for
 from framework.callbacks.summary import RunSummary
@@ -31,7 +32,8 @@ from framework.callbacks.wandb_run import RUN_ID_KEY, WandbOptions, WandbRunId, 
 from framework.data.datamodule import ShardDataModule
 from framework.distributed import STRATEGIES, make_strategy
 from framework.errors import UserError
-from framework.tasks.base import GuardOptions, PretrainTask, run_metadata
+from framework.checkpoint.extras import run_metadata
+from framework.tasks.base import PretrainTask
 
 DEFAULT_TASK = "framework.tasks.causal_lm.CausalLMTask"
 DEFAULT_DATA = "framework.data.datamodule.ShardDataModule"
@@ -97,12 +99,9 @@ class PretrainCLI(LightningCLI):
         ckpt = find_checkpoint(cfg.get("ckpt_path"), ckpt_dir)
         cfg["ckpt_path"] = ckpt
         logger = make_logger(cfg.wandb, root, peek(ckpt, RUN_ID_KEY) if ckpt else None)
-        if hasattr(self.model, "guard"):
-            self.model.guard = cfg.guard
         if self.restart_after is not None:  # the weights of the checkpoint before the spike, the data after it
-            self.model.resume_rollback = self.restart_after
             self.datamodule.skip_to = self.restart_after["data"]
-        callbacks = [Throughput(), WandbRunId(), cfg.summary]
+        callbacks = [Throughput(), WandbRunId(), cfg.summary, Guard(cfg.guard, resume=self.restart_after)]
         if self.subcommand in ("fit", None):
             # SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: stop after this step; StepCheckpoint saves it
             callbacks += [Preemption(), StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep)]
@@ -183,10 +182,10 @@ def run(subcommand: str, argv: list[str]) -> None:
     rollback = None
     while True:
         cli = _run_cli(subcommand, argv, rollback)
-        rollback = getattr(cli.model, "rollback", None)
+        rollback = next((c.rollback for c in cli.trainer.callbacks if isinstance(c, Guard)), None)
         if rollback is None:
             break
-        # a loss spike (framework/guard.py): every rank restarts the fit from the checkpoint before it, in this
+        # a loss spike (framework/callbacks/guard.py): every rank restarts the fit from the checkpoint before it, in this
         # process; the process group stays up, and Lightning must not launch the other ranks a second time
         argv = [*argv, "--ckpt_path", rollback["event"]["checkpoint"]]
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -61,8 +61,10 @@ def train_one(pretrained: str, data: str, fraction: float, mode: str, arm: str, 
 
         task = ClassificationTask(pooling=args.pooling, **common)
     task.print_init_report = False  # the same lines every run: the report states where the weights come from
+    from framework.callbacks.guard import Guard
+
     trainer = L.Trainer(accelerator=args.accelerator, devices=1, max_steps=args.steps, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Guard()], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, check_val_every_n_epoch=None, val_check_interval=args.steps)
     trainer.fit(task, datamodule=dm)  # validates once, after the last step
     metrics = trainer.callback_metrics

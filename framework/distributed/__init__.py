@@ -7,6 +7,7 @@ from framework.distributed.strategy import (
     FSDP2Strategy,
     apply_activation_checkpointing,
     apply_fsdp2,
+    is_deepspeed,
     make_strategy,
     parallelize,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "apply_fsdp2",
     "build_deepspeed_config",
     "deep_merge",
+    "is_deepspeed",
     "make_strategy",
     "parallelize",
 ]

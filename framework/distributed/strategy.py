@@ -225,6 +225,11 @@ def apply_fsdp2(
     return module
 
 
+def is_deepspeed(strategy: Any) -> bool:
+    """Whether `strategy` is a DeepSpeed one (ours or Lightning's): it keeps gradients and clips them itself."""
+    return type(strategy).__name__ == "DeepSpeedStrategy" or "deepspeed" in type(strategy).__module__
+
+
 def parallelize(
     module: nn.Module,
     strategy: Strategy,

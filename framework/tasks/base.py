@@ -1,18 +1,16 @@
-"""What every objective shares: the optimizer, the LR schedule, gradient clipping, compile, logging and checkpoint extras.
+"""What every objective shares: the model(s), the loss contract, the optimizer and LR schedule, the val reduction.
 
 A task subclass names its model family (`model_class`, whose config has presets) and says how a batch becomes named
 measures (`compute_losses`: name -> (mean, count); "loss" is the one optimized) and how many tokens and FLOPs a batch
 costs (`batch_tokens`, `batch_flops`, for throughput and MFU). The model is built in `configure_model`, after the data
-is set up, so that its vocabulary comes from the shards and a sharding strategy can wrap it.
+is set up, so that its vocabulary comes from the shards and a sharding strategy can wrap it. What checkpoints hold
+beyond the weights is framework.checkpoint.extras; the non-finite/loss-spike guard is framework.callbacks.guard.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
@@ -25,31 +23,6 @@ from framework.models.transformer import TransformerConfig
 
 # name -> (mean over the batch, how many items that mean is over): validation weights each batch by its count
 Measures = dict[str, tuple[torch.Tensor, torch.Tensor | float]]
-
-
-@dataclass
-class GuardOptions:
-    """What happens to an optimizer step whose gradient norm is not finite (a NaN or inf loss on any rank, or an
-    overflow in backward): with skip_nonfinite, no weight and no optimizer state changes on any rank (the norm is
-    global after the gradient reduction, so every rank decides alike), the learning-rate schedule moves on, the step
-    is counted (`guard/skipped_steps`), listed with its data position in the checkpoint and the run summary, and the
-    run continues. After max_consecutive such steps in a row the run stops with one line: it has diverged.
-    Not under DeepSpeed, which keeps its gradients to itself (its fp16 loss scaler skips overflowing steps).
-
-    A loss spike (framework/guard.py) -- spike_patience steps in a row whose loss, averaged over ranks, is above the
-    median + spike_sigmas robust standard deviations of the last spike_window losses, from step spike_warmup on --
-    rolls the fit back to the newest checkpoint from before the spike and skips the batches that led into it (listed
-    in the checkpoint and the run summary, and logged to W&B as the guard/events table). After max_rollbacks
-    rollbacks the run stops with one line. spike_window=0 turns spike detection off (it costs one all-reduce of a
-    scalar per step on several ranks)."""
-
-    skip_nonfinite: bool = True
-    max_consecutive: int = 10
-    spike_window: int = 100
-    spike_sigmas: float = 6.0
-    spike_patience: int = 3
-    spike_warmup: int = 100
-    max_rollbacks: int = 3
 
 
 class PretrainTask(L.LightningModule):
@@ -69,6 +42,24 @@ class PretrainTask(L.LightningModule):
     init_from: start from the weights of this checkpoint (any strategy's) or `pretrain export` directory; only the
         weights: optimizer, step, schedule, data position and W&B run start fresh (framework.checkpoint.init_from).
         Ignored when the run resumes (--ckpt_path), whose checkpoint has the weights.
+
+    Auxiliary frozen models (a distillation teacher, a reference model) are declared, not built by hand:
+    `aux_models = {"teacher": "teacher_path"}` names each one and the __init__ argument whose value is its source
+    (any checkpoint of `pretrain fit`, any strategy's, or a `pretrain export` directory). In `setup`, before the
+    trained model is built, each is built from its source's config and weights (framework.tasks.aux.load_frozen) and
+    put in `self.aux[name]`: frozen (no gradient, eval mode, its forward under no_grad), on the strategy's device in
+    its precision, sharded by FSDP2 like the trained model (the task's `block_types`), a full copy on every rank
+    under DDP and DeepSpeed (ZeRO-3 included: it is built outside `zero.Init`, and no engine holds it). It is
+    not a submodule: it is not in `parameters()`, so neither in the optimizer nor in DDP's reducer or DeepSpeed's
+    engine, and never in a checkpoint, which records its source path and tensor fingerprints instead (key
+    "aux_models"); a resume whose source has changed since is refused in one line. `pretrain plan` counts it in
+    the weights' memory, not in the optimizer's (framework.tasks.aux.aux_parameters). An optional source: leave
+    its argument None and it is not built. Example:
+
+        class DistillTask(CausalLMTask):
+            aux_models = {"teacher": "teacher_path"}
+            def __init__(self, teacher_path: str, **kwargs): super().__init__(**kwargs); self.teacher_path = ...
+            def compute_losses(self, batch): ... self.aux["teacher"](batch["input_ids"]) ...
     """
 
     def __init__(self, lr: float = 6e-4, min_lr_ratio: float = 0.1, warmup_steps: int = 100,
@@ -94,15 +85,11 @@ class PretrainTask(L.LightningModule):
         self.overrides: dict[str, Any] = {}
         self.config: TransformerConfig | None = None
         self.tokenizer_json: str | None = None
-        self.guard = GuardOptions()  # `pretrain fit` sets it from --guard.*
         self.print_init_report = True  # init_from prints what it loaded (the transfer report turns it off)
-        self._frozen: dict[str, Any] | None = None  # where checkpoints' frozen tensors come from (_leave_out_frozen)
-        self.skipped: list[dict[str, int]] = []  # the steps the guard skipped: step and data position
-        self._nonfinite_in_a_row = 0
-        self.rollbacks: list[dict[str, Any]] = []  # the loss spikes rolled back (framework.guard.describe)
-        self.rollback: dict[str, Any] | None = None  # set when this fit must restart from a checkpoint (train.run)
-        self.resume_rollback: dict[str, Any] | None = None  # the rollback this fit restarts from (train.run sets it)
-        self._detector: Any = None
+        self._frozen: dict[str, Any] | None = None  # where checkpoints' frozen tensors come from (extras.leave_out_frozen)
+        self.aux: dict[str, nn.Module] = {}  # name -> frozen auxiliary model (aux_models); a dict, not a submodule
+        self._aux_records: dict[str, dict[str, Any]] = {}  # name -> its source's path and fingerprints (extras.aux_record)
+        self._rng_states: dict[str, Any] | None = None  # a checkpoint's RNG states, applied at fit start
         self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, on the device
         self.corrupt_samples = 0  # on this rank, since the fit started
 
@@ -111,6 +98,7 @@ class PretrainTask(L.LightningModule):
     block_types: tuple[type[nn.Module], ...] = ()  # the model's repeated blocks: units of sharding and recompute
     perplexity = False  # log val/ppl = exp(val/loss): only where the loss is a per-token log-likelihood of the data
     unit = "tokens"  # what batch_tokens counts: logged as {unit}_seen and {unit}_per_sec
+    aux_models: dict[str, str] = {}  # auxiliary frozen model name -> the __init__ argument holding its source path
 
     def set_model_config(self, preset: str, config: dict[str, Any] | None) -> None:
         """Remember the preset and its overrides; fail on a bad preset or field now, not after data setup."""
@@ -159,6 +147,21 @@ class PretrainTask(L.LightningModule):
             with open(dm.tokenizer_path) as f:
                 self.tokenizer_json = f.read()
         return self.model_class(self.config)
+
+    def setup(self, stage: str) -> None:
+        """Build the declared auxiliary models (before configure_model: outside DeepSpeed's zero.Init)."""
+        from framework.tasks.aux import load_frozen
+
+        for name in self.aux_models:
+            if name not in self.aux and self._aux_path(name) is not None:
+                self.aux[name] = load_frozen(self._aux_path(name), self.trainer.strategy, self.block_types)
+
+    def _aux_path(self, name: str) -> str | None:
+        path = getattr(self, self.aux_models[name])
+        if path is not None and not os.path.exists(path):
+            raise UserError(f"model.{self.aux_models[name]} '{path}' does not exist; pass a checkpoint of "
+                            "`pretrain fit` or a directory of `pretrain export`")
+        return path
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -256,178 +259,75 @@ class PretrainTask(L.LightningModule):
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip the global gradient norm (after unscaling), then the guard. DeepSpeed keeps gradients in its own
-        buffers and clips them itself (gradient_clipping in its JSON); it reports the norm after its step."""
+        """Clip the global gradient norm (after unscaling), then hand the step's losses and pre-clip norm to the
+        callbacks that watch steps (`on_step_measured`: the guard, which syncs the host once for both). DeepSpeed
+        keeps gradients in its own buffers and clips them itself (gradient_clipping in its JSON); it reports the
+        norm after its step. Lightning calls callbacks' on_before_optimizer_step before this hook, before clipping,
+        hence this call."""
+        from framework.distributed import is_deepspeed
+
         norm = None
-        if not _is_deepspeed(self.trainer.strategy):
+        if not is_deepspeed(self.trainer.strategy):
             max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
             norm = torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], max_norm)
             self.log("grad_norm", norm)
-        self._guard(norm)
-
-    @property
-    def detector(self) -> Any:
-        if self._detector is None:
-            from framework.guard import SpikeDetector
-
-            g = self.guard
-            self._detector = SpikeDetector(g.spike_window, g.spike_sigmas, g.spike_patience, g.spike_warmup)
-        return self._detector
-
-    def _guard(self, norm: torch.Tensor | None) -> None:
-        """One host sync per step for both checks: the price of never applying a NaN update or training on through
-        a spike. The step's loss is averaged over ranks first, so every rank takes the same decision."""
         losses, self._step_losses = self._step_losses, []
-        deepspeed = _is_deepspeed(self.trainer.strategy)
-        # under DeepSpeed the loss is the only early sign of a NaN: its optimizer step cannot be skipped from here
-        watch = (self.guard.spike_window > 0 or (deepspeed and self.guard.skip_nonfinite)) and bool(losses)
-        check_norm = norm is not None and self.guard.skip_nonfinite
-        if not (watch or check_norm):
-            return
-        values = []
-        if watch:
-            loss = torch.stack(losses).float().mean()
-            values.append(self.trainer.strategy.reduce(loss, reduce_op="mean").reshape(()))
-        if check_norm:
-            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor (every rank takes part, as every rank is here)
-                norm = norm.full_tensor()
-            values.append(norm.float().reshape(()))
-        host = torch.stack(values).tolist()
-        if check_norm and not math.isfinite(host[-1]):
-            self._skip_step(host[-1])
-            return
-        self._nonfinite_in_a_row = 0
-        if not watch:
-            return
-        step = int(self.global_step)
-        if deepspeed and self.guard.skip_nonfinite and not math.isfinite(host[0]):
-            self._roll_back(step, step, host[0], None, "a non-finite loss under DeepSpeed (whose optimizer step "
-                            "cannot be skipped)")
-            return
-        spike = self.detector.update(step, host[0])
-        if spike is not None:
-            self._roll_back(int(spike[0]["step"]), step, max(s["loss"] for s in spike), spike[0]["threshold"],
-                            "a loss spike")
-
-    def _skip_step(self, norm: float) -> None:
-        """Skip this optimizer step: optimizers leave parameters without a gradient untouched. After
-        max_consecutive in a row, roll back (the model may be damaged in ways a finite norm does not show)."""
-        for p in self.parameters():
-            p.grad = None
-        self._nonfinite_in_a_row += 1
-        dm = self.datamodule()
-        batch = dm.last_trained() if hasattr(dm, "last_trained") else None  # the batch that produced it
-        self.skipped.append({"step": int(self.global_step), **(batch or {})})
-        self.log("guard/skipped_steps", float(len(self.skipped)), rank_zero_only=True)
-        rank_zero_warn(f"step {self.global_step}: the gradient norm is {norm}; the step was skipped on every "
-                       f"rank ({len(self.skipped)} skipped so far)")
-        self._log_guard_events()
-        if self._nonfinite_in_a_row >= self.guard.max_consecutive:
-            first = self.skipped[-self._nonfinite_in_a_row]["step"]
-            self._roll_back(first, int(self.global_step), float("nan"), None,
-                            f"{self._nonfinite_in_a_row} optimizer steps in a row with a non-finite loss or gradient")
-
-    def _roll_back(self, first: int, step: int, loss: float, threshold: float | None, reason: str) -> None:
-        """Plan a rollback to the newest checkpoint from before step `first` and stop this fit after this step;
-        framework/commands/fit.py restarts it from there with the data position after this step. Every rank calls this
-        at the same step (the decisions are on rank-averaged or global values); rank 0 chooses the checkpoint."""
-        from framework.guard import checkpoint_before, describe, position, set_aside_after
-
-        where = f"{reason} at steps {first}-{step}" if first != step else f"{reason} at step {step}"
-        if len(self.rollbacks) >= self.guard.max_rollbacks:
-            done = ", ".join(f"{r['first_step']}-{r['step']}" for r in self.rollbacks)
-            raise UserError(f"{where} after {len(self.rollbacks)} rollback(s) already (at steps {done}): the run has "
-                            "diverged; resume from an earlier checkpoint with a lower model.lr, or raise "
-                            "guard.max_rollbacks")
-        dirpath = getattr(self.trainer.checkpoint_callback, "dirpath", None)
-        plan: dict[str, Any] = {"checkpoint": None}
-        if self.trainer.is_global_zero and dirpath:  # rank 0 reads the disk; every rank follows its choice
-            good = checkpoint_before(dirpath, first)
-            if good is not None:
-                from framework.checkpoint.formats import read_meta
-
-                dm = self.datamodule()
-                meta = read_meta(good)
-                saved = meta.get(type(dm).__qualname__) if dm is not None else None
-                plan = {"checkpoint": good, "to_step": int(meta["global_step"]), "from": position(saved),
-                        "moved": set_aside_after(dirpath, good)}
-        plan = self.trainer.strategy.broadcast(plan, src=0)
-        if plan["checkpoint"] is None:
-            raise UserError(f"{where}: the run has diverged, and there is no checkpoint from before step {first} to "
-                            f"roll back to in '{dirpath}'; resume from an earlier checkpoint with a lower model.lr, "
-                            "or checkpoint more often (checkpoint.every_n_steps)")
-        dm = self.datamodule()
-        data = dm.state_dict() if dm is not None and hasattr(dm, "state_dict") else {}
-        event = {"step": step, "first_step": first, "reason": reason, "loss": loss, "threshold": threshold,
-                 "to_step": plan["to_step"], "checkpoint": plan["checkpoint"],
-                 "skipped": {"from": plan["from"], "to": position(data)}, "set_aside": plan["moved"]}
-        self.rollbacks.append(event)
-        self.rollback = {"event": event, "data": data, "rollbacks": list(self.rollbacks)}
-        for p in self.parameters():  # this step's update is not applied either (DeepSpeed's is, and rolled back)
-            p.grad = None
-        self.trainer.should_stop = True  # the same step on every rank
-        if self.trainer.is_global_zero:
-            print(f"guard: {describe(event)} (rollback {len(self.rollbacks)} of at most "
-                  f"{self.guard.max_rollbacks})", file=sys.stderr, flush=True)
-        self._log_guard_events()
-
-    def _log_guard_events(self) -> None:
-        """Every guard event so far as a W&B table (guard/events): step, loss, action, what was skipped."""
-        from lightning.pytorch.loggers import WandbLogger
-
-        loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)] if self._trainer is not None else []
-        if not loggers or not self.trainer.is_global_zero:
-            return
-        import wandb
-
-        from framework.guard import describe
-
-        rows = [[s["step"], None, "skipped step (non-finite gradient)", json.dumps(s)] for s in self.skipped]
-        rows += [[r["step"], r["loss"], "rollback", describe(r)] for r in self.rollbacks]
-        for logger in loggers:
-            logger.experiment.log({"guard/events": wandb.Table(columns=["step", "loss", "action", "detail"],
-                                                               data=sorted(rows, key=lambda r: r[0]))})
+        for callback in self.trainer.callbacks:
+            hook = getattr(callback, "on_step_measured", None)
+            if hook is not None:
+                hook(self.trainer, self, losses, norm)
 
     def summary_lines(self) -> list[str]:
-        """Lines for the run summary."""
-        from framework.guard import describe
-
-        lines = []
-        if self.skipped:
-            listed = ", ".join(str(s["step"]) for s in self.skipped[:10]) + (" ..." if len(self.skipped) > 10 else "")
-            lines.append(f"guard: {len(self.skipped)} step(s) skipped for a non-finite gradient: {listed} (listed "
-                         "with their data positions in the checkpoint, key 'guard')")
-        lines += [f"guard: {describe(r)}" for r in self.rollbacks]
-        return lines
+        """Lines for the run summary (the task's own; callbacks' come first)."""
+        return []
 
     # ---------------------------------------------------------------- checkpoint extras
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if _is_deepspeed(self.trainer.strategy):
+        from framework.distributed import is_deepspeed
+
+        if is_deepspeed(self.trainer.strategy):
             norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()
             if norm is not None:
                 self.log("grad_norm", float(norm))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["framework"] = run_metadata()
+        from framework.checkpoint import extras
+
+        checkpoint["framework"] = extras.run_metadata()
         checkpoint["task"] = f"{type(self).__module__}.{type(self).__qualname__}"
         assert self.config is not None
         checkpoint["model_config"] = self.config.to_dict()  # with its model_type: every reader dispatches on it
         if self.tokenizer_json is not None:
             checkpoint["tokenizer_json"] = self.tokenizer_json
-        # Lightning does not checkpoint RNG states; dropout and sampling after a resume must continue the same streams.
-        # Each rank's own: its CPU generator and its own CUDA device's (ranks' streams may differ, and a node may see
-        # fewer GPUs on resume, so states are never kept per visible device). Gathered so that any rank's file has all.
-        own = {"torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and self.device.type == "cuda" else None}
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            per_rank: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(per_rank, own)
-        else:
-            per_rank = [own]
-        checkpoint["rng_states"] = {"per_rank": per_rank}
-        checkpoint["guard"] = {"options": asdict(self.guard), "skipped": list(self.skipped),
-                               "rollbacks": list(self.rollbacks), "detector": self.detector.state_dict()}
-        self._leave_out_frozen(checkpoint)
+        checkpoint["rng_states"] = extras.rng_states(self.device)  # a collective: every rank saves
+        if self.frozen_from_init() and self._single_file():
+            assert self.model is not None and self.init_from is not None
+            self._frozen = extras.leave_out_frozen(checkpoint, self.model, self.init_from, self.init_prefix(),
+                                                   self._frozen)
+        if self.aux:  # never their weights (they are not submodules): where they came from, to check on resume
+            for name in self.aux:
+                if name not in self._aux_records:
+                    self._aux_records[name] = extras.aux_record(self._aux_path(name))
+            checkpoint[extras.AUX_KEY] = dict(self._aux_records)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from framework.checkpoint import extras
+
+        self._frozen = extras.restore_frozen(checkpoint, self.init_from, str(self.trainer.ckpt_path)) or self._frozen
+        check_family(checkpoint.get("model_config"), self.model_class.config_class.model_type, type(self).__name__)
+        for name, saved in (checkpoint.get(extras.AUX_KEY) or {}).items():
+            if name in self.aux:
+                current = extras.aux_record(self._aux_path(name))
+                extras.check_aux(saved, name, current, str(self.trainer.ckpt_path))
+                self._aux_records[name] = current
+        self._rng_states = checkpoint.get("rng_states")  # applied at fit start: Lightning seeds again after loading
+
+    def on_train_start(self) -> None:
+        if self._rng_states is not None:
+            from framework.checkpoint.extras import restore_rng
+
+            states, self._rng_states = self._rng_states, None
+            restore_rng(states, self.global_rank, self.trainer.world_size, self.device)
 
     # ---------------------------------------------------------------- checkpoints without a frozen backbone
     def frozen_from_init(self) -> bool:
@@ -439,68 +339,12 @@ class PretrainTask(L.LightningModule):
         """The prefix of init_from's names for this model's tensors (a CLIP checkpoint's image tower: `visual.`)."""
         return ""
 
-    def _leave_out_frozen(self, checkpoint: dict[str, Any]) -> None:
-        """A single-file checkpoint (one process, DDP) of a frozen-backbone fine-tune keeps only what it trains: the
-        frozen tensors are recorded with init_from's real path and a fingerprint each (init_from.frozen_record), and
-        every reader gets them back from there. FSDP2 and DeepSpeed write every tensor through their own formats."""
+    def _single_file(self) -> bool:
+        """Whether the strategy writes one .ckpt file with full tensors (one process, DDP): FSDP2 and DeepSpeed
+        write every tensor through their own formats."""
         from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
-        from framework.checkpoint.consolidate import FROZEN_KEY, MODEL_PREFIX
-        from framework.checkpoint.init_from import frozen_record
-
-        state = checkpoint.get("state_dict")
-        if (state is None or not self.frozen_from_init()
-                or isinstance(self.trainer.strategy, (DeepSpeedStrategy, ModelParallelStrategy))):
-            return
-        assert self.model is not None and self.init_from is not None
-        if self._frozen is None:
-            self._frozen = frozen_record(self.model, self.init_from, self.init_prefix())
-        for name in self._frozen["tensors"]:
-            state.pop(MODEL_PREFIX + name, None)
-        checkpoint[FROZEN_KEY] = self._frozen
-
-    def _restore_frozen(self, checkpoint: dict[str, Any]) -> None:
-        """The frozen tensors a checkpoint left out, read back from its pre-trained source into its state dict."""
-        from framework.checkpoint.consolidate import FROZEN_KEY, MODEL_PREFIX
-        from framework.checkpoint.init_from import frozen_sources
-
-        record, state = checkpoint.get(FROZEN_KEY), checkpoint.get("state_dict")
-        if record is None or state is None:
-            return
-        if not os.path.exists(record["path"]) and self.init_from is not None and os.path.exists(self.init_from):
-            record = {**record, "path": os.path.realpath(self.init_from)}  # moved: this run's init_from says where
-        have = {k.removeprefix(MODEL_PREFIX) for k in state}
-        for source in frozen_sources(record, have, str(self.trainer.ckpt_path)):
-            state[MODEL_PREFIX + source.name] = source.load()
-        self._frozen = record  # later checkpoints record the same source
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._restore_frozen(checkpoint)
-        check_family(checkpoint.get("model_config"), self.model_class.config_class.model_type, type(self).__name__)
-        guard = checkpoint.get("guard", {})
-        self.skipped = list(guard.get("skipped", []))
-        self.rollbacks = list(guard.get("rollbacks", []))
-        self.detector.load_state_dict(guard.get("detector", {}))
-        if self.resume_rollback is not None:  # restarting after a spike: the weights are from before it
-            self.rollbacks = list(self.resume_rollback["rollbacks"])
-        states = checkpoint.get("rng_states")
-        if states is not None:
-            self._rng_states = states  # applied at fit start: Lightning seeds again after loading the checkpoint
-
-    def on_train_start(self) -> None:
-        states = getattr(self, "_rng_states", None)
-        if states is None:
-            return
-        self._rng_states = None
-        per_rank = states.get("per_rank") or [{"torch": states["torch"], "cuda": None}]  # older: rank 0's CPU state
-        rank, world = self.global_rank, self.trainer.world_size
-        if len(per_rank) != world:
-            rank_zero_warn(f"the checkpoint's RNG states are from {len(per_rank)} rank(s), this run has {world}: "
-                           "every rank continues rank 0's streams")
-        own = per_rank[rank] if len(per_rank) == world else per_rank[0]
-        torch.set_rng_state(own["torch"])
-        if own["cuda"] is not None and torch.cuda.is_available() and self.device.type == "cuda":
-            torch.cuda.set_rng_state(own["cuda"])
+        return not isinstance(self.trainer.strategy, (DeepSpeedStrategy, ModelParallelStrategy))
 
 
 def check_family(model_config: dict[str, Any] | None, expected: str, user: str) -> None:
@@ -511,47 +355,3 @@ def check_family(model_config: dict[str, Any] | None, expected: str, user: str) 
     if found != expected:
         raise UserError(f"the checkpoint holds a {found!r} model but {user} needs a {expected!r} one; pass a "
                         f"checkpoint of a {expected!r} model (or a config whose model.class_path trains {found!r})")
-
-
-def _is_deepspeed(strategy: Any) -> bool:
-    return type(strategy).__name__ == "DeepSpeedStrategy" or "deepspeed" in type(strategy).__module__
-
-
-def run_metadata() -> dict[str, Any]:
-    """What ran: package versions and the git commit, for checkpoints and W&B."""
-    import platform
-
-    import lightning
-
-    import framework
-
-    meta = {"framework": framework.__version__, "torch": str(torch.__version__), "lightning": str(lightning.__version__),
-            "python": platform.python_version(), "git_sha": git_sha()}
-    return meta
-
-
-def git_sha() -> str | None:
-    """The commit of the working directory's repository (None outside git): cheap, no subprocess."""
-    head = None
-    d = os.path.abspath(os.getcwd())
-    while True:
-        if os.path.isdir(os.path.join(d, ".git")):
-            head = os.path.join(d, ".git")
-            break
-        parent = os.path.dirname(d)
-        if parent == d:
-            return None
-        d = parent
-    try:
-        ref = open(os.path.join(head, "HEAD")).read().strip()
-        if ref.startswith("ref: "):
-            path = os.path.join(head, ref[5:])
-            if os.path.exists(path):
-                return open(path).read().strip()
-            for line in open(os.path.join(head, "packed-refs")).read().splitlines():
-                if line.endswith(ref[5:]):
-                    return line.split()[0]
-            return None
-        return ref
-    except OSError:
-        return None

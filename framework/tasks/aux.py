@@ -1,0 +1,80 @@
+"""Auxiliary frozen models of a task (a distillation teacher, a reference model): built, loaded, frozen, placed.
+
+A task declares them in `PretrainTask.aux_models` (name -> the __init__ argument that holds the source path); see
+PretrainTask's docstring for the contract. Here: building one from its source (any checkpoint of `pretrain fit` or
+a `pretrain export` directory: its model config, then `init_from.load_weights`), and counting a source's
+parameters for `pretrain plan` without loading anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Frozen(nn.Module):
+    """An auxiliary model: no gradient, never in training mode; call it like the model it holds (`.module`)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        for p in module.parameters():
+            p.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> Frozen:
+        return super().train(False)  # dropout stays off whatever the trainer switches
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+
+def load_frozen(path: str, strategy: Any, block_types: tuple[type[nn.Module], ...]) -> Frozen:
+    """The model at `path`, frozen, on the strategy's device and in its precision, and under FSDP2 sharded like the
+    trained model (`block_types` are the units; the weights are read into each rank's shards). Under every other
+    strategy each rank holds a full copy, read from the same source (so all ranks agree without a broadcast).
+    Call outside `deepspeed.zero.Init` (PretrainTask calls it from `setup`): ZeRO-3 must not partition it."""
+    from framework.checkpoint.init_from import load_weights, source_config
+    from framework.distributed import FSDP2Strategy, apply_fsdp2
+    from framework.models import TIED, build_model, config_from_dict
+
+    config = config_from_dict(source_config(path))
+    model = build_model(config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = strategy.precision_plugin.convert_module(model).to(strategy.root_device)
+    if isinstance(strategy, FSDP2Strategy):
+        mesh = strategy.device_mesh["data_parallel"]
+        types = tuple(t for t in block_types if any(isinstance(m, t) for m in model.modules()))
+        if types:
+            apply_fsdp2(model, types, mesh=mesh, reshard_after_forward=strategy.reshard_after_forward,
+                        offload_params=strategy.offload_params)
+        else:  # none of the trained model's block types: one unit
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model, mesh=mesh)
+    load_weights(model, path, strategy, TIED[config.model_type])
+    return Frozen(model)
+
+
+def source_parameters(path: str) -> int:
+    """The parameter count of the model at `path` (a checkpoint or an export), built on the meta device."""
+    from framework.checkpoint.init_from import source_config
+    from framework.models import build_model, config_from_dict
+
+    with torch.device("meta"):
+        model = build_model(config_from_dict(source_config(path)))
+    return sum(p.numel() for p in model.parameters())
+
+
+def aux_parameters(task: type, init_args: dict[str, Any]) -> dict[str, int]:
+    """name -> parameter count of each auxiliary model a task class declares, from its init args (a config's
+    `model.init_args`); declared models whose path is not set are left out."""
+    out = {}
+    for name, arg in getattr(task, "aux_models", {}).items():
+        if init_args.get(arg):
+            out[name] = source_parameters(str(init_args[arg]))
+    return out
