@@ -19,6 +19,9 @@ The memory model (bytes; P parameters, N GPUs, T sequence length, b micro-batch,
   host; ZeRO-3 offload 4*largest_layer on the GPU, 18P*1.5 per node on the host (DeepSpeed's
   estimate_zero3_model_states_mem_needs with zero.Init); plus 3 GiB of host memory per rank's process. 32-true: fp32 everywhere (ddp/fsdp 16P; ZeRO's 16-bit copies
   become 32-bit).
+- auxiliary frozen models (a task's `aux_models`, e.g. a distillation teacher): weights only, no gradients or
+  optimizer states; held in fp32 (4 bytes per parameter), sharded over the N GPUs by fsdp and a full copy on every
+  GPU under the other strategies (they are not in DeepSpeed's engine, so ZeRO does not partition them).
 - activations per block with SDPA/flash attention (Korthikanti et al. 2022, "Reducing Activation Recomputation", without
   the attention-score term): 34*T*b*C bytes in 16-bit; with activation checkpointing only each block's input
   (2*T*b*C) is kept, plus one block's full set during its recompute; 32-true doubles them.
@@ -57,6 +60,7 @@ class Model:
     n_embd: int
     vocab: int  # padded vocabulary (the logits' width)
     flops_per_token: int  # training FLOPs (forward + backward) per token at the sequence length
+    aux_params: int = 0  # parameters of the task's auxiliary frozen models (a teacher): weights only
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,10 @@ class Estimate:
         return self.states + self.activations + self.logits + CONTEXT
 
 
-def describe_model(preset: str, family: str = "gpt", seq_len: int | None = None, **overrides: Any) -> Model:
-    """Counts from the model built on the meta device (instant for any size)."""
+def describe_model(preset: str, family: str = "gpt", seq_len: int | None = None, aux_params: int = 0,
+                   **overrides: Any) -> Model:
+    """Counts from the model built on the meta device (instant for any size); `aux_params`: the task's auxiliary
+    frozen models' parameters (framework.tasks.aux.aux_parameters)."""
     import torch
 
     from framework.models import FAMILIES
@@ -92,7 +98,8 @@ def describe_model(preset: str, family: str = "gpt", seq_len: int | None = None,
     embedding = model.transformer.wte.weight.numel()
     T = seq_len or config.seq_len
     fpt = model.flops_per_token(T) if hasattr(model, "flops_per_token") else model.flops(1, T, T) // T
-    return Model(params, max(block, embedding), block, config.n_layer, config.n_embd, config.padded_vocab_size, fpt)
+    return Model(params, max(block, embedding), block, config.n_layer, config.n_embd, config.padded_vocab_size, fpt,
+                 aux_params)
 
 
 def estimate(model: Model, strategy: str, *, seq_len: int, micro_batch: int, gpus: int, nodes: int = 1,
@@ -131,6 +138,8 @@ def estimate(model: Model, strategy: str, *, seq_len: int, micro_batch: int, gpu
     if strategy.endswith("offload"):
         seconds *= OFFLOAD_SLOWDOWN
     host += PROCESS * gpus
+    if model.aux_params:  # frozen weights only, fp32 as loaded; FSDP2 shards them like the trained model
+        states += 4 * model.aux_params / (N if strategy == "fsdp" else 1)
     return Estimate(strategy, checkpointing, b, states, activations, logits, host, seconds)
 
 
@@ -190,7 +199,26 @@ def _from_config(path: str) -> dict[str, Any]:
     return {"preset": args.get("preset", "gpt-small-cpu"), "family": "bert" if "masked_lm" in task else "gpt",
             "overrides": args.get("config") or {}, "seq_len": data.get("seq_len", 256),
             "micro_batch": data.get("batch_size", 8), "precision": str(trainer.get("precision", "bf16-mixed")),
-            "checkpointing": bool(args.get("activation_checkpointing", False))}
+            "checkpointing": bool(args.get("activation_checkpointing", False)), "aux": _aux_parameters(task, args)}
+
+
+def _aux_parameters(task: str, init_args: dict[str, Any]) -> int:
+    """The parameters of the auxiliary frozen models the task declares (its `aux_models`), read from their sources'
+    configs. The task class is imported only when some init arg names an existing path besides init_from (its
+    import costs seconds; an auxiliary model's source is such a path)."""
+    import importlib
+    import os
+
+    if not any(isinstance(v, str) and k != "init_from" and os.path.exists(v) for k, v in init_args.items()):
+        return 0
+    from framework.tasks.aux import aux_parameters
+
+    module, _, name = task.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise UserError(f"cannot import the config's model.class_path '{task}'") from None
+    return sum(aux_parameters(cls, init_args).values())
 
 
 def _gb(x: float) -> str:
@@ -228,13 +256,15 @@ def main(argv: list[str]) -> None:
     peak = peak_flops(args.gpu, precision)
     if peak is None:
         raise UserError(f"no peak FLOP/s known for GPU '{args.gpu}' at {precision}; use e.g. --gpu H100 or A100")
-    model = describe_model(preset, family, seq_len, **base["overrides"])
+    model = describe_model(preset, family, seq_len, base.get("aux", 0), **base["overrides"])
     gpu_mem, host_mem = parse_bytes(args.gpu_memory), parse_bytes(args.host_memory)
     rows, best = plan(model, seq_len=seq_len, micro_batch=micro_batch, gpus=args.gpus, nodes=args.nodes,
                       gpu_memory=gpu_mem, host_memory=host_mem, precision=precision, peak_tflops=peak / 1e12,
                       mfu=args.mfu)
     n = args.gpus * args.nodes
-    print(f"{preset}: {model.params / 1e9:.2f}B parameters, seq {seq_len}, micro-batch {micro_batch}, {precision}, "
+    aux = f" (+ {model.aux_params / 1e9:.2f}B frozen auxiliary)" if model.aux_params else ""
+    print(f"{preset}: {model.params / 1e9:.2f}B parameters{aux}, seq {seq_len}, micro-batch {micro_batch}, "
+          f"{precision}, "
           f"{args.nodes} node(s) x {args.gpus} {args.gpu} ({args.gpu_memory}, host {args.host_memory}), MFU "
           f"{args.mfu:.0%}")
     print(f"{'strategy':<27} {'ckpt':>4} {'states':>7} {'activ.':>7} {'logits':>7} {'GPU GiB':>8} {'host GiB':>8} "

@@ -86,9 +86,9 @@ class PretrainTask(L.LightningModule):
         self.config: TransformerConfig | None = None
         self.tokenizer_json: str | None = None
         self.print_init_report = True  # init_from prints what it loaded (the transfer report turns it off)
-        self._frozen: dict[str, Any] | None = None  # where checkpoints' frozen tensors come from (extras.leave_out_frozen)
+        self._frozen: dict[str, Any] | None = None  # where checkpoints' frozen tensors come from (extras)
         self.aux: dict[str, nn.Module] = {}  # name -> frozen auxiliary model (aux_models); a dict, not a submodule
-        self._aux_records: dict[str, dict[str, Any]] = {}  # name -> its source's path and fingerprints (extras.aux_record)
+        self._aux_records: dict[str, dict[str, Any]] = {}  # name -> its source's path and tensor fingerprints
         self._rng_states: dict[str, Any] | None = None  # a checkpoint's RNG states, applied at fit start
         self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, on the device
         self.corrupt_samples = 0  # on this rank, since the fit started

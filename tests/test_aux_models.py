@@ -1,0 +1,157 @@
+"""Auxiliary frozen models (PretrainTask.aux_models): a distillation teacher is loaded from a checkpoint, frozen, kept
+out of the optimizer and the checkpoints, checked on resume, and sharded by FSDP2 like the trained model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_fit import cli, make_shards, write_config
+from framework.errors import UserError
+from framework.objectives.causal_lm import shift
+from framework.tasks.causal_lm import CausalLMTask
+
+
+class DistillTask(CausalLMTask):
+    """A GPT trained on its data plus a KL term towards a frozen teacher's next-token distribution."""
+
+    aux_models = {"teacher": "teacher_path"}
+
+    def __init__(self, teacher_path: str | None = None, alpha: float = 0.5, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.teacher_path, self.alpha = teacher_path, alpha
+
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
+        inputs, targets = shift(batch["tokens"])  # (B, T) each
+        logits = self(inputs)  # (B, T, V)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        teacher = self.aux["teacher"](inputs)  # (B, T, V), no grad
+        kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
+                      reduction="batchmean") / inputs.shape[1]
+        return {"loss": ((1 - self.alpha) * ce + self.alpha * kl, targets.numel()), "kl": (kl, targets.numel())}
+
+
+class AuxProbe(L.Callback):
+    """Writes, per rank, how the teacher is held (`{path}.rank{R}.json`) once the fit starts."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        teacher = pl_module.aux["teacher"]
+        params = dict(teacher.module.named_parameters())
+        optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+        out = {"sharded": all(hasattr(p, "full_tensor") for p in params.values()),
+               "local": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params.values()),
+               "full": sum(p.numel() for p in params.values()),
+               "frozen": not any(p.requires_grad for p in params.values()) and not teacher.training,
+               "in_optimizer": any(id(p) in optimized for p in params.values()),
+               "devices": sorted({str(p.device) for p in params.values()})}
+        with open(f"{self.path}.rank{trainer.global_rank}.json", "w") as f:
+            json.dump(out, f)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory, val_fraction=0.0)
+
+
+@pytest.fixture(scope="module")
+def teacher(shards, tmp_path_factory) -> Path:
+    """A gpt-tiny trained for 2 steps on the same shards, copied to a file of its own."""
+    from framework.commands.fit import fit
+
+    tmp = tmp_path_factory.mktemp("teacher")
+    fit(["--config", str(write_config(tmp, shards, strategy="auto", devices=1, max_steps=2))])
+    path = tmp / "teacher.ckpt"
+    shutil.copy(tmp / "run" / "checkpoints" / "last.ckpt", path)
+    return path
+
+
+def _config(tmp: Path, shards: Path, teacher: Path, max_steps: int, **kwargs: Any) -> Path:
+    config = write_config(tmp, shards, max_steps=max_steps, **kwargs)
+    cfg = json.loads(config.read_text())
+    cfg["model"] = {"class_path": "test_aux_models.DistillTask",
+                    "init_args": {**cfg["model"]["init_args"], "preset": "gpt-tiny", "teacher_path": str(teacher)}}
+    config.write_text(json.dumps(cfg))
+    return config
+
+
+def test_a_teacher_is_frozen_out_of_the_optimizer_and_the_checkpoint_and_resumes_exactly(shards, teacher, tmp_path):
+    from framework.commands.fit import fit
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    probe = {"class_path": "test_aux_models.AuxProbe", "init_args": {"path": str(a / "aux")}}
+    fit(["--config", str(_config(a, shards, teacher, 4, strategy="auto", devices=1, callbacks=[probe]))])
+    held = json.loads((a / "aux.rank0.json").read_text())
+    assert held["frozen"] and not held["in_optimizer"] and not held["sharded"] and held["local"] == held["full"]
+
+    straight = torch.load(a / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert straight["global_step"] == 4
+    assert all(k.startswith("model.") for k in straight["state_dict"]), list(straight["state_dict"])
+    teacher_state = torch.load(teacher, map_location="cpu", weights_only=False)["state_dict"]
+    assert len(straight["state_dict"]) == len(teacher_state)  # the student's own tensors only, not twice as many
+    n_params = sum(len(g["params"]) for g in straight["optimizer_states"][0]["param_groups"])
+    assert n_params == len(straight["optimizer_states"][0]["state"]) == sum(
+        1 for k in straight["state_dict"] if k != "model.lm_head.weight")  # tied to wte: one parameter
+    record = straight["aux_models"]["teacher"]
+    assert record["path"] == str(teacher.resolve()) and set(record["tensors"]) >= {"transformer.wte.weight"}
+
+    # stopped after step 2 and resumed: the same weights, bit for bit
+    fit(["--config", str(_config(b, shards, teacher, 4, strategy="auto", devices=1, stop_at=2))])
+    fit(["--config", str(_config(b, shards, teacher, 4, strategy="auto", devices=1)), "--ckpt_path", "last"])
+    resumed = torch.load(b / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 4
+    for name, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+
+    # the teacher changes under the run: resuming is refused in one line
+    changed = torch.load(teacher, map_location="cpu", weights_only=False)
+    changed["state_dict"]["model.transformer.wte.weight"] += 0.01
+    other = tmp_path / "teacher.ckpt"
+    torch.save(changed, other)
+    with pytest.raises(UserError) as e:
+        fit(["--config", str(_config(b, shards, other, 6, strategy="auto", devices=1)), "--ckpt_path", "last"])
+    assert "\n" not in str(e.value) and "the auxiliary model 'teacher'" in str(e.value), str(e.value)
+
+
+def test_plan_counts_a_teacher_in_the_weights_not_the_optimizer(teacher):
+    from framework.commands.plan import describe_model, estimate
+    from framework.tasks.aux import aux_parameters
+
+    counts = aux_parameters(DistillTask, {"teacher_path": str(teacher)})
+    state = torch.load(teacher, map_location="cpu", weights_only=False)["state_dict"]
+    assert counts == {"teacher": sum(t.numel() for k, t in state.items() if k != "model.lm_head.weight")}  # tied
+    assert aux_parameters(DistillTask, {"teacher_path": None}) == {}
+    student = describe_model("gpt-tiny", seq_len=32)
+    with_teacher = describe_model("gpt-tiny", seq_len=32, aux_params=counts["teacher"])
+    for strategy, share in (("ddp", 1), ("fsdp", 2), ("deepspeed_stage_3", 1)):
+        base = estimate(student, strategy, seq_len=32, micro_batch=1, gpus=2)
+        more = estimate(with_teacher, strategy, seq_len=32, micro_batch=1, gpus=2)
+        assert more.states - base.states == pytest.approx(4 * counts["teacher"] / share)
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_the_teacher_on_two_ranks(shards, teacher, tmp_path):
+    probe = {"class_path": "test_aux_models.AuxProbe", "init_args": {"path": str(tmp_path / "aux")}}
+    config = _config(tmp_path, shards, teacher, 3, strategy="fsdp", devices=2, callbacks=[probe])
+    r = cli("fit", "--config", str(config), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    held = [json.loads((tmp_path / f"aux.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(h["sharded"] and h["frozen"] and not h["in_optimizer"] for h in held), held
+    assert held[0]["local"] + held[1]["local"] == held[0]["full"] and held[0]["local"] < held[0]["full"]
+    from framework.checkpoint.consolidate import checkpoint_meta, model_tensors
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    names = {s.name for s in model_tensors(ckpt)}
+    assert "transformer.wte.weight" in names and len(names) <= len(
+        torch.load(teacher, map_location="cpu", weights_only=False)["state_dict"])
+    assert checkpoint_meta(ckpt)["aux_models"]["teacher"]["path"] == str(teacher.resolve())
