@@ -47,12 +47,15 @@ class AuxProbe(L.Callback):
     def on_train_start(self, trainer, pl_module):
         teacher = pl_module.aux["teacher"]
         params = dict(teacher.module.named_parameters())
-        optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+        # what the optimizer and the strategy's wrapper (DDP, DeepSpeed's engine) see: the task's own parameters
+        trained = {id(p) for p in pl_module.parameters()}
+        trained |= {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
         out = {"sharded": all(hasattr(p, "full_tensor") for p in params.values()),
                "local": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params.values()),
                "full": sum(p.numel() for p in params.values()),
                "frozen": not any(p.requires_grad for p in params.values()) and not teacher.training,
-               "in_optimizer": any(id(p) in optimized for p in params.values()),
+               "in_optimizer": any(id(p) in trained for p in params.values()),
+               "zero3": any(hasattr(p, "ds_id") for p in params.values()),  # partitioned by ZeRO-3
                "devices": sorted({str(p.device) for p in params.values()})}
         with open(f"{self.path}.rank{trainer.global_rank}.json", "w") as f:
             json.dump(out, f)
@@ -140,14 +143,25 @@ def test_plan_counts_a_teacher_in_the_weights_not_the_optimizer(teacher):
 
 
 @pytest.mark.slow
-def test_fsdp2_shards_the_teacher_on_two_ranks(shards, teacher, tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2", "deepspeed_stage_3"])
+def test_two_ranks_shard_or_replicate_the_teacher(strategy, shards, teacher, tmp_path):
+    """FSDP2 shards the teacher over the ranks like the trained model; DeepSpeed (ZeRO-2 and ZeRO-3) leaves it out
+    of its engine, a full copy on each rank. No strategy's checkpoint holds it."""
+    if strategy.startswith("deepspeed"):
+        from dist_fit import build_deepspeed_ops
+
+        build_deepspeed_ops()
     probe = {"class_path": "test_aux_models.AuxProbe", "init_args": {"path": str(tmp_path / "aux")}}
-    config = _config(tmp_path, shards, teacher, 3, strategy="fsdp", devices=2, callbacks=[probe])
+    config = _config(tmp_path, shards, teacher, 3, strategy=strategy, devices=2, callbacks=[probe])
     r = cli("fit", "--config", str(config), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     held = [json.loads((tmp_path / f"aux.rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert all(h["sharded"] and h["frozen"] and not h["in_optimizer"] for h in held), held
-    assert held[0]["local"] + held[1]["local"] == held[0]["full"] and held[0]["local"] < held[0]["full"]
+    assert all(h["frozen"] and not h["in_optimizer"] for h in held), held
+    if strategy == "fsdp":
+        assert all(h["sharded"] for h in held), held
+        assert held[0]["local"] + held[1]["local"] == held[0]["full"] and held[0]["local"] < held[0]["full"]
+    else:
+        assert all(not h["sharded"] and not h["zero3"] and h["local"] == h["full"] > 0 for h in held), held
     from framework.checkpoint.consolidate import checkpoint_meta, model_tensors
 
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
