@@ -56,10 +56,12 @@ class PretrainTask(L.LightningModule):
     the weights' memory, not in the optimizer's (framework.tasks.aux.aux_parameters). An optional source: leave
     its argument None and it is not built. Example:
 
-        class DistillTask(CausalLMTask):
+        class DistillTask(CausalLMTask):  # --model.init_args.teacher_path runs/teacher/checkpoints/last.ckpt
             aux_models = {"teacher": "teacher_path"}
-            def __init__(self, teacher_path: str, **kwargs): super().__init__(**kwargs); self.teacher_path = ...
-            def compute_losses(self, batch): ... self.aux["teacher"](batch["input_ids"]) ...
+            def __init__(self, teacher_path: str, **kwargs):
+                super().__init__(**kwargs); self.teacher_path = teacher_path
+            def compute_losses(self, batch): ... self.aux["teacher"](inputs) ...  # (B, T, V) logits, no grad
+    (tests/test_aux_models.py has a whole one.)
     """
 
     def __init__(self, lr: float = 6e-4, min_lr_ratio: float = 0.1, warmup_steps: int = 100,
