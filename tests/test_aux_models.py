@@ -142,6 +142,19 @@ def test_plan_counts_a_teacher_in_the_weights_not_the_optimizer(teacher):
         assert more.states - base.states == pytest.approx(4 * counts["teacher"] / share)
 
 
+def test_plan_reads_a_teacher_from_a_fit_config(teacher, tmp_path, capsys):
+    import yaml
+
+    from framework.commands.plan import main
+
+    config = tmp_path / "distill.yaml"
+    config.write_text(yaml.safe_dump({"model": {"class_path": "test_aux_models.DistillTask", "init_args": {
+        "preset": "gpt-tiny", "teacher_path": str(teacher)}}, "data": {"init_args": {"seq_len": 32}}}))
+    main(["--config", str(config), "--gpus", "2"])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("gpt-tiny: 0.00B parameters (+ 0.00B frozen auxiliary), seq 32"), header
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2", "deepspeed_stage_3"])
 def test_two_ranks_shard_or_replicate_the_teacher(strategy, shards, teacher, tmp_path):
