@@ -161,10 +161,10 @@ def test_label_fraction_subsets_are_stratified_and_nested():
 
 # ---------------------------------------------------------------- the model
 def _config(family: str, **kw) -> ClassifierConfig:
-    from framework.models import FAMILIES
+    from framework.models.registry import family as lookup
 
     preset = {"gpt": "gpt-tiny", "bert": "bert-test"}[family]
-    backbone = FAMILIES[family].config_class.from_preset(preset, vocab_size=64).to_dict()
+    backbone = lookup(family).config_class.from_preset(preset, vocab_size=64).to_dict()
     return ClassifierConfig(backbone=backbone, num_classes=3,
                             special_ids={"eod": 60, "pad": 61, "cls": 62, "sep": 63}, **kw)
 

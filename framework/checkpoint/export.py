@@ -30,7 +30,7 @@ from framework.checkpoint.consolidate import TensorSource, checkpoint_meta, mode
 from framework.checkpoint.formats import checkpoint_kind
 from framework.checkpoint.safetensors_stream import save_safetensors, total_bytes
 from framework.errors import UserError
-from framework.models import TIED, build_model, config_from_dict
+from framework.models.registry import build_model, config_from_dict, family
 from framework.models.transformer import CONFIG_FILE, WEIGHTS_FILE, TransformerConfig
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -46,9 +46,9 @@ def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool 
         config = config_from_dict(dict(meta["model_config"]))
     except (TypeError, ValueError) as e:
         raise UserError(f"checkpoint '{ckpt}' has a model_config this framework cannot read ({e})") from None
-    sources = [s for s in model_tensors(ckpt) if s.name not in TIED[config.model_type]]
+    sources = [s for s in model_tensors(ckpt) if s.name not in family(config.model_type).tied]
     _check_matches(ckpt, config, sources)
-    if getattr(config, "lora_rank", 0):  # a LoRA fine-tune exports as a plain model: the adapters merged in
+    if family(config.model_type).adapters and config.lora_rank:  # exported as a plain model: adapters merged in
         sources, config = _merge_lora(sources, config)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def _check_matches(ckpt: str, config: TransformerConfig, sources: list[TensorSou
     """The weights must be exactly the parameters of the model that the checkpoint's model_config describes."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()
-                    if k not in TIED[config.model_type]}
+                    if k not in family(config.model_type).tied}
     got = {s.name: s.shape for s in sources}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))

@@ -53,7 +53,7 @@ class InitReport:
 
 def source_tensors(path: str) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]]:
     """(model config dict, name -> (shape, load)) of a checkpoint or an export directory; tied aliases left out."""
-    from framework.models import TIED, model_type_of
+    from framework.models.registry import family_of
 
     config = source_config(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
@@ -76,7 +76,7 @@ def source_tensors(path: str) -> tuple[dict[str, Any], dict[str, tuple[tuple[int
         from framework.checkpoint.consolidate import model_tensors
 
         tensors = {s.name: (tuple(s.shape), s.load) for s in model_tensors(path)}
-    tied = TIED[model_type_of(config)]
+    tied = family_of(config).tied
     return config, {n: v for n, v in tensors.items() if n not in tied}
 
 
@@ -103,19 +103,12 @@ def source_tokenizer(path: str) -> str | None:
     return checkpoint_meta(path).get("tokenizer_json")
 
 
-def image_tower(config: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """(the image model's config, the prefix of its tensors) in a source: a CLIP's image tower is `visual.*`."""
-    if config.get("model_type") == "clip":
-        return dict(config["image"]), "visual."
-    return config, ""
-
-
 def load_weights(model: nn.Module, path: str, strategy: Any, tied: tuple[str, ...], prefix: str = "",
                  skip: tuple[str, ...] = ()) -> InitReport:
     """Copy the weights at `path` into `model` (already laid out by `strategy`); see the module docstring.
     `prefix`: take only the source's tensors under it (e.g. `visual.`, a CLIP's image tower), without it.
     `skip`: name prefixes of the model's tensors that keep their fresh init (e.g. `head.`: a new head)."""
-    from framework.models import model_type_of
+    from framework.models.registry import image_tower, model_type_of
 
     config, source = source_tensors(path)
     if prefix:
@@ -124,7 +117,7 @@ def load_weights(model: nn.Module, path: str, strategy: Any, tied: tuple[str, ..
     if skip:
         source = {n: v for n, v in source.items() if not n.startswith(skip)}
     # a classifier takes the weights of its backbone's family
-    found, expected = model_type_of(config), getattr(model.config, "family", model.config.model_type)
+    found, expected = model_type_of(config), model.config.family
     if found != expected:
         raise UserError(f"model.init_from '{path}' holds a {found!r} model but this task builds a {expected!r} one; "
                         f"pass a checkpoint or export of a {expected!r} model")

@@ -9,7 +9,7 @@ import torch
 
 from framework.data.tokenizer import Tokenizer
 from framework.errors import UserError
-from framework.models import TIED, build_model, config_from_dict, model_type_of
+from framework.models.registry import build_model, config_from_dict, family, from_pretrained, model_type_of
 
 
 def load_checkpoint_model(path: str, model_type: str | None = None) -> tuple[torch.nn.Module, str | None]:
@@ -21,7 +21,7 @@ def load_checkpoint_model(path: str, model_type: str | None = None) -> tuple[tor
     meta = checkpoint_meta(path)  # UserError for a missing path or a file that is not one of our checkpoints
     _check_type(model_type_of(meta["model_config"]), model_type, path)
     config = config_from_dict(meta["model_config"])
-    tied = TIED[config.model_type]
+    tied = family(config.model_type).tied
     with torch.device("meta"):
         model = build_model(config)
     state = {k: v for k, v in load_state_dict(path).items() if k not in tied}  # tied to transformer.wte
@@ -34,13 +34,10 @@ def load_checkpoint_model(path: str, model_type: str | None = None) -> tuple[tor
     return model, meta.get("tokenizer_json")
 
 
-COMMAND_OF = {"gpt": "generate", "bert": "fill-mask"}
-
-
 def _check_type(found: str, expected: str | None, path: str) -> None:
     if expected is not None and found != expected:
         raise UserError(f"'{path}' holds a {found!r} model, but this command works with {expected!r} models; "
-                        f"use `pretrain {COMMAND_OF.get(found, 'export')}` for it")
+                        f"use `pretrain {family(found).command or 'export'}` for it")
 
 
 def load_model(ckpt: str | None, model_dir: str | None, tokenizer: str | None,
@@ -56,8 +53,6 @@ def load_model(ckpt: str | None, model_dir: str | None, tokenizer: str | None,
         if not os.path.isfile(config_file):
             raise UserError(f"'{model_dir}' is not an exported model (no config.json); run `pretrain export` first")
         import json
-
-        from framework.models import from_pretrained
 
         with open(config_file) as f:
             _check_type(model_type_of(json.load(f)), model_type, model_dir)
