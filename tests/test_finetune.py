@@ -289,7 +289,7 @@ def test_lora_checkpoints_keep_only_what_they_train_and_get_the_rest_from_the_ba
     from safetensors.torch import load_file
     from test_fit import assert_one_line_error, run_main
 
-    from framework.checkpoint.consolidate import load_state_dict
+    from framework.checkpoint.reader import load_state_dict
     from framework.models.classifier import lora_scale
     from framework.models.gpt import GPT, GPTConfig
 

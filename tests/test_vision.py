@@ -178,7 +178,7 @@ def test_clip_learns_as_well_as_a_plain_loop_and_classifies_zero_shot(shapes, cl
 
 
 def test_a_linear_probe_of_the_clip_image_tower_trains_only_a_new_head(shapes, clip_run, tmp_path, capsys):
-    from framework.checkpoint.consolidate import load_state_dict
+    from framework.checkpoint.reader import load_state_dict
 
     clip = run_main("export", str(clip_run[0] / "checkpoints" / "last.ckpt"), str(tmp_path / "clip-export"))
     assert clip.returncode == 0, clip.stderr

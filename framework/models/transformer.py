@@ -72,7 +72,7 @@ class PresetConfig:
 
     @property
     def family(self) -> str:
-        """The family whose pre-trained weights this model takes: its own (a classifier's config names its backbone's)."""
+        """The family whose pre-trained weights this model takes: its own (a classifier's: its backbone's)."""
         return self.model_type
 
     @classmethod

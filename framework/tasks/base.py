@@ -440,12 +440,12 @@ class PretrainTask(L.LightningModule):
 
     def _leave_out_frozen(self, checkpoint: dict[str, Any]) -> None:
         """A single-file checkpoint (one process, DDP) of a frozen-backbone fine-tune keeps only what it trains: the
-        frozen tensors are recorded with init_from's real path and a fingerprint each (init_from.frozen_record), and
+        frozen tensors are recorded with init_from's real path and a fingerprint each (reader.frozen_record), and
         every reader gets them back from there. FSDP2 and DeepSpeed write every tensor through their own formats."""
         from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
-        from framework.checkpoint.consolidate import FROZEN_KEY, MODEL_PREFIX
-        from framework.checkpoint.init_from import frozen_record
+        from framework.checkpoint.consolidate import MODEL_PREFIX
+        from framework.checkpoint.reader import FROZEN_KEY, frozen_record
 
         state = checkpoint.get("state_dict")
         if (state is None or not self.frozen_from_init()
@@ -460,8 +460,8 @@ class PretrainTask(L.LightningModule):
 
     def _restore_frozen(self, checkpoint: dict[str, Any]) -> None:
         """The frozen tensors a checkpoint left out, read back from its pre-trained source into its state dict."""
-        from framework.checkpoint.consolidate import FROZEN_KEY, MODEL_PREFIX
-        from framework.checkpoint.init_from import frozen_sources
+        from framework.checkpoint.consolidate import MODEL_PREFIX
+        from framework.checkpoint.reader import FROZEN_KEY, frozen_sources
 
         record, state = checkpoint.get(FROZEN_KEY), checkpoint.get("state_dict")
         if record is None or state is None:
