@@ -71,9 +71,11 @@ def load_weights(model: nn.Module, path: str, strategy: Any, tied: tuple[str, ..
     """Copy the weights at `path` into `model` (already laid out by `strategy`); see the module docstring.
     `prefix`: take only the source's tensors under it (e.g. `visual.`, a CLIP's image tower), without it.
     `skip`: name prefixes of the model's tensors that keep their fresh init (e.g. `head.`: a new head)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     checkpoint = _source(path)
     config = checkpoint.model_config
-    source = {n: (s.shape, s.load) for n, s in checkpoint.weights().items()}
+    source = checkpoint.weights()
     if prefix:
         config = image_tower(config)[0]
         source = {n[len(prefix):]: v for n, v in source.items() if n.startswith(prefix)}
@@ -86,33 +88,31 @@ def load_weights(model: nn.Module, path: str, strategy: Any, tied: tuple[str, ..
                         f"pass a checkpoint or export of a {expected!r} model")
     targets = {n: p for n, p in [*model.named_parameters(), *model.named_buffers()] if n not in tied}
     report = InitReport(new=sorted(set(targets) - set(source)), dropped=sorted(set(source) - set(targets)))
-    wrong = [f"{n} {tuple(_full_shape(targets[n]))} vs {source[n][0]}" for n in sorted(set(targets) & set(source))
-             if tuple(_full_shape(targets[n])) != source[n][0]]
+    wrong = [f"{n} {tuple(_full_shape(targets[n]))} vs {source[n].shape}" for n in sorted(set(targets) & set(source))
+             if tuple(_full_shape(targets[n])) != source[n].shape]
     if wrong:
         raise UserError(f"model.init_from '{path}' does not fit this model's shapes ({'; '.join(wrong[:3])}); use "
                         "the same preset and config as the pre-trained model")
     zero3 = getattr(strategy, "zero_stage_3", False)
-    rank = getattr(strategy, "global_rank", 0)
+    rank = strategy.global_rank
     for name in sorted(set(targets) & set(source)):
-        target = targets[name]
+        target, read = targets[name], source[name].load
         with torch.no_grad():
             if zero3 and hasattr(target, "ds_id"):
                 import deepspeed
 
                 with deepspeed.zero.GatheredParameters([target], modifier_rank=0):
                     if rank == 0:
-                        target.copy_(source[name][1]())
-            elif hasattr(target, "device_mesh"):  # an FSDP2 DTensor: keep this rank's shard only
-                from torch.distributed.tensor import distribute_tensor
-
-                full = source[name][1]().to(device=target.to_local().device, dtype=target.dtype)
+                        target.copy_(read())
+            elif isinstance(target, DTensor):  # FSDP2: keep this rank's shard only
+                full = read().to(device=target.to_local().device, dtype=target.dtype)
                 shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
                 target.to_local().copy_(shard.to_local())
                 del full, shard
             else:
-                target.copy_(source[name][1]())
+                target.copy_(read())
         report.loaded.append(name)
-        report.parameters += int(torch.Size(source[name][0]).numel())
+        report.parameters += int(torch.Size(source[name].shape).numel())
     return report
 
 
