@@ -47,8 +47,8 @@ def is_export(path: str | os.PathLike) -> bool:
 
 
 class Checkpoint:
-    """A checkpoint path of any kind, opened once: `kind`, `meta`, `model_config`, `tokenizer_json`, `step`, and the
-    model's tensors (`tensors()`, `weights()`, `state_dict()`), read one at a time when asked for."""
+    """A checkpoint path of any kind, opened once: `kind`, `meta`, `model_config`, `tokenizer_json`, `step`, `task`,
+    and the model's tensors (`tensors()`, `weights()`, `state_dict()`), each read only when it is asked for."""
 
     def __init__(self, path: str | os.PathLike, exports: bool = True) -> None:
         self.path = os.fspath(path)
@@ -88,7 +88,13 @@ class Checkpoint:
 
     @property
     def step(self) -> int | None:
+        """The optimizer steps a training checkpoint holds (None for an export)."""
         return self.meta.get("global_step")
+
+    @property
+    def task(self) -> str | None:
+        """The task class that wrote a training checkpoint (None for an export)."""
+        return self.meta.get("task")
 
     def tensors(self) -> list[TensorSource]:
         """Every tensor of the model as stored (tied aliases too, where the layout keeps them), named as in the model
