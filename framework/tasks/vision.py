@@ -55,7 +55,7 @@ class ImageClassificationTask(ClassMetrics, PretrainTask):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         if backbone not in image_models():
-            raise UserError(f"model.backbone must be one of {', '.join(image_models())}, got {backbone!r}")
+            raise UserError(f"model.backbone must be one of {', '.join(sorted(image_models()))}, got {backbone!r}")
         if mode not in MODES:
             raise UserError(f"model.mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not 0 <= label_smoothing < 1 or (head_lr is not None and head_lr <= 0):
