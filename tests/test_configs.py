@@ -8,7 +8,7 @@ import torch
 from framework.data.datamodule import MaskedLMDataModule, ShardDataModule
 from framework.data.documents import ClassificationDataModule
 from framework.data.images import ImageDataModule
-from framework.models import FAMILIES
+from framework.models.registry import family
 from framework.tasks.base import PretrainTask
 from framework.tasks.classification import ClassificationTask
 from framework.tasks.clip import CLIPTask
@@ -55,7 +55,7 @@ def test_config_parses_and_builds(path, tmp_path):
         return
     if isinstance(task, ClassificationTask):
         assert isinstance(data, ClassificationDataModule)
-        config = FAMILIES[task.backbone].config_class.from_preset(task.preset, **task.overrides)
+        config = family(task.backbone).config_class.from_preset(task.preset, **task.overrides)
         assert data.seq_len <= config.seq_len and cli.trainer.max_steps > task.warmup_steps
         return
     assert isinstance(data, ShardDataModule) and data.seq_len >= 1 and data.batch_size >= 1

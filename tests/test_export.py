@@ -124,17 +124,17 @@ def test_overwrite_and_atomic_replacement(fitted, tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # replaced as a whole: stale.txt is gone
 
     # a failure halfway through writing the weights leaves the previous export as it was, and no temporary files
-    import framework.checkpoint.export as export_module
+    from framework.checkpoint.reader import Checkpoint
 
-    real = export_module.model_tensors
+    real = Checkpoint.tensors
 
-    def failing(path):
-        sources = real(path)
+    def failing(self):
+        sources = real(self)
         s = sources[1]  # the second tensor, so that the first is already written
         sources[1] = TensorSource(s.name, s.shape, s.dtype, _disk_full)
         return sources
 
-    monkeypatch.setattr(export_module, "model_tensors", failing)
+    monkeypatch.setattr(Checkpoint, "tensors", failing)
     with pytest.raises(OSError, match="No space left"):
         export(ckpt, out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -161,10 +161,10 @@ def test_label_fraction_subsets_are_stratified_and_nested():
 
 # ---------------------------------------------------------------- the model
 def _config(family: str, **kw) -> ClassifierConfig:
-    from framework.models import FAMILIES
+    from framework.models.registry import family as lookup
 
     preset = {"gpt": "gpt-tiny", "bert": "bert-test"}[family]
-    backbone = FAMILIES[family].config_class.from_preset(preset, vocab_size=64).to_dict()
+    backbone = lookup(family).config_class.from_preset(preset, vocab_size=64).to_dict()
     return ClassifierConfig(backbone=backbone, num_classes=3,
                             special_ids={"eod": 60, "pad": 61, "cls": 62, "sep": 63}, **kw)
 
@@ -289,7 +289,7 @@ def test_lora_checkpoints_keep_only_what_they_train_and_get_the_rest_from_the_ba
     from safetensors.torch import load_file
     from test_fit import assert_one_line_error, run_main
 
-    from framework.checkpoint.consolidate import load_state_dict
+    from framework.checkpoint.reader import load_state_dict
     from framework.models.classifier import lora_scale
     from framework.models.gpt import GPT, GPTConfig
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_fit import cli, make_shards, records, write_config
-from framework.checkpoint.consolidate import checkpoint_meta
+from framework.checkpoint.reader import checkpoint_meta
 from framework.commands.fit import fit
 
 
@@ -175,7 +175,7 @@ def test_a_nan_under_deepspeed_rolls_back(shards, tmp_path):
     """DeepSpeed applies its optimizer step itself, so a NaN loss cannot be skipped: a NaN on rank 1's batch 8 rolls
     both ranks back to the step-6 checkpoint, past batches 6-8, and the run ends with finite weights."""
     from dist_fit import build_deepspeed_ops
-    from framework.checkpoint.consolidate import load_state_dict
+    from framework.checkpoint.reader import load_state_dict
 
     build_deepspeed_ops()
     config = _spike_fit(tmp_path, shards, max_steps=10, poison=[8], strategy="deepspeed_stage_2", devices=2, rank=1)

@@ -94,7 +94,7 @@ def test_fine_tuning_starts_from_the_pretrained_backbone(strategy, source, mode,
     assert "new (fresh init): head.bias, head.weight" in r.stdout or (mode == "lora" and "head.bias" in r.stdout)
     assert "dropped (not in this model): mlm_head" in r.stdout
     if mode == "lora":  # the export merges the adapters into plain weights that compute the same function
-        from framework.checkpoint.consolidate import checkpoint_meta, model_tensors
+        from framework.checkpoint.reader import checkpoint_meta, model_tensors
         from framework.models import build_model, config_from_dict
 
         ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"

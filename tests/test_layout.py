@@ -110,3 +110,7 @@ def test_the_checker_sees_every_kind_of_cycle(tmp_path):
     assert find_cycle(import_graph(pkg)) == ["toy.b", "toy.sub", "toy.sub.a", "toy.b"]
     (pkg / "sub" / "a.py").write_text("import os\n")
     assert find_cycle(import_graph(pkg)) is None
+
+
+def test_no_import_cycles():
+    assert find_cycle(import_graph()) is None

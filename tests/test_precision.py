@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dist_fit import build_deepspeed_ops, fit, make_shards, write_config
-from framework.checkpoint.consolidate import load_state_dict
+from framework.checkpoint.reader import load_state_dict
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ the fine-tuning path; zero-shot evaluation and bad input."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_fit import cli, fit
+from dist_fit import fit
 from test_fit import assert_one_line_error, run_main
 
 SUPERVISED = "framework.tasks.vision.ImageClassificationTask"
@@ -178,7 +177,7 @@ def test_clip_learns_as_well_as_a_plain_loop_and_classifies_zero_shot(shapes, cl
 
 
 def test_a_linear_probe_of_the_clip_image_tower_trains_only_a_new_head(shapes, clip_run, tmp_path, capsys):
-    from framework.checkpoint.consolidate import load_state_dict
+    from framework.checkpoint.reader import load_state_dict
 
     clip = run_main("export", str(clip_run[0] / "checkpoints" / "last.ckpt"), str(tmp_path / "clip-export"))
     assert clip.returncode == 0, clip.stderr

@@ -11,7 +11,8 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from framework.models import FAMILIES, TIED, from_pretrained
+from framework.models import from_pretrained
+from framework.models.registry import family as lookup
 from framework.models.clip import CLIP, CLIPConfig
 from framework.models.encoder import EncoderConfig
 from framework.models.resnet import ResNet, ResNetConfig, Stage
@@ -180,14 +181,14 @@ def test_save_pretrained_then_from_pretrained_gives_identical_outputs(tmp_path, 
     inputs = (images(2), *captions(2)) if family == "clip" else (images(2),)
     model.save_pretrained(tmp_path)
     loaded = from_pretrained(tmp_path).eval()
-    assert type(loaded) is type(model) and loaded.config == model.config and TIED[family] == ()
+    assert type(loaded) is type(model) and loaded.config == model.config and lookup(family).tied == ()
     for a, b in zip(model(*inputs) if family == "clip" else [model(*inputs)],
                     loaded(*inputs) if family == "clip" else [loaded(*inputs)]):
         assert torch.equal(a, b)
     assert type(model).from_pretrained(tmp_path).config == model.config
     other = next(f for f in ("vit", "resnet") if f != family)
     with pytest.raises(ConfigError, match=f"holds a {family!r} model, not a {other!r} one"):
-        FAMILIES[other].from_pretrained(tmp_path)
+        lookup(other).model_class.from_pretrained(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------------------ FLOPs

@@ -131,6 +131,6 @@ def _unfinished(path: str) -> bool:
 def peek(path: str, key: str) -> Any:
     """One top-level entry of a checkpoint (a .ckpt file, a DeepSpeed or a torch.distributed.checkpoint directory),
     read without loading its tensors into memory."""
-    from framework.checkpoint.formats import read_meta
+    from framework.checkpoint.reader import Checkpoint
 
-    return read_meta(path).get(key)
+    return Checkpoint(path, exports=False).meta.get(key)

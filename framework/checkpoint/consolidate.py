@@ -1,7 +1,8 @@
-"""The full (unsharded) model weights of any checkpoint, one tensor at a time, without a process group.
+"""The full (unsharded) tensors of any training checkpoint, one tensor at a time, without a process group.
 
-`model_tensors(path)` lists every tensor of the task's model (name, shape, dtype) with a function that reads just
-that tensor, so an exporter holds one tensor in memory at a time, beyond what the OS pages in from the files:
+Each layout's reader lists every tensor of the task (name, shape, dtype) with a function that reads just that tensor,
+so an exporter holds one tensor in memory at a time, beyond what the OS pages in from the files (open a checkpoint
+with framework.checkpoint.reader, which picks the layout's reader and adds what a fine-tune left out):
 
 - `file` (.ckpt): torch.load with mmap=True; a tensor is read from disk when it is used.
 - `dcp` (FSDP2): `torch.distributed.checkpoint.load` of one key into a preallocated full-size tensor (`no_dist=True`:
@@ -18,15 +19,14 @@ that tensor, so an exporter holds one tensor in memory at a time, beyond what th
   which our loader refuses for checkpoints not marked trusted (formats.torch_load). tests/test_export.py checks
   this reader against live ZeRO-2 and ZeRO-3 models.
 
-Names are the model's own (`transformer.wte.weight`, ...): the task keeps its model under `model.`, which is dropped,
-and the readers drop aliases of tied weights (framework.models.TIED: `lm_head.weight` is `transformer.wte.weight`).
+Names are the task's (`model.transformer.wte.weight`, ...; the reader drops the `model.`); DeepSpeed's reader drops
+the aliases of tied weights it records (`shared_params`: `lm_head.weight` is `transformer.wte.weight`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -34,11 +34,10 @@ from typing import Any, Callable
 
 import torch
 
-from framework.checkpoint.formats import checkpoint_kind, deepspeed_files, read_meta, torch_load
+from framework.checkpoint.formats import deepspeed_files, torch_load
 from framework.errors import UserError
 
 MODEL_PREFIX = "model."  # PretrainTask keeps its nn.Module as `self.model`
-FROZEN_KEY = "frozen_from"  # a fine-tune's checkpoint without its frozen base tensors: where they are (init_from.py)
 
 
 @dataclass
@@ -53,53 +52,20 @@ class TensorSource:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def model_tensors(path: str | os.PathLike) -> list[TensorSource]:
-    """Every tensor of the checkpoint's model, to be read one by one (see the module docstring)."""
-    path = os.fspath(path)
-    kind = checkpoint_kind(path)
-    if kind == "file":
-        sources = _file_tensors(path)  # with the frozen base tensors a LoRA or linear fine-tune left out, if any
-    elif kind == "dcp":
-        sources = _dcp_tensors(path)
-    else:
-        sources = _deepspeed_tensors(path)
-    out = []
-    for s in sources:
-        if s.name.startswith(MODEL_PREFIX):
-            s.name = s.name[len(MODEL_PREFIX):]
-            out.append(s)
-    if not out:
-        raise UserError(f"checkpoint '{path}' holds no model weights (no '{MODEL_PREFIX}*' tensors); is it a "
-                        "checkpoint of this framework?")
-    return out
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The whole consolidated model state dict in memory (for small models and tests)."""
-    return {s.name: s.load() for s in model_tensors(path)}
-
-
 # ---------------------------------------------------------------- .ckpt file
-def _file_tensors(path: str) -> list[TensorSource]:
-    ckpt = torch_load(path, "checkpoint")
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+def file_tensors(ckpt: dict[str, Any], path: str) -> list[TensorSource]:
+    """The tensors of a .ckpt file's state_dict; `ckpt`: the file as loaded (formats.read_meta, memory-mapped)."""
+    state = ckpt.get("state_dict")
     if not isinstance(state, dict):
         raise UserError(f"'{path}' has no state_dict: it is not a Lightning checkpoint written by `pretrain fit`")
-    out = [TensorSource(k, tuple(v.shape), v.dtype, lambda v=v: v) for k, v in state.items() if torch.is_tensor(v)]
-    if ckpt.get(FROZEN_KEY) is not None:
-        from framework.checkpoint.init_from import frozen_sources
-
-        have = {k.removeprefix(MODEL_PREFIX) for k in state}
-        out += [TensorSource(MODEL_PREFIX + s.name, s.shape, s.dtype, s.load)
-                for s in frozen_sources(ckpt[FROZEN_KEY], have, path)]
-    return out
+    return [TensorSource(k, tuple(v.shape), v.dtype, lambda v=v: v) for k, v in state.items() if torch.is_tensor(v)]
 
 
 # ---------------------------------------------------------------- torch.distributed.checkpoint directory
 _DCP_MODEL = "state_dict."  # Lightning saves {"state_dict": model state, "optimizer_0": ...}
 
 
-def _dcp_tensors(path: str) -> list[TensorSource]:
+def dcp_tensors(path: str) -> list[TensorSource]:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -123,7 +89,7 @@ def _dcp_load_one(path: str, key: str, md: Any) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- DeepSpeed ZeRO directory
-def _deepspeed_tensors(path: str) -> list[TensorSource]:
+def deepspeed_tensors(path: str) -> list[TensorSource]:
     model_files, optim_files = deepspeed_files(path)
     _import_deepspeed_quietly()
     if not optim_files:
@@ -240,12 +206,3 @@ def _zero3_frozen(shapes: dict[str, Any], fragments: list[dict[str, torch.Tensor
         dtype = next(f[name].dtype for f in fragments if f is not None)
         out.append(TensorSource(name, tuple(shape), dtype, load))
     return out
-
-
-def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """Lightning's metadata of a checkpoint (see formats.read_meta), checked to be one of ours with a model config."""
-    meta = read_meta(path)
-    if "model_config" not in meta:
-        raise UserError(f"checkpoint '{path}' has no model_config: it was not written by `pretrain fit` of this "
-                        "framework")
-    return meta

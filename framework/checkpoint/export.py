@@ -10,9 +10,9 @@ The same files as the models' `save_pretrained`, so `framework.models.from_pretr
 CKPT is any checkpoint `pretrain fit` writes: a .ckpt file (DDP, one process), a torch.distributed.checkpoint
 directory (FSDP2) or a DeepSpeed ZeRO-1/2/3 directory, on any number of ranks; `last.ckpt` works too. No process group
 and no GPU are needed, and the weights are streamed tensor by tensor from the (memory-mapped) checkpoint into the
-output file (framework.checkpoint.consolidate), so the host never holds the whole model. A linear or LoRA fine-tune's
+output file (framework.checkpoint.reader), so the host never holds the whole model. A linear or LoRA fine-tune's
 .ckpt holds only its trained tensors; the frozen rest is read from the pre-trained source it records
-(framework.checkpoint.init_from.frozen_sources). OUT_DIR appears complete or not at all: it is written under a
+(framework.checkpoint.reader.frozen_sources). OUT_DIR appears complete or not at all: it is written under a
 temporary name beside it and renamed into place.
 """
 
@@ -26,29 +26,26 @@ from typing import Any
 
 import torch
 
-from framework.checkpoint.consolidate import TensorSource, checkpoint_meta, model_tensors
-from framework.checkpoint.formats import checkpoint_kind
+from framework.checkpoint.consolidate import TensorSource
+from framework.checkpoint.reader import TOKENIZER_FILE, Checkpoint
 from framework.checkpoint.safetensors_stream import save_safetensors, total_bytes
 from framework.errors import UserError
-from framework.models import TIED, build_model, config_from_dict
+from framework.models.registry import build_model, config_from_dict, family
 from framework.models.transformer import CONFIG_FILE, WEIGHTS_FILE, TransformerConfig
-
-TOKENIZER_FILE = "tokenizer.json"
-
 
 def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> dict:
     """Write OUT_DIR from CKPT (see the module docstring); returns a summary. UserError on bad input."""
     ckpt, out = os.fspath(ckpt), Path(out_dir)
-    kind = checkpoint_kind(ckpt)  # a missing path or a directory that is no checkpoint -> UserError
-    meta = checkpoint_meta(ckpt)
+    checkpoint = Checkpoint(ckpt, exports=False)  # a missing path or a directory that is no checkpoint -> UserError
+    meta = checkpoint.checked_meta()
     _check_out_dir(out, overwrite)
     try:
         config = config_from_dict(dict(meta["model_config"]))
     except (TypeError, ValueError) as e:
         raise UserError(f"checkpoint '{ckpt}' has a model_config this framework cannot read ({e})") from None
-    sources = [s for s in model_tensors(ckpt) if s.name not in TIED[config.model_type]]
+    sources = [s for s in checkpoint.tensors() if s.name not in family(config.model_type).tied]
     _check_matches(ckpt, config, sources)
-    if getattr(config, "lora_rank", 0):  # a LoRA fine-tune exports as a plain model: the adapters merged in
+    if family(config.model_type).adapters and config.lora_rank:  # exported as a plain model: adapters merged in
         sources, config = _merge_lora(sources, config)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +61,7 @@ def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool 
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"kind": kind, "model_type": config.model_type, "step": meta.get("global_step"), "tensors": len(sources),
+    return {"kind": checkpoint.kind, "model_type": config.model_type, "step": meta.get("global_step"), "tensors": len(sources),
             "parameters": sum(int(torch.Size(s.shape).numel()) for s in sources), "bytes": total_bytes(sources),
             "tokenizer": tokenizer is not None, "out": str(out)}
 
@@ -80,7 +77,7 @@ def _check_matches(ckpt: str, config: TransformerConfig, sources: list[TensorSou
     """The weights must be exactly the parameters of the model that the checkpoint's model_config describes."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()
-                    if k not in TIED[config.model_type]}
+                    if k not in family(config.model_type).tied}
     got = {s.name: s.shape for s in sources}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))

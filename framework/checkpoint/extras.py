@@ -3,7 +3,7 @@
 - run metadata: package versions and the git commit (key "framework"), also logged to W&B;
 - RNG states (key "rng_states"): each rank's own CPU and CUDA generator, gathered so that any rank's file has all;
 - frozen-backbone records (key "frozen_from"): a linear/LoRA fine-tune's single-file checkpoint leaves out the
-  frozen tensors that came unchanged from init_from, and records where they are (framework.checkpoint.init_from);
+  frozen tensors that came unchanged from init_from, and records where they are (framework.checkpoint.reader);
 - auxiliary-model records (key "aux_models"): the frozen models a task holds beside its trained one (a teacher)
   are never saved; the checkpoint records each one's source path and tensor fingerprints, and a resume refuses a
   source that has changed since (see PretrainTask.aux_models).
@@ -97,11 +97,11 @@ def restore_rng(states: dict[str, Any], rank: int, world: int, device: torch.dev
 def leave_out_frozen(checkpoint: dict[str, Any], model: nn.Module, init_from: str, prefix: str,
                      record: dict[str, Any] | None) -> dict[str, Any] | None:
     """A single-file checkpoint (one process, DDP) of a frozen-backbone fine-tune keeps only what it trains: the
-    frozen tensors are recorded with init_from's real path and a fingerprint each (init_from.frozen_record), and
+    frozen tensors are recorded with init_from's real path and a fingerprint each (reader.frozen_record), and
     every reader gets them back from there. Call only for single-file strategies (FSDP2 and DeepSpeed write every
     tensor through their own formats). `record`: the one made before in this run (None: made here). Returns it."""
-    from framework.checkpoint.consolidate import FROZEN_KEY, MODEL_PREFIX
-    from framework.checkpoint.init_from import frozen_record
+    from framework.checkpoint.consolidate import MODEL_PREFIX
+    from framework.checkpoint.reader import FROZEN_KEY, frozen_record
 
     state = checkpoint.get("state_dict")
     if state is None:
@@ -118,8 +118,8 @@ def restore_frozen(checkpoint: dict[str, Any], init_from: str | None, ckpt_path:
     """The frozen tensors a checkpoint left out, read back from its pre-trained source into its state dict (a
     source that moved is looked for at this run's `init_from`). Returns the record (None: nothing left out), which
     later checkpoints of the run reuse."""
-    from framework.checkpoint.consolidate import FROZEN_KEY, MODEL_PREFIX
-    from framework.checkpoint.init_from import frozen_sources
+    from framework.checkpoint.consolidate import MODEL_PREFIX
+    from framework.checkpoint.reader import FROZEN_KEY, frozen_sources
 
     record, state = checkpoint.get(FROZEN_KEY), checkpoint.get("state_dict")
     if record is None or state is None:
@@ -136,24 +136,24 @@ def restore_frozen(checkpoint: dict[str, Any], init_from: str | None, ckpt_path:
 def aux_record(path: str) -> dict[str, Any]:
     """What a checkpoint keeps of an auxiliary model instead of its weights: the source's real path and each tensor's
     shape, dtype and fingerprint, read from the source itself (no process group, any strategy)."""
-    from framework.checkpoint.init_from import _fingerprint, source_tensors
+    from framework.checkpoint.reader import fingerprint, open_checkpoint
 
-    _, tensors = source_tensors(path)
+    tensors = open_checkpoint(path).weights()
     out = {}
     for name in sorted(tensors):
-        t = tensors[name][1]()
-        out[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), **_fingerprint(t)}
+        t = tensors[name].load()
+        out[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), **fingerprint(t)}
         del t
     return {"path": os.path.realpath(path), "tensors": out}
 
 
 def check_aux(saved: dict[str, Any], name: str, current: dict[str, Any], ckpt: str) -> None:
     """One line when the auxiliary model `name` of this run is not the one checkpoint `ckpt` trained with."""
-    from framework.checkpoint.init_from import _same_fingerprint
+    from framework.checkpoint.reader import same_fingerprint
 
     old, new = saved["tensors"], current["tensors"]
     differs = sorted(set(old) ^ set(new)) or [n for n in sorted(old) if old[n]["shape"] != new[n]["shape"]
-                                              or not _same_fingerprint(new[n], old[n])]
+                                              or not same_fingerprint(new[n], old[n])]
     if differs:
         raise UserError(f"the auxiliary model '{name}' at '{current['path']}' differs from the one checkpoint '{ckpt}' "
                         f"was trained with (from '{saved['path']}'; tensor {differs[0]} differs): resume with the "

@@ -146,15 +146,16 @@ def torch_load(path: str, what: str) -> Any:
                         "framework or is damaged") from None
 
 
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+def read_meta(path: str | os.PathLike, kind: Kind | None = None) -> dict[str, Any]:
     """Lightning's checkpoint entries other than weights and optimizer states (global_step, loops, callbacks,
     the datamodule's data position, wandb_run_id, model_config, tokenizer_json, ...), for any layout.
 
     DeepSpeed keeps them as client state in the (rank 0) model states file, beside its own entries (`module`,
     `param_shapes`, `dp_world_size`, `ds_config`, ...), which are returned too. Tensors stay on disk (mmap).
+    `kind`: the path's checkpoint_kind, when the caller knows it already.
     """
     path = os.fspath(path)
-    kind = checkpoint_kind(path)
+    kind = kind or checkpoint_kind(path)
     if kind == "file":
         meta = torch_load(path, "checkpoint")
     elif kind == "dcp":
@@ -171,10 +172,11 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why a checkpoint cannot be resumed from (unreadable, not ours, a sharded one missing a rank's files), or None.
     Reads only the metadata (tensors stay on disk) and lists the shard files."""
     try:
-        meta = read_meta(path)
+        kind = checkpoint_kind(path)
+        meta = read_meta(path, kind)
         if "model_config" not in meta or "global_step" not in meta:
             return "it was not written by `pretrain fit` of this framework"
-        if checkpoint_kind(path) == "deepspeed":
+        if kind == "deepspeed":
             _, optim = deepspeed_files(path)
             world = int(meta.get("dp_world_size", 1))
             if len(optim) < world or any(os.path.getsize(f) == 0 for f in optim):
@@ -189,7 +191,7 @@ def saved_world_size(path: str | os.PathLike) -> int | None:
     path = os.fspath(path)
     kind = checkpoint_kind(path)
     if kind == "deepspeed":
-        return int(read_meta(path)["dp_world_size"])
+        return int(read_meta(path, kind)["dp_world_size"])
     if kind == "dcp":
         return len(glob.glob(os.path.join(path, "*.distcp")))
     return None

@@ -7,40 +7,37 @@ import os
 
 import torch
 
+from framework.checkpoint.reader import Checkpoint, is_export
 from framework.data.tokenizer import Tokenizer
 from framework.errors import UserError
-from framework.models import TIED, build_model, config_from_dict, model_type_of
+from framework.models.registry import build_model, config_from_dict, family, from_pretrained, model_type_of
 
 
 def load_checkpoint_model(path: str, model_type: str | None = None) -> tuple[torch.nn.Module, str | None]:
     """The model and its tokenizer JSON (None if the checkpoint carries none) from any `pretrain fit` checkpoint: a
-    .ckpt file, or a sharded FSDP2 / DeepSpeed directory, consolidated here on CPU (framework.checkpoint.consolidate).
+    .ckpt file, or a sharded FSDP2 / DeepSpeed directory, consolidated here on CPU (framework.checkpoint.reader).
     With `model_type`, a checkpoint of another family is one clear UserError, before any weight is read."""
-    from framework.checkpoint.consolidate import checkpoint_meta, load_state_dict
-
-    meta = checkpoint_meta(path)  # UserError for a missing path or a file that is not one of our checkpoints
-    _check_type(model_type_of(meta["model_config"]), model_type, path)
-    config = config_from_dict(meta["model_config"])
-    tied = TIED[config.model_type]
+    checkpoint = Checkpoint(path, exports=False)  # UserError for a missing path or a file that is not a checkpoint
+    values = checkpoint.model_config  # UserError for a checkpoint that is not one of ours
+    _check_type(model_type_of(values), model_type, path)
+    config = config_from_dict(values)
+    tied = family(config.model_type).tied
     with torch.device("meta"):
         model = build_model(config)
-    state = {k: v for k, v in load_state_dict(path).items() if k not in tied}  # tied to transformer.wte
+    state = {k: v for k, v in checkpoint.state_dict().items() if k not in tied}  # tied to transformer.wte
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
         raise UserError(f"the weights in '{path}' do not match its model_config (missing {missing[:3]}, unexpected "
                         f"{result.unexpected_keys[:3]}); the checkpoint is damaged")
-    return model, meta.get("tokenizer_json")
-
-
-COMMAND_OF = {"gpt": "generate", "bert": "fill-mask"}
+    return model, checkpoint.tokenizer_json
 
 
 def _check_type(found: str, expected: str | None, path: str) -> None:
     if expected is not None and found != expected:
         raise UserError(f"'{path}' holds a {found!r} model, but this command works with {expected!r} models; "
-                        f"use `pretrain {COMMAND_OF.get(found, 'export')}` for it")
+                        f"use `pretrain {family(found).command or 'export'}` for it")
 
 
 def load_model(ckpt: str | None, model_dir: str | None, tokenizer: str | None,
@@ -52,18 +49,12 @@ def load_model(ckpt: str | None, model_dir: str | None, tokenizer: str | None,
     if ckpt is not None:
         model, tok_json = load_checkpoint_model(ckpt, model_type)
     else:
-        config_file = os.path.join(model_dir, "config.json")
-        if not os.path.isfile(config_file):
+        if not is_export(model_dir):
             raise UserError(f"'{model_dir}' is not an exported model (no config.json); run `pretrain export` first")
-        import json
-
-        from framework.models import from_pretrained
-
-        with open(config_file) as f:
-            _check_type(model_type_of(json.load(f)), model_type, model_dir)
+        exported = Checkpoint(model_dir)
+        _check_type(model_type_of(exported.model_config), model_type, model_dir)
         model = from_pretrained(model_dir)
-        exported = os.path.join(model_dir, "tokenizer.json")
-        tok_json = open(exported).read() if os.path.isfile(exported) else None
+        tok_json = exported.tokenizer_json
     if tokenizer is not None:
         if not os.path.isfile(tokenizer):
             raise UserError(f"tokenizer '{tokenizer}' does not exist; pass the tokenizer.json beside the shards")

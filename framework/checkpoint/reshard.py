@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from framework.checkpoint.formats import checkpoint_kind, deepspeed_tag_dir, read_meta, saved_world_size, torch_load
+from framework.checkpoint.formats import checkpoint_kind, deepspeed_tag_dir, saved_world_size, torch_load
 from framework.errors import UserError
 
 UNIVERSAL_TAG = "universal"
@@ -94,10 +94,12 @@ def _load_zero3_weights(strategy: Any, path: str) -> dict[str, Any]:
     parameters are gathered, set on rank 0 and re-partitioned from it (as Lightning's `_restore_zero_state`)."""
     import deepspeed
 
-    from framework.checkpoint.consolidate import MODEL_PREFIX, model_tensors
+    from framework.checkpoint.consolidate import MODEL_PREFIX
+    from framework.checkpoint.reader import Checkpoint
 
     module = strategy.lightning_module
-    sources = {MODEL_PREFIX + s.name: s for s in model_tensors(path)} if strategy.is_global_zero else {}
+    checkpoint = Checkpoint(path, exports=False)
+    sources = {MODEL_PREFIX + s.name: s for s in checkpoint.tensors()} if strategy.is_global_zero else {}
     loaded: set[int] = set()
     for prefix, sub in module.named_modules():
         params = list(sub.named_parameters(prefix=prefix, recurse=False))
@@ -114,7 +116,7 @@ def _load_zero3_weights(strategy: Any, path: str) -> dict[str, Any]:
         if missing:
             raise UserError(f"checkpoint '{path}' has no weights for {', '.join(missing[:3])}; it does not belong "
                             "to this model")
-    return read_meta(path)
+    return checkpoint.meta
 
 
 def to_universal(path: str) -> str:

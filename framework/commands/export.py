@@ -36,6 +36,8 @@ def main(argv: list[str]) -> None:
     if not summary["tokenizer"]:
         print(f"note: the checkpoint carries no tokenizer; copy the {TOKENIZER_FILE} beside its training shards into "
               f"{summary['out']} (or pass --tokenizer to `pretrain generate`)")
-    command = {"bert": "pretrain fill-mask --model", "gpt": "pretrain generate --model"}.get(summary["model_type"])
+    from framework.models.registry import family
+
+    command = family(summary["model_type"]).command
     load = f"framework.models.from_pretrained('{summary['out']}')"
-    print(f"use it: {command} {summary['out']}   or   {load}" if command else f"use it: {load}")
+    print(f"use it: pretrain {command} --model {summary['out']}   or   {load}" if command else f"use it: {load}")

@@ -85,14 +85,15 @@ def describe_model(preset: str, family: str = "gpt", seq_len: int | None = None,
     frozen models' parameters (framework.tasks.aux.aux_parameters)."""
     import torch
 
-    from framework.models import FAMILIES
+    from framework.models.registry import family as lookup
     from framework.models.transformer import Block
 
-    config = FAMILIES[family].config_class.from_preset(preset, **overrides)
+    config_class = lookup(family).config_class
+    config = config_class.from_preset(preset, **overrides)
     if seq_len and seq_len > config.seq_len:  # a longer context than the preset's (learned positions grow)
-        config = FAMILIES[family].config_class.from_preset(preset, **{**overrides, "seq_len": seq_len})
+        config = config_class.from_preset(preset, **{**overrides, "seq_len": seq_len})
     with torch.device("meta"):
-        model = FAMILIES[family](config)
+        model = lookup(family).model_class(config)
     params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
     block = sum(p.numel() for p in next(m for m in model.modules() if isinstance(m, Block)).parameters())
     embedding = model.transformer.wte.weight.numel()
@@ -227,12 +228,13 @@ def _gb(x: float) -> str:
 
 def main(argv: list[str]) -> None:
     from framework.commands.common import ArgParser as _Parser
+    from framework.models.registry import text_backbones
 
     p = _Parser(prog="pretrain plan", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a `pretrain fit` YAML (model preset and config, seq_len, batch_size, precision)")
     p.add_argument("--preset", help="a model preset instead of (or over) the config's")
-    p.add_argument("--family", choices=("gpt", "bert"), help="the preset's family (default gpt)")
+    p.add_argument("--family", choices=text_backbones(), help="the preset's family (default gpt)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence")
     p.add_argument("--micro-batch", type=int, help="sequences per GPU per step")
     p.add_argument("--precision", help="bf16-mixed (default) or 32-true")

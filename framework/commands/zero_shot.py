@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from framework.checkpoint.consolidate import checkpoint_meta
+from framework.checkpoint.reader import checkpoint_meta
 from framework.checkpoint.formats import trust_checkpoint
 from framework.checkpoint.load import load_model
 from framework.commands.common import add_model_arguments

@@ -118,9 +118,9 @@ def build_tokenizer(spec: str, texts: Iterable[str] | None = None, progress: boo
 
 def checkpoint_tokenizer(path: str) -> Tokenizer:
     """The tokenizer a checkpoint of `pretrain fit` recorded (every checkpoint carries the one it trained with)."""
-    from framework.checkpoint.consolidate import checkpoint_meta
+    from framework.checkpoint.reader import Checkpoint
 
-    text = checkpoint_meta(path).get("tokenizer_json")
+    text = Checkpoint(path, exports=False).tokenizer_json
     if not text:
         raise UserError(f"checkpoint '{path}' records no tokenizer; pass the tokenizer.json of its training data")
     return Tokenizer.from_str(text)

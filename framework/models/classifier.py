@@ -21,10 +21,9 @@ from typing import Any, Callable, ClassVar, ContextManager
 import torch
 import torch.nn as nn
 
-from framework.models.transformer import (ConfigError, LoRA, TransformerConfig, block_flops, init_weights,
+from framework.models.registry import config_from_dict, family, text_backbones
+from framework.models.transformer import (ConfigError, LoRA, Pretrained, TransformerConfig, block_flops, init_weights,
                                           make_trunk, num_params, run_trunk, save_pretrained)
-
-POOLINGS = {"gpt": ("last", "mean"), "bert": ("cls", "mean")}
 
 
 @dataclass
@@ -42,13 +41,14 @@ class ClassifierConfig:
     class_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        family = self.backbone.get("model_type", "gpt")
-        if family not in POOLINGS:
-            raise ConfigError(f"a classifier's backbone must be one of {', '.join(POOLINGS)}, got {family!r}")
-        self.pooling = self.pooling or POOLINGS[family][0]
-        if self.pooling not in POOLINGS[family]:
-            raise ConfigError(f"pooling {self.pooling!r} does not suit a {family!r} backbone; use one of "
-                              f"{', '.join(POOLINGS[family])}")
+        name = self.family
+        if name not in text_backbones():
+            raise ConfigError(f"a classifier's backbone must be one of {', '.join(text_backbones())}, got {name!r}")
+        poolings = family(name).poolings
+        self.pooling = self.pooling or poolings[0]
+        if self.pooling not in poolings:
+            raise ConfigError(f"pooling {self.pooling!r} does not suit a {name!r} backbone; use one of "
+                              f"{', '.join(poolings)}")
         if self.num_classes < 2:
             raise ConfigError(f"a classifier needs at least 2 classes, got {self.num_classes}")
         if self.lora_rank < 0 or not 0 <= self.classifier_dropout < 1:
@@ -59,8 +59,6 @@ class ClassifierConfig:
         return self.backbone.get("model_type", "gpt")
 
     def backbone_config(self) -> TransformerConfig:
-        from framework.models import config_from_dict
-
         return config_from_dict(self.backbone)
 
     @property
@@ -107,14 +105,14 @@ def framed_len(longest: int, causal: bool) -> int:
     return longest + (1 if causal else 2)
 
 
-class SequenceClassifier(nn.Module):
+class SequenceClassifier(Pretrained):
     config_class = ClassifierConfig
 
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
         self.config = config
         self.trunk_config = config.backbone_config()
-        self.causal = config.family == "gpt"
+        self.causal = family(config.family).causal
         lora = LoRA(config.lora_rank, config.lora_alpha, config.lora_dropout) if config.lora_rank else None
         self.transformer = make_trunk(self.trunk_config, causal=self.causal, lora=lora)
         self.dropout = nn.Dropout(config.classifier_dropout)
@@ -177,13 +175,6 @@ class SequenceClassifier(nn.Module):
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         config = dataclasses.replace(self.config, lora_rank=0) if self.config.lora_rank else self.config
         save_pretrained(out_dir, config, self.merged_state_dict())
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                        **overrides: Any) -> "SequenceClassifier":
-        from framework.models import from_pretrained
-
-        return from_pretrained(path, map_location, model_class=cls, **overrides)
 
 
 def lora_scale(config: ClassifierConfig) -> float:

@@ -23,7 +23,6 @@ width, E embed_dim.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, ContextManager
 
@@ -33,9 +32,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from framework.models.classifier import frame_documents, framed_len
-from framework.models.encoder import EncoderConfig
 from framework.models.gpt import GPTConfig
-from framework.models.resnet import ResNet, ResNetConfig, Stage
+from framework.models.registry import family, image_models, text_backbones
+from framework.models.resnet import ResNetConfig, Stage
 from framework.models.transformer import (
     Block,
     ConfigError,
@@ -48,14 +47,10 @@ from framework.models.transformer import (
     make_trunk,
     num_params,
     run_trunk,
-    save_pretrained,
+    Pretrained,
 )
-from framework.models.vit import ViT, ViTConfig
+from framework.models.vit import ViTConfig
 
-IMAGE_TOWERS: dict[str, type[nn.Module]] = {"vit": ViT, "resnet": ResNet}
-TEXT_CONFIGS: dict[str, type[TransformerConfig]] = {"gpt": GPTConfig, "bert": EncoderConfig}
-# the special tokens each text family's framing uses
-FRAMING_IDS = {"gpt": ("eod", "pad"), "bert": ("cls", "sep", "pad")}
 # The byte tokenizer's special ids (framework.data.tokenizer: bytes are 0..255, then eod, pad, mask, cls, sep) and its
 # vocabulary of 261, so that the CPU presets build and run on their own; a run replaces both, the text vocab_size and
 # the special ids, with its data's tokenizer's.
@@ -104,19 +99,19 @@ class CLIPConfig(PresetConfig):
     max_logit_scale: float = 100.0
 
     def __post_init__(self) -> None:
-        self.image = self._tower_dict("image", IMAGE_TOWERS, {"num_classes": 0})
-        self.text = self._tower_dict("text", TEXT_CONFIGS, {})
+        self.image = self._tower_dict("image", image_models(), {"num_classes": 0})
+        self.text = self._tower_dict("text", text_backbones(), {})
         check_positive_ints(self, "embed_dim")
-        family = self.text["model_type"]
+        framing = family(self.text["model_type"]).framing
         if not isinstance(self.special_ids, dict):
             raise ConfigError(f"CLIPConfig.special_ids={self.special_ids!r} must map token names to ids")
         self.special_ids = dict(self.special_ids)  # not the preset's own dict
-        missing = [k for k in FRAMING_IDS[family] if k not in self.special_ids]
+        missing = [k for k in framing if k not in self.special_ids]
         if missing:
-            raise ConfigError(f"CLIPConfig.special_ids lacks {missing}: a {family!r} text tower frames captions with "
-                              f"{', '.join(FRAMING_IDS[family])}")
+            raise ConfigError(f"CLIPConfig.special_ids lacks {missing}: a {self.text['model_type']!r} text tower "
+                              f"frames captions with {', '.join(framing)}")
         vocab = self.text["vocab_size"]
-        for name in FRAMING_IDS[family]:
+        for name in framing:
             value = self.special_ids[name]
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
                 raise ConfigError(f"CLIPConfig.special_ids[{name!r}]={value!r} is not a token id of the text tower's "
@@ -130,17 +125,16 @@ class CLIPConfig(PresetConfig):
                               f"most max_logit_scale={self.max_logit_scale} (> 0): above the cap the scale gets no "
                               "gradient and would never move")
 
-    def _tower_dict(self, name: str, families: dict[str, Any], forced: dict[str, Any]) -> dict[str, Any]:
+    def _tower_dict(self, name: str, families: list[str], forced: dict[str, Any]) -> dict[str, Any]:
         """A tower's dict, checked by its own config class and written out in full (so the round trip is exact)."""
         values = getattr(self, name)
         if not isinstance(values, dict):
             raise ConfigError(f"CLIPConfig.{name}={values!r} must be a config dict with a model_type")
-        family = values.get("model_type")
-        if family not in families:
-            raise ConfigError(f"CLIPConfig.{name}.model_type={family!r} must be one of {', '.join(families)}")
-        config_class = getattr(families[family], "config_class", families[family])
+        model_type = values.get("model_type")
+        if model_type not in families:
+            raise ConfigError(f"CLIPConfig.{name}.model_type={model_type!r} must be one of {', '.join(families)}")
         try:
-            return config_class.from_dict({**values, **forced}).to_dict()
+            return family(model_type).config_class.from_dict({**values, **forced}).to_dict()
         except ConfigError as e:
             raise ConfigError(f"CLIPConfig.{name}: {e}") from e
 
@@ -158,13 +152,13 @@ class CLIPConfig(PresetConfig):
         return super().from_preset(name, **overrides)
 
     def image_config(self) -> ViTConfig | ResNetConfig:
-        return IMAGE_TOWERS[self.image["model_type"]].config_class.from_dict(self.image)
+        return family(self.image["model_type"]).config_class.from_dict(self.image)
 
     def text_config(self) -> TransformerConfig:
-        return TEXT_CONFIGS[self.text["model_type"]].from_dict(self.text)
+        return family(self.text["model_type"]).config_class.from_dict(self.text)
 
 
-class CLIP(nn.Module):
+class CLIP(Pretrained):
     config_class = CLIPConfig
     block_types = (Block, Stage)  # the units of FSDP sharding and activation checkpointing, in either tower
 
@@ -172,8 +166,8 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = config
         self.text_config = config.text_config()
-        self.causal = self.text_config.model_type == "gpt"
-        self.visual = IMAGE_TOWERS[config.image["model_type"]](config.image_config())
+        self.causal = family(self.text_config.model_type).causal
+        self.visual = family(config.image["model_type"]).model_class(config.image_config())
         self.text = make_trunk(self.text_config, causal=self.causal)
         self.image_proj = nn.Linear(self.visual.feature_dim, config.embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text_config.n_embd, config.embed_dim, bias=False)
@@ -265,13 +259,3 @@ class CLIP(nn.Module):
         proj = 6 * images * (self.visual.feature_dim + self.text_config.n_embd) * self.config.embed_dim
         return self.visual.flops(images) + block_flops(self.text_config, images * T, T) + proj
 
-    # ------------------------------------------------------------------------------------------------------ files
-    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
-        save_pretrained(out_dir, self.config, self.state_dict())
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                        **overrides: Any) -> "CLIP":
-        from framework.models import from_pretrained
-
-        return from_pretrained(path, map_location, model_class=cls, **overrides)

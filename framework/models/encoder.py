@@ -13,7 +13,6 @@ Shapes in comments: B batch, T sequence length, C n_embd, M masked positions, V 
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, ContextManager
 
@@ -27,10 +26,9 @@ from framework.models.transformer import (
     make_trunk,
     num_params,
     run_trunk,
-    save_pretrained,
+    Pretrained,
 )
 
-TIED = ("mlm_head.decoder.weight",)  # stored once, as transformer.wte.weight
 
 # BERT sizes: the miniatures of Turc et al. 2019 ("Well-Read Students Learn Better", tiny..medium) and BERT base/large
 # (Devlin et al. 2019). Vocab 30528 is BERT's 30522 padded to a multiple of 64; runs take the vocabulary of their
@@ -74,8 +72,9 @@ class MLMHead(nn.Module):
         return logits[..., : self.vocab_size]  # padding ids can never be predicted
 
 
-class Encoder(nn.Module):
+class Encoder(Pretrained):
     config_class = EncoderConfig
+    tied_weights = ("mlm_head.decoder.weight",)  # stored once, as transformer.wte.weight
     causal = False
 
     def __init__(self, config: EncoderConfig) -> None:
@@ -121,12 +120,3 @@ class Encoder(nn.Module):
         head = 6 * (c.n_embd * c.n_embd + c.n_embd * c.padded_vocab_size)
         return block_flops(c, sequences * seq_len, seq_len) + head * predicted
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
-        save_pretrained(out_dir, self.config, self.state_dict(), tied=TIED)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                        **overrides: Any) -> "Encoder":
-        from framework.models import from_pretrained
-
-        return from_pretrained(path, map_location, model_class=cls, **overrides)

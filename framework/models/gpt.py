@@ -14,7 +14,6 @@ Shapes in comments: B batch, T sequence length, C n_embd, V vocab (Vp padded).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, ContextManager
 
@@ -29,10 +28,8 @@ from framework.models.transformer import (
     make_trunk,
     num_params,
     run_trunk,
-    save_pretrained,
+    Pretrained,
 )
-
-TIED = ("lm_head.weight",)  # stored once, as transformer.wte.weight
 
 
 # Sizes from the GPT-2 paper (Radford et al. 2019) and GPT-3 paper (Brown et al. 2020, table 2.1). Vocab 50304 is
@@ -58,8 +55,9 @@ class GPTConfig(TransformerConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
 
 
-class GPT(nn.Module):
+class GPT(Pretrained):
     config_class = GPTConfig
+    tied_weights = ("lm_head.weight",)  # stored once, as transformer.wte.weight
     causal = True
 
     def __init__(self, config: GPTConfig) -> None:
@@ -145,16 +143,3 @@ class GPT(nn.Module):
             self.train(was_training)
         return idx
 
-    # ------------------------------------------------------------------------------------------------------- files
-    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors to out_dir (created if needed), each atomically."""
-        save_pretrained(out_dir, self.config, self.state_dict(), tied=TIED)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                        **overrides: Any) -> "GPT":
-        """Load a directory written by save_pretrained or `pretrain export`. overrides replace config fields that do
-        not change shapes, e.g. dropout=0.1 for fine-tuning."""
-        from framework.models import from_pretrained
-
-        return from_pretrained(path, map_location, model_class=cls, **overrides)

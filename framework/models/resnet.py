@@ -19,7 +19,6 @@ Shapes in comments: B batch, Ch image channels, H, W height and width, C channel
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, ContextManager
 
@@ -34,7 +33,7 @@ from framework.models.transformer import (
     check_positive_ints,
     gathered,
     num_params,
-    save_pretrained,
+    Pretrained,
 )
 
 BLOCKS = ("basic", "bottleneck")
@@ -184,7 +183,7 @@ def conv_macs(conv: nn.Conv2d, size: int) -> tuple[int, int]:
     return out * out * weights, out
 
 
-class ResNet(nn.Module):
+class ResNet(Pretrained):
     config_class = ResNetConfig
     block_types = (Stage,)
 
@@ -280,12 +279,3 @@ class ResNet(nn.Module):
         """Training FLOPs (forward + backward = 3x forward, 2 FLOPs per MAC) of `images` images."""
         return 6 * self.macs(image_size) * images
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
-        save_pretrained(out_dir, self.config, self.state_dict())
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                        **overrides: Any) -> "ResNet":
-        from framework.models import from_pretrained
-
-        return from_pretrained(path, map_location, model_class=cls, **overrides)

@@ -70,6 +70,11 @@ class PresetConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": self.model_type, **dataclasses.asdict(self)}
 
+    @property
+    def family(self) -> str:
+        """The family whose pre-trained weights this model takes: its own (a classifier's: its backbone's)."""
+        return self.model_type
+
     @classmethod
     def _check_fields(cls, values: dict[str, Any]) -> None:
         fields = [f.name for f in dataclasses.fields(cls)]
@@ -405,6 +410,46 @@ def load_pretrained_files(path: str | os.PathLike, map_location: str | torch.dev
             raise FileNotFoundError(f"{f} not found: expected a directory written by save_pretrained or "
                                     "`pretrain export`")
     return json.loads(config_file.read_text()), _safetensors().load_file(str(weights_file), device=str(map_location))
+
+
+class Pretrained(nn.Module):
+    """What every family's model shares: its files (save_pretrained / from_pretrained) and the tensors its weights file
+    leaves out because they are tied to another one. A family sets `config_class` and, if it ties weights,
+    `tied_weights` and `tie_weights`."""
+
+    config_class: ClassVar[type]
+    tied_weights: ClassVar[tuple[str, ...]] = ()  # stored once, under the name of the tensor they are tied to
+
+    def tie_weights(self) -> None:
+        """Point tied tensors at the one they share (after a load replaced it); nothing is tied by default."""
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors to out_dir (created if needed), each atomically."""
+        save_pretrained(out_dir, self.config, self.state_dict(), tied=self.tied_weights)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                        **overrides: Any) -> Any:
+        """Load a directory written by save_pretrained or `pretrain export` that holds a model of this family.
+        overrides replace config fields that do not change shapes, e.g. dropout=0.1 for fine-tuning."""
+        values, state = load_pretrained_files(path, map_location)
+        found, expected = values.get("model_type", "gpt"), cls.config_class.model_type  # older files: GPTs
+        if found != expected:
+            raise ConfigError(f"'{path}' holds a {found!r} model, not a {expected!r} one")
+        return cls.from_state(cls.config_class.from_dict({**values, **overrides}), state, path)
+
+    @classmethod
+    def from_state(cls, config: Any, state: dict[str, torch.Tensor], where: str | os.PathLike) -> Any:
+        """The model of `config` holding exactly the weights `state` (tied tensors may be left out)."""
+        with torch.device("meta"):  # no init work for weights that are about to be replaced
+            model = cls(config)
+        result = model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()  # assign=True replaced the embedding with a new Parameter; point the head at it again
+        missing = [k for k in result.missing_keys if k not in cls.tied_weights]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"the weights in {where} do not match its config.json: missing {missing}, unexpected "
+                             f"{result.unexpected_keys}")
+        return model
 
 
 def write_atomic(path: Path, write: Any) -> None:

@@ -16,7 +16,6 @@ C n_embd, K classes.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, ContextManager
 
@@ -37,7 +36,7 @@ from framework.models.transformer import (
     gathered,
     init_weights,
     num_params,
-    save_pretrained,
+    Pretrained,
 )
 
 POOLINGS = ("cls", "mean")
@@ -95,7 +94,7 @@ class ViTConfig(PresetConfig):
         return (self.image_size // self.patch_size) ** 2
 
 
-class ViT(nn.Module):
+class ViT(Pretrained):
     config_class = ViTConfig
     block_types = (Block,)  # the units of FSDP sharding and activation checkpointing
 
@@ -181,13 +180,4 @@ class ViT(nn.Module):
         head = 2 * c.n_embd * c.num_classes
         return block_flops(c, images * T, T) + 3 * images * (patch + head)
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
-        save_pretrained(out_dir, self.config, self.state_dict())
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                        **overrides: Any) -> "ViT":
-        from framework.models import from_pretrained
-
-        return from_pretrained(path, map_location, model_class=cls, **overrides)
 

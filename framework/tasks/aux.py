@@ -39,7 +39,7 @@ def load_frozen(path: str, strategy: Any, block_types: tuple[type[nn.Module], ..
     Call outside `deepspeed.zero.Init` (PretrainTask calls it from `setup`): ZeRO-3 must not partition it."""
     from framework.checkpoint.init_from import load_weights, source_config
     from framework.distributed import FSDP2Strategy, apply_fsdp2
-    from framework.models import TIED, build_model, config_from_dict
+    from framework.models import build_model, config_from_dict
 
     config = config_from_dict(source_config(path))
     model = build_model(config)
@@ -56,7 +56,7 @@ def load_frozen(path: str, strategy: Any, block_types: tuple[type[nn.Module], ..
             from torch.distributed.fsdp import fully_shard
 
             fully_shard(model, mesh=mesh)
-    load_weights(model, path, strategy, TIED[config.model_type])
+    load_weights(model, path, strategy, model.tied_weights)
     return Frozen(model)
 
 

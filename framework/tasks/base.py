@@ -180,10 +180,9 @@ class PretrainTask(L.LightningModule):
 
     def _load_init_weights(self) -> None:
         from framework.checkpoint.init_from import load_weights
-        from framework.models import TIED
 
         assert self.model is not None and self.init_from is not None
-        report = load_weights(self.model, self.init_from, self.trainer.strategy, TIED[self.model.config.model_type])
+        report = load_weights(self.model, self.init_from, self.trainer.strategy, self.model.tied_weights)
         if self.trainer.is_global_zero and self.print_init_report:
             print("\n".join(report.lines(self.init_from)), flush=True)
 
@@ -351,7 +350,7 @@ class PretrainTask(L.LightningModule):
 
 def check_family(model_config: dict[str, Any] | None, expected: str, user: str) -> None:
     """One line when a checkpoint's model family is not the one `user` (a task or a command) works with."""
-    from framework.models import model_type_of
+    from framework.models.registry import model_type_of
 
     found = model_type_of(model_config or {})
     if found != expected:

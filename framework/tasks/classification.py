@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from framework.data.documents import IGNORE_LABEL
 from framework.errors import UserError
-from framework.models.classifier import POOLINGS, ClassifierConfig, SequenceClassifier
+from framework.models.classifier import ClassifierConfig, SequenceClassifier
+from framework.models.registry import config_from_dict, family, text_backbones
 from framework.models.transformer import Block
 from framework.tasks.base import Measures, PretrainTask
 
@@ -101,8 +102,8 @@ class ClassificationTask(ClassMetrics, PretrainTask):
         self.save_hyperparameters()
         if mode not in MODES:
             raise UserError(f"model.mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if backbone not in POOLINGS:
-            raise UserError(f"model.backbone must be one of {', '.join(POOLINGS)}, got {backbone!r}")
+        if backbone not in text_backbones():
+            raise UserError(f"model.backbone must be one of {', '.join(text_backbones())}, got {backbone!r}")
         if backbone_preset is None and self.init_from is None:
             raise UserError("set model.init_from (a pre-trained checkpoint or export) or model.backbone_preset (to "
                             "train a classifier from scratch)")
@@ -113,9 +114,7 @@ class ClassificationTask(ClassMetrics, PretrainTask):
         self.lora = (lora_rank, lora_alpha, lora_dropout)
         self.head_lr, self.layer_decay, self.random_init = head_lr, layer_decay, random_init
         if backbone_preset is not None:
-            from framework.models import FAMILIES
-
-            FAMILIES[backbone].config_class.from_preset(backbone_preset, **self.overrides)  # a bad preset/field fails now
+            family(backbone).config_class.from_preset(backbone_preset, **self.overrides)  # a bad preset/field fails now
         self._confusion: dict[str, torch.Tensor] = {}
         self.class_names: list[str] = []
 
@@ -126,14 +125,12 @@ class ClassificationTask(ClassMetrics, PretrainTask):
                             "framework.data.documents.ClassificationDataModule (see configs/finetune/smoke.yaml)")
 
     def resolve_config(self) -> ClassifierConfig:
-        from framework.models import FAMILIES, config_from_dict
-
         dm = self.datamodule()
         if dm is None:
             raise UserError("ClassificationTask builds its model from the data's classes: run it with a datamodule")
         self.check_data(dm)
         if self.preset:
-            backbone = FAMILIES[self.backbone].config_class.from_preset(
+            backbone = family(self.backbone).config_class.from_preset(
                 self.preset, **{"vocab_size": dm.vocab_size, **self.overrides}).to_dict()
         else:
             assert self.init_from is not None
@@ -141,9 +138,9 @@ class ClassificationTask(ClassMetrics, PretrainTask):
 
             backbone = {**source_config(self.init_from), **self.overrides}
         trunk = config_from_dict(backbone)
-        if trunk.model_type not in POOLINGS:
+        if trunk.model_type not in text_backbones():
             raise UserError(f"model.init_from '{self.init_from}' holds a {trunk.model_type!r} model; fine-tune a "
-                            f"pre-trained {' or '.join(POOLINGS)} checkpoint")
+                            f"pre-trained {' or '.join(text_backbones())} checkpoint")
         dm.check_vocab(trunk.vocab_size)
         if dm.seq_len > trunk.seq_len:
             raise UserError(f"data.seq_len={dm.seq_len} is longer than the backbone's context ({trunk.seq_len}); "

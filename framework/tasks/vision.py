@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from framework.errors import UserError
+from framework.models.registry import config_from_dict, family, image_models, image_tower
 from framework.models.resnet import Stage
 from framework.models.transformer import Block
 from framework.tasks.base import Measures, PretrainTask
 from framework.tasks.classification import ClassMetrics
 
-BACKBONES = ("resnet", "vit")
 MODES = ("full", "linear")
 IGNORE_LABEL = -100  # filler rows and undecodable images
 
@@ -54,17 +54,15 @@ class ImageClassificationTask(ClassMetrics, PretrainTask):
                  head_lr: float | None = None, random_init: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        from framework.models import FAMILIES
-
-        if backbone not in BACKBONES:
-            raise UserError(f"model.backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
+        if backbone not in image_models():
+            raise UserError(f"model.backbone must be one of {', '.join(sorted(image_models()))}, got {backbone!r}")
         if mode not in MODES:
             raise UserError(f"model.mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not 0 <= label_smoothing < 1 or (head_lr is not None and head_lr <= 0):
             raise UserError("model.label_smoothing must be in [0, 1) and model.head_lr > 0")
         if mode == "linear" and self.init_from is None:
             raise UserError("model.mode=linear probes a pre-trained backbone: set model.init_from")
-        self.model_class = FAMILIES[backbone]
+        self.model_class = family(backbone).model_class
         self.backbone, self.mode = backbone, mode
         self.label_smoothing, self.head_lr, self.random_init = label_smoothing, head_lr, random_init
         if self.init_from is None:
@@ -82,8 +80,6 @@ class ImageClassificationTask(ClassMetrics, PretrainTask):
         datamodule.num_classes  # noqa: B018  # unlabelled shards fail here, with the fix
 
     def resolve_config(self) -> Any:
-        from framework.models import FAMILIES, config_from_dict
-
         dm = self.datamodule()
         if dm is None:
             raise UserError("ImageClassificationTask takes its classes from the data: run it with a datamodule")
@@ -94,13 +90,13 @@ class ImageClassificationTask(ClassMetrics, PretrainTask):
                 overrides.setdefault("image_size", dm.image_size)  # nominal for a ResNet (FLOPs): the data's
             config = self.model_class.config_class.from_preset(self.preset, **overrides)
         else:
-            from framework.checkpoint.init_from import image_tower, source_config
+            from framework.checkpoint.init_from import source_config
 
             values = image_tower(source_config(self.init_from))[0]
-            if values.get("model_type") not in BACKBONES:
+            if values.get("model_type") not in image_models():
                 raise UserError(f"model.init_from '{self.init_from}' holds a {values.get('model_type')!r} model; "
                                 "fine-tune a resnet, vit or clip checkpoint")
-            self.model_class = FAMILIES[values["model_type"]]
+            self.model_class = family(values["model_type"]).model_class
             self.backbone = values["model_type"]
             config = config_from_dict({**values, **overrides})
         if self.backbone == "vit" and config.image_size != dm.image_size:
@@ -131,7 +127,7 @@ class ImageClassificationTask(ClassMetrics, PretrainTask):
         return self.mode == "linear" and self.init_from is not None and not self.random_init
 
     def init_prefix(self) -> str:
-        from framework.checkpoint.init_from import image_tower, source_config
+        from framework.checkpoint.init_from import source_config
 
         assert self.init_from is not None
         return image_tower(source_config(self.init_from))[1]
