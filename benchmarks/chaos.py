@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from framework.checkpoint.consolidate import checkpoint_meta, load_state_dict  # noqa: E402
+from framework.checkpoint.reader import checkpoint_meta, load_state_dict  # noqa: E402
 from framework.data.prepare import prepare  # noqa: E402
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon "

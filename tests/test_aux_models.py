@@ -175,7 +175,7 @@ def test_two_ranks_shard_or_replicate_the_teacher(strategy, shards, teacher, tmp
         assert held[0]["local"] + held[1]["local"] == held[0]["full"] and held[0]["local"] < held[0]["full"]
     else:
         assert all(not h["sharded"] and not h["zero3"] and h["local"] == h["full"] > 0 for h in held), held
-    from framework.checkpoint.consolidate import checkpoint_meta, model_tensors
+    from framework.checkpoint.reader import checkpoint_meta, model_tensors
 
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     names = {s.name for s in model_tensors(ckpt)}
