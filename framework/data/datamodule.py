@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from framework.data import cursor
+from framework.data.manifest import check_modality
 from framework.data.shards import (Shard, beside, check_same_tokenizer, check_shards, describe, expand, fingerprint,
                                    manifest_shards, read_manifest)
 from framework.data.stream import TokenStream
@@ -144,7 +145,9 @@ class ShardDataModule(L.LightningDataModule):
                         if not self.prepare_if_missing else "")
                 raise UserError(f"data directory '{self.path}' does not exist; run `pretrain prepare --output "
                                 f"{self.path}` or set data.path{hint}")
-            self._manifest = self._read_manifest(self.train_spec)
+            manifest = self._read_manifest(self.train_spec)
+            check_modality(manifest, "text", self._manifest_location())
+            self._manifest = manifest
         return self._manifest
 
     @property

@@ -30,6 +30,7 @@ from PIL import Image
 
 from framework.data.documents import (IGNORE_LABEL, SampleDataModule, SampleStream, ShardError, ShardFiles,
                                       tar_entries)
+from framework.data.manifest import check_modality
 from framework.data.prepare_images import prepare_images, synthetic_sample  # noqa: F401  # re-exported
 from framework.data.shards import Shard, _is_local, _local_path, _name, _parse_header, beside, expand
 from framework.data.tokenizer import Tokenizer, bytes_tokenizer, load_tokenizer, parse_spec
@@ -359,9 +360,7 @@ class ImageDataModule(SampleDataModule):
                                 f"--synthetic 20000 --output {self.path}` (or --input DIR){hint}, or set data.path")
             else:
                 manifest = self._read_manifest(self.train_spec)
-                if "images" not in manifest:
-                    raise UserError(f"'{self._manifest_location()}' describes text shards, not images; point data."
-                                    "path at the output of `pretrain prepare-images`")
+                check_modality(manifest, "images", self._manifest_location())
                 self._manifest = manifest
         return self._manifest
 
