@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from framework.data.base import StreamDataModule
 from framework.errors import UserError
 from framework.models.transformer import TransformerConfig
 
@@ -316,7 +317,7 @@ class PretrainTask(L.LightningModule):
             p.grad = None
         self._nonfinite_in_a_row += 1
         dm = self.datamodule()
-        batch = dm.last_trained() if hasattr(dm, "last_trained") else None  # the batch that produced it
+        batch = dm.last_trained() if isinstance(dm, StreamDataModule) else None  # the batch that produced it
         self.skipped.append({"step": int(self.global_step), **(batch or {})})
         self.log("guard/skipped_steps", float(len(self.skipped)), rank_zero_only=True)
         rank_zero_warn(f"step {self.global_step}: the gradient norm is {norm}; the step was skipped on every "
@@ -357,7 +358,7 @@ class PretrainTask(L.LightningModule):
                             f"roll back to in '{dirpath}'; resume from an earlier checkpoint with a lower model.lr, "
                             "or checkpoint more often (checkpoint.every_n_steps)")
         dm = self.datamodule()
-        data = dm.state_dict() if dm is not None and hasattr(dm, "state_dict") else {}
+        data = dm.state_dict() if dm is not None else {}
         event = {"step": step, "first_step": first, "reason": reason, "loss": loss, "threshold": threshold,
                  "to_step": plan["to_step"], "checkpoint": plan["checkpoint"],
                  "skipped": {"from": plan["from"], "to": position(data)}, "set_aside": plan["moved"]}
