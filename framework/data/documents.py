@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from framework.data.datamodule import ShardDataModule
 from framework.data.samples import IGNORE_LABEL, SampleDataModule, SampleStream, ShardFiles, tar_entries
-from framework.data.shards import DTYPES, Shard, ShardError, _ext, _local_path, seekable
+from framework.data.shards import DTYPES, Shard, ShardError, member_ext, local_path, seekable
 from framework.errors import UserError
 
 
@@ -59,9 +60,9 @@ def _index_labelled(i: int, shard: Shard) -> tuple[np.ndarray, np.ndarray, np.nd
     """(shard ids, token offsets, lengths, labels, itemsize) of one shard, from its headers and `.cls` members."""
     offsets, lengths, labels, itemsizes = [], [], [], set()
     try:
-        with open(_local_path(shard.url), "rb", buffering=0) as f:
+        with open(local_path(shard.url), "rb", buffering=0) as f:
             for name, offset, size in tar_entries(shard):
-                ext = _ext(name)
+                ext = member_ext(name)
                 if ext in DTYPES:
                     offsets.append(offset)
                     lengths.append(size // DTYPES[ext].itemsize)
@@ -123,18 +124,26 @@ class ClassificationDataModule(SampleDataModule):
         label_fraction: train on this seeded, stratified share of the train split's documents (1.0: all); at least
             one document per class. Validation always covers the whole val split.
         seq_len: tokens per example, framing included: each document is cut to seq_len - 2 tokens.
+        shuffle_block, tokenizer: as ShardDataModule's, so that one config's data section serves both (documents are
+            always read by random access; `tokenizer` is the one `prepare_if_missing` prepares the default corpus
+            with).
         **the rest**: see StreamDataModule (path, batch_size, num_workers, seed, shuffle, train_shards, ...).
     """
 
     modality = "text"
+    # a missing data.path and prepare_if_missing behave as for token windows
+    _missing_data_message = ShardDataModule._missing_data_message
+    _prepare_embedded = ShardDataModule._prepare_embedded
 
-    def __init__(self, label_fraction: float = 1.0, seq_len: int = 256, **kwargs: Any):
-        if seq_len < 1:
-            raise UserError(f"data.seq_len must be >= 1, got {seq_len}")
+    def __init__(self, label_fraction: float = 1.0, seq_len: int = 256, shuffle_block: int = 1024,
+                 tokenizer: str = "bytes", **kwargs: Any):
+        for name, value in (("seq_len", seq_len), ("shuffle_block", shuffle_block)):
+            if value < 1:
+                raise UserError(f"data.{name} must be >= 1, got {value}")
         super().__init__(label_fraction=label_fraction, **kwargs)
         if seq_len < 3:
             raise UserError(f"data.seq_len must be >= 3 for classification, got {seq_len}")
-        self.seq_len = seq_len
+        self.seq_len, self.shuffle_block, self.tokenizer_spec = seq_len, shuffle_block, tokenizer
 
     def setup(self, stage: str | None = None) -> None:
         if self._indexes:
@@ -163,7 +172,8 @@ class ClassificationDataModule(SampleDataModule):
                               workers=max(1, self.num_workers), fill=not train)
 
     def position_settings(self) -> dict[str, Any]:
-        return {"seq_len": self.seq_len, **super().position_settings()}
+        # as ShardDataModule's, so positions saved before the split into modules still resume
+        return {"seq_len": self.seq_len, **super().position_settings(), "shuffle_block": self.shuffle_block}
 
 
 __all__ = ["ClassificationDataModule", "DocumentIndex", "DocumentStream"]

@@ -30,7 +30,7 @@ from PIL import Image
 
 from framework.data.samples import IGNORE_LABEL, SampleDataModule, SampleStream, ShardFiles, tar_entries
 from framework.data.prepare_images import prepare_images, synthetic_sample  # noqa: F401  # re-exported
-from framework.data.shards import Shard, ShardError, _is_local, _local_path, _name, _parse_header, beside, expand
+from framework.data.shards import Shard, ShardError, is_local, local_path, shard_name, parse_header, beside, expand
 from framework.data.tokenizer import Tokenizer, bytes_tokenizer, load_tokenizer, parse_spec
 from framework.errors import UserError
 
@@ -69,10 +69,10 @@ class ImageIndex:
         shards = []
         for url in urls:
             _check_local(url)
-            shards.append(Shard(url, _name(url), 0, 0, None))
+            shards.append(Shard(url, shard_name(url), 0, 0, None))
         index = cls(shards, check=False)
         counts = np.bincount(index.shard, minlength=len(shards))
-        index.shards = index.files.shards = [Shard(s.url, s.name, int(n), 0, os.path.getsize(_local_path(s.url)))
+        index.shards = index.files.shards = [Shard(s.url, s.name, int(n), 0, os.path.getsize(local_path(s.url)))
                                              for s, n in zip(shards, counts)]
         return index
 
@@ -91,7 +91,7 @@ class ImageIndex:
     def key(self, i: int) -> str:
         """Sample i's webdataset key, from the tar header before its image (read when needed: keys are not kept)."""
         s = int(self.shard[i])
-        name, _, _ = _parse_header(self.files.read(s, 512, int(self.offset[i]) - 512), self.shards[s].url, 0)
+        name, _, _ = parse_header(self.files.read(s, 512, int(self.offset[i]) - 512), self.shards[s].url, 0)
         return _split_name(name)[0]
 
     def close(self) -> None:
@@ -105,7 +105,7 @@ def describe_image_shards(urls: list[str]) -> list[Shard]:
 
 
 def _check_local(url: str) -> None:
-    if not _is_local(url):
+    if not is_local(url):
         raise UserError(f"image shards must be local files (images are read by random access), got '{url}'; copy "
                         "them to local disk and point data.train_shards / data.val_shards at the copies")
 
@@ -122,7 +122,7 @@ def _scan(shard: Shard) -> np.ndarray:
     _check_local(shard.url)
     rows: dict[str, list[int]] = {}
     try:
-        with open(_local_path(shard.url), "rb", buffering=0) as f:
+        with open(local_path(shard.url), "rb", buffering=0) as f:
             for name, offset, size in tar_entries(shard):
                 key, ext = _split_name(name)
                 if ext not in IMAGE_EXTS and ext not in ("cls", "txt"):
@@ -344,7 +344,7 @@ class ImageDataModule(SampleDataModule):
         for url in urls:
             _check_local(url)  # before anything tries to fetch a manifest from a URL
         location = self.manifest_url or beside(urls[0], "manifest.json")
-        return location is not None and (not _is_local(location) or os.path.exists(_local_path(location)))
+        return location is not None and (not is_local(location) or os.path.exists(local_path(location)))
 
     @property
     def manifest(self) -> dict:
@@ -377,8 +377,8 @@ class ImageDataModule(SampleDataModule):
         if self.tokenizer_spec is None:
             near = (os.path.join(os.path.dirname(self._manifest_location()) or ".", "tokenizer.json") if self.manifest
                     else beside(expand(self.train_spec)[0], "tokenizer.json") if self.train_spec else None)
-            if near is not None and _is_local(near) and os.path.exists(_local_path(near)):
-                return _local_path(near)
+            if near is not None and is_local(near) and os.path.exists(local_path(near)):
+                return local_path(near)
         return _bytes_tokenizer_file()
 
     @property

@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from framework.data.base import StreamDataModule
 from framework.data.cursor import Layout, Segment
-from framework.data.shards import Shard, ShardError, _local_path, _open_tar, _parse_header
+from framework.data.shards import Shard, ShardError, local_path, open_tar, parse_header
 from framework.errors import UserError
 
 IGNORE_LABEL = -100  # the label of a filler row
@@ -49,7 +49,7 @@ class ShardFiles:
             self._fds.move_to_end(s)
         else:
             try:
-                self._fds[s] = os.open(_local_path(self.shards[s].url), os.O_RDONLY)
+                self._fds[s] = os.open(local_path(self.shards[s].url), os.O_RDONLY)
             except OSError as e:
                 raise ShardError(f"cannot open shard '{self.shards[s].url}': {e}") from None
             if len(self._fds) > self.MAX_OPEN:
@@ -70,13 +70,13 @@ def tar_entries(shard: Shard) -> list[tuple[str, int, int]]:
     """(name, data offset, size) of every regular file of a local tar, in order, from its headers alone. A tar with
     pax or GNU long-name records (other writers use them for long names) is listed by `tarfile` instead."""
     entries = []
-    with open(_local_path(shard.url), "rb", buffering=0) as f:
+    with open(local_path(shard.url), "rb", buffering=0) as f:
         pos = 0
         while True:
             header = os.pread(f.fileno(), 512, pos)
             if not header or header == bytes(512):
                 break
-            name, size, kind = _parse_header(header, shard.url, pos)
+            name, size, kind = parse_header(header, shard.url, pos)
             if kind in b"xgLK":
                 return _tarfile_entries(shard)
             if kind in b"0\0":
@@ -87,7 +87,7 @@ def tar_entries(shard: Shard) -> list[tuple[str, int, int]]:
 
 def _tarfile_entries(shard: Shard) -> list[tuple[str, int, int]]:
     try:
-        with _open_tar(shard.url) as tf:
+        with open_tar(shard.url) as tf:
             return [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
     except (tarfile.TarError, EOFError) as e:
         raise ShardError(f"shard '{shard.url}' is corrupt ({e}); re-run the prepare that wrote it") from None
