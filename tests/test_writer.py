@@ -78,3 +78,23 @@ def test_every_prepare_writes_its_modality_and_readers_refuse_the_other_kind(tmp
         ImageDataModule(path=str(tmp_path / "text")).manifest
     with pytest.raises(UserError, match="describes molecules shards, not text"):
         check_modality(header("molecules"), "text", "x/manifest.json")
+
+
+def test_an_image_position_saved_before_the_base_split_resumes(tmp_path):
+    """Image checkpoints written when ImageDataModule was a ShardDataModule carry seq_len 1 and shuffle_block 1024:
+    they resume as ever (the token windows' settings are not the images')."""
+    prepare_images(None, tmp_path / "images", synthetic=72, image_size=16, progress=False)
+
+    def datamodule() -> ImageDataModule:
+        dm = ImageDataModule(path=str(tmp_path / "images"), image_size=16, batch_size=4, num_workers=0)
+        dm.setup("fit")
+        return dm
+
+    dm = datamodule()
+    batches = iter(dm.train_dataloader())
+    dm.on_before_batch_transfer(next(batches), 0)
+    state = dm.state_dict()
+    assert "seq_len" not in state and state["label_fraction"] == 1.0
+    resumed = datamodule()
+    resumed.load_state_dict({**state, "seq_len": 1, "shuffle_block": 1024})
+    assert next(iter(resumed.train_dataloader()))["sample_ids"].tolist() == next(batches)["sample_ids"].tolist()
