@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from framework.data.base import StreamDataModule
 from framework.data.datamodule import MaskedLMDataModule, ShardDataModule
 from framework.data.documents import ClassificationDataModule
 from framework.data.images import ImageDataModule
@@ -33,7 +34,7 @@ def test_config_parses_and_builds(path, tmp_path):
     backbone = {"finetune": ["--model.init_args.backbone_preset", "bert-cpu"],
                 "vision": ["--model.init_args.mode", "full"] if path.name == "linear-probe.yaml" else []}
     backbone = backbone.get(path.parent.name, [])
-    cli = PretrainCLI(PretrainTask, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+    cli = PretrainCLI(PretrainTask, StreamDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
                       args=["--config", str(path), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
                             "--trainer.default_root_dir", str(tmp_path), "--wandb.mode", "disabled", *backbone],
                       save_config_callback=None, load_from_checkpoint_support=False, auto_configure_optimizers=False)

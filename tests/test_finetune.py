@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from framework.data.cursor import continue_on
-from framework.data.documents import IGNORE_LABEL, DocumentIndex, DocumentStream, stratified_subset
+from framework.data.documents import DocumentIndex, DocumentStream
+from framework.data.samples import IGNORE_LABEL, stratified_subset
 from framework.data.prepare import prepare
 from framework.data.shards import manifest_shards
 from framework.models import from_pretrained

@@ -348,7 +348,7 @@ def test_label_fraction_and_the_class_prior_baseline(shapes):
     dm.setup("fit")
     counts = np.bincount(dm.train_labels(), minlength=36)
     assert counts.min() >= 1 and counts.sum() < 204 * 0.6
-    base = dm.unigram_baseline()
+    base = dm.baseline()
     assert base["name"] == "class prior" and abs(base["loss"] - np.log(36)) < 0.2 and base["accuracy"] <= 1 / 36 + 1e-9
     assert dm.val_labels().tolist() == _index(shapes, "val").label.tolist()
 

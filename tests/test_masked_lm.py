@@ -252,7 +252,7 @@ def plain_loop_accuracy(shards: Path) -> tuple[float, float]:
             predict = batch["labels"] != IGNORE_INDEX
             right += int((model(batch["input_ids"], predict=predict).argmax(-1) == batch["labels"][predict]).sum())
             total += int(predict.sum())
-    return right / total, dm.unigram_baseline()["accuracy"]
+    return right / total, dm.baseline()["accuracy"]
 
 
 def test_mlm_learns_what_context_gives_away(shards, tmp_path, capsys):

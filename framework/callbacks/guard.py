@@ -37,7 +37,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from framework.data.base import StreamDataModule
 from framework.errors import UserError
+from framework.tasks.base import StepObserver
 
 
 @dataclass
@@ -68,10 +70,10 @@ class GuardOptions:
 def rolling_back(trainer: Any) -> bool:
     """Whether a Guard of this trainer has planned a rollback: the fit stops and restarts, so it neither saves a
     checkpoint nor prints the run summary."""
-    return any(getattr(cb, "rollback", None) is not None for cb in getattr(trainer, "callbacks", []))
+    return any(isinstance(cb, Guard) and cb.rollback is not None for cb in trainer.callbacks)
 
 
-class Guard(L.Callback):
+class Guard(StepObserver):
     """Skips non-finite optimizer steps and rolls a fit back over a loss spike (see the module docstring and
     GuardOptions). `resume`: the rollback this fit restarts from (framework/commands/fit.py sets it)."""
 
@@ -131,7 +133,7 @@ class Guard(L.Callback):
             p.grad = None
         self._nonfinite_in_a_row += 1
         dm = trainer.datamodule
-        batch = dm.last_trained() if hasattr(dm, "last_trained") else None  # the batch that produced it
+        batch = dm.last_trained() if isinstance(dm, StreamDataModule) else None  # the batch that produced it
         self.skipped.append({"step": int(trainer.global_step), **(batch or {})})
         pl_module.log("guard/skipped_steps", float(len(self.skipped)), rank_zero_only=True)
         rank_zero_warn(f"step {trainer.global_step}: the gradient norm is {norm}; the step was skipped on every "
@@ -170,7 +172,7 @@ class Guard(L.Callback):
             raise UserError(f"{where}: the run has diverged, and there is no checkpoint from before step {first} to "
                             f"roll back to in '{dirpath}'; resume from an earlier checkpoint with a lower model.lr, "
                             "or checkpoint more often (checkpoint.every_n_steps)")
-        data = dm.state_dict() if dm is not None and hasattr(dm, "state_dict") else {}
+        data = dm.state_dict() if isinstance(dm, StreamDataModule) else {}
         event = {"step": step, "first_step": first, "reason": reason, "loss": loss, "threshold": threshold,
                  "to_step": plan["to_step"], "checkpoint": plan["checkpoint"],
                  "skipped": {"from": plan["from"], "to": position(data)}, "set_aside": plan["moved"]}

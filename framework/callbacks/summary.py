@@ -9,10 +9,11 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from framework.callbacks.throughput import unit
 from framework.callbacks.wandb_run import offline_dir, run_location
+from framework.data.base import StreamDataModule
 
 
 class RunSummary(L.Callback):
-    """Prints a one-screen summary when fit ends (rank 0) and logs the unigram baseline next to val/loss.
+    """Prints a one-screen summary when fit ends (rank 0) and logs the data's baseline (`baseline()`) next to val/loss.
 
     prompt / sample_tokens: the text the sample continues, and its length in tokens (0: no sample; sampling needs the
     whole model on rank 0, so it is skipped for strategies that shard parameters). For a masked-LM encoder the
@@ -42,8 +43,9 @@ class RunSummary(L.Callback):
             ppl = f" (ppl {float(metrics['val/ppl']):.2f})" if "val/ppl" in metrics else ""
             per = getattr(pl_module, "loss_per", "token")
             lines.append(f"val/loss:   {loss:.4f} nats/{per}{ppl}")
-            if self.baseline and dm is not None and getattr(dm, "_val", None):
-                base = dm.unigram_baseline()  # the best context-free guess, on the same val split
+            # the best guess that ignores the input, on the same val split (None: no val split, or none for the data)
+            base = dm.baseline() if self.baseline and isinstance(dm, StreamDataModule) else None
+            if base is not None:
                 name = base.pop("name", "unigram")
                 lines[-1] += f"   {name} baseline: {base['loss']:.4f} ({loss / base['loss']:.0%} of it)"
                 if "val/accuracy" in metrics and "accuracy" in base:

@@ -1,6 +1,7 @@
 """`pretrain fit` and `pretrain validate`: LightningCLI over a task and the shard datamodule, plus our run policy.
 
-The typed signatures of the task (`--model.*`), `ShardDataModule` (`--data.*`), `Trainer` (`--trainer.*`),
+The typed signatures of the task (`--model.*`), the datamodule (`--data.*`: any framework.data.base.StreamDataModule,
+by default the token windows' ShardDataModule), `Trainer` (`--trainer.*`),
 `WandbOptions` (`--wandb.*`), `CheckpointOptions` (`--checkpoint.*`) and `RunSummary` (`--summary.*`) are the
 config schema; `pretrain fit --print_config` shows every key with its resolved value.
 """
@@ -29,7 +30,7 @@ from framework.callbacks.progress import progress_for
 from framework.callbacks.summary import RunSummary
 from framework.callbacks.throughput import Throughput
 from framework.callbacks.wandb_run import RUN_ID_KEY, WandbOptions, WandbRunId, make_logger
-from framework.data.datamodule import ShardDataModule
+from framework.data.base import StreamDataModule
 from framework.distributed import STRATEGIES, make_strategy
 from framework.errors import UserError
 from framework.checkpoint.extras import run_metadata
@@ -200,7 +201,7 @@ def run(subcommand: str, argv: list[str]) -> None:
 def _run_cli(subcommand: str, argv: list[str], rollback: dict[str, Any] | None) -> PretrainCLI:
     PretrainCLI.restart_after = rollback
     try:
-        return PretrainCLI(PretrainTask, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        return PretrainCLI(PretrainTask, StreamDataModule, subclass_mode_model=True, subclass_mode_data=True,
                            args=[subcommand, *argv], save_config_kwargs={"overwrite": True},
                            load_from_checkpoint_support=False, auto_configure_optimizers=False,
                            parser_kwargs={"exit_on_error": False, "allow_abbrev": False})

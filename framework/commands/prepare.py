@@ -9,7 +9,10 @@ from pathlib import Path
 
 from framework.commands.common import ArgParser
 from framework.data import prepare as lib
-from framework.data.prepare import HELD_OUT, MANIFEST, TASK, prepare, verify
+from framework.data.inputs import HELD_OUT, TASK
+from framework.data.manifest import MANIFEST
+from framework.data.prepare import prepare
+from framework.data.writer import verify
 from framework.errors import UserError
 
 

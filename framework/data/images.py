@@ -9,7 +9,7 @@ Shards are webdataset tars with a sample per key: `KEY.jpg|jpeg|png|webp`, optio
   horizontal flip for training, resize + centre crop for validation; its randomness comes from a generator seeded by
   (data seed, epoch, sample id), so a resume or another world size augments each sample identically;
 - `ImageStream`: batches of samples. The unit of the data position is one sample; order, exactly-once delivery and
-  resume on any world size are framework.data.cursor's (through documents.SampleStream). An image that cannot be
+  resume on any world size are framework.data.cursor's (through samples.SampleStream). An image that cannot be
   decoded becomes a filler row (the batch keeps its size, so every rank runs the same batches) and a warning;
 - `ImageDataModule`: the above for Lightning.
 """
@@ -28,10 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from framework.data.documents import (IGNORE_LABEL, SampleDataModule, SampleStream, ShardError, ShardFiles,
-                                      tar_entries)
+from framework.data.samples import IGNORE_LABEL, SampleDataModule, SampleStream, ShardFiles, tar_entries
 from framework.data.prepare_images import prepare_images, synthetic_sample  # noqa: F401  # re-exported
-from framework.data.shards import Shard, _is_local, _local_path, _name, _parse_header, beside, expand
+from framework.data.shards import Shard, ShardError, is_local, local_path, shard_name, parse_header, beside, expand
 from framework.data.tokenizer import Tokenizer, bytes_tokenizer, load_tokenizer, parse_spec
 from framework.errors import UserError
 
@@ -70,10 +69,10 @@ class ImageIndex:
         shards = []
         for url in urls:
             _check_local(url)
-            shards.append(Shard(url, _name(url), 0, 0, None))
+            shards.append(Shard(url, shard_name(url), 0, 0, None))
         index = cls(shards, check=False)
         counts = np.bincount(index.shard, minlength=len(shards))
-        index.shards = index.files.shards = [Shard(s.url, s.name, int(n), 0, os.path.getsize(_local_path(s.url)))
+        index.shards = index.files.shards = [Shard(s.url, s.name, int(n), 0, os.path.getsize(local_path(s.url)))
                                              for s, n in zip(shards, counts)]
         return index
 
@@ -92,7 +91,7 @@ class ImageIndex:
     def key(self, i: int) -> str:
         """Sample i's webdataset key, from the tar header before its image (read when needed: keys are not kept)."""
         s = int(self.shard[i])
-        name, _, _ = _parse_header(self.files.read(s, 512, int(self.offset[i]) - 512), self.shards[s].url, 0)
+        name, _, _ = parse_header(self.files.read(s, 512, int(self.offset[i]) - 512), self.shards[s].url, 0)
         return _split_name(name)[0]
 
     def close(self) -> None:
@@ -106,7 +105,7 @@ def describe_image_shards(urls: list[str]) -> list[Shard]:
 
 
 def _check_local(url: str) -> None:
-    if not _is_local(url):
+    if not is_local(url):
         raise UserError(f"image shards must be local files (images are read by random access), got '{url}'; copy "
                         "them to local disk and point data.train_shards / data.val_shards at the copies")
 
@@ -123,7 +122,7 @@ def _scan(shard: Shard) -> np.ndarray:
     _check_local(shard.url)
     rows: dict[str, list[int]] = {}
     try:
-        with open(_local_path(shard.url), "rb", buffering=0) as f:
+        with open(local_path(shard.url), "rb", buffering=0) as f:
             for name, offset, size in tar_entries(shard):
                 key, ext = _split_name(name)
                 if ext not in IMAGE_EXTS and ext not in ("cls", "txt"):
@@ -221,7 +220,7 @@ class ImageStream(SampleStream):
     A row that cannot be used (an image PIL cannot decode; with captions, a sample without one) becomes a filler row:
     zeros, label -100, valid False, sample id -1, one pad token; `corrupt` counts them, and a warning names the
     sample and its shard once per process. Labels are -100 where the shards have none. Augmentation is seeded by
-    (seed, epoch, sample id). The rest (order, position, fill): see documents.SampleStream."""
+    (seed, epoch, sample id). The rest (order, position, fill): see samples.SampleStream."""
 
     def __init__(self, index: ImageIndex, units: np.ndarray, *, transform: ImageTransform, batch_size: int,
                  seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1, workers: int = 1,
@@ -290,7 +289,7 @@ class ImageDataModule(SampleDataModule):
     (explicit `train_shards`/`val_shards`, no manifest: described from the tar headers). Local files only.
 
     Batches: see ImageStream ("images", "labels", "valid", "sample_ids", "corrupt"; with captions "tokens",
-    "lengths"). The data position is a number of samples, saved and checked as ShardDataModule's.
+    "lengths"). The data position is a number of samples, saved and checked as every datamodule's (framework.data.base).
 
     Args:
         path: directory of `pretrain prepare-images` output (manifest.json, tokenizer.json, train-*/val-*.tar).
@@ -310,6 +309,7 @@ class ImageDataModule(SampleDataModule):
         prepare_if_missing: when `path` has no manifest, prepare `synthetic_samples` embedded synthetic shapes there.
     """
 
+    modality = "images"
     prepare_hint = "`pretrain prepare-images --input DIR` (a sub-folder per class)"
 
     def __init__(self, path: str = "data/shapes", image_size: int = 64, batch_size: int = 64,
@@ -318,8 +318,7 @@ class ImageDataModule(SampleDataModule):
                  manifest: str | None = None, crop_scale: tuple[float, float] = (0.35, 1.0), hflip: bool = True,
                  captions: bool = False, max_caption_tokens: int = 64, tokenizer: str | None = None,
                  label_fraction: float = 1.0, prepare_if_missing: bool = False, synthetic_samples: int = 20000):
-        # seq_len is the token windows' and plays no part here: a constant keeps the saved position's check inert
-        super().__init__(label_fraction=label_fraction, path=path, seq_len=1, batch_size=batch_size,
+        super().__init__(label_fraction=label_fraction, path=path, batch_size=batch_size,
                          val_batch_size=val_batch_size, num_workers=num_workers, seed=seed, shuffle=shuffle,
                          train_shards=train_shards, val_shards=val_shards, manifest=manifest,
                          prepare_if_missing=prepare_if_missing)
@@ -345,32 +344,25 @@ class ImageDataModule(SampleDataModule):
         for url in urls:
             _check_local(url)  # before anything tries to fetch a manifest from a URL
         location = self.manifest_url or beside(urls[0], "manifest.json")
-        return location is not None and (not _is_local(location) or os.path.exists(_local_path(location)))
+        return location is not None and (not is_local(location) or os.path.exists(local_path(location)))
 
     @property
     def manifest(self) -> dict:
         """Our manifest of the train shards; {} for shards without one."""
-        if self._manifest is None:
-            if self.train_spec and not self._has_manifest(self.train_spec):
-                self._manifest = {}
-            elif not self.train_spec and not os.path.isdir(self.path):
-                hint = "" if self.prepare_if_missing else " (or set data.prepare_if_missing=true)"
-                raise UserError(f"data directory '{self.path}' does not exist; run `pretrain prepare-images "
-                                f"--synthetic 20000 --output {self.path}` (or --input DIR){hint}, or set data.path")
-            else:
-                manifest = self._read_manifest(self.train_spec)
-                if "images" not in manifest:
-                    raise UserError(f"'{self._manifest_location()}' describes text shards, not images; point data."
-                                    "path at the output of `pretrain prepare-images`")
-                self._manifest = manifest
-        return self._manifest
+        if self._manifest is None and self.train_spec and not self._has_manifest(self.train_spec):
+            self._manifest = {}
+        return super().manifest
 
-    def prepare_data(self) -> None:
-        """Prepare the embedded synthetic shapes at data.path when asked to and it has none (runs on one process)."""
-        if self.prepare_if_missing and not self.train_spec and not os.path.exists(self._manifest_location()):
-            print(f"no shards at '{self.path}': preparing {self.synthetic_samples} synthetic shapes there "
-                  f"({self.image_size} px)")
-            prepare_images(None, self.path, synthetic=self.synthetic_samples, image_size=self.image_size)
+    def _missing_data_message(self) -> str:
+        hint = "" if self.prepare_if_missing else " (or set data.prepare_if_missing=true)"
+        return (f"data directory '{self.path}' does not exist; run `pretrain prepare-images --synthetic 20000 "
+                f"--output {self.path}` (or --input DIR){hint}, or set data.path")
+
+    def _prepare_embedded(self) -> None:
+        """The embedded synthetic shapes."""
+        print(f"no shards at '{self.path}': preparing {self.synthetic_samples} synthetic shapes there "
+              f"({self.image_size} px)")
+        prepare_images(None, self.path, synthetic=self.synthetic_samples, image_size=self.image_size)
 
     @property
     def has_labels(self) -> bool:
@@ -385,8 +377,8 @@ class ImageDataModule(SampleDataModule):
         if self.tokenizer_spec is None:
             near = (os.path.join(os.path.dirname(self._manifest_location()) or ".", "tokenizer.json") if self.manifest
                     else beside(expand(self.train_spec)[0], "tokenizer.json") if self.train_spec else None)
-            if near is not None and _is_local(near) and os.path.exists(_local_path(near)):
-                return _local_path(near)
+            if near is not None and is_local(near) and os.path.exists(local_path(near)):
+                return local_path(near)
         return _bytes_tokenizer_file()
 
     @property
@@ -441,13 +433,13 @@ class ImageDataModule(SampleDataModule):
                            tokenizer=self.tokenizer if self.captions else None,
                            max_caption_tokens=self.max_caption_tokens)
 
-    def unigram_baseline(self) -> dict[str, Any]:
+    def _baseline(self) -> dict[str, Any]:
         """With captions (a contrastive loss over the global val batch of N pairs): chance, ln N and 1 / N;
         otherwise the class prior (see SampleDataModule)."""
         if self.captions:
             n = self._world()[1] * self.val_batch_size
             return {"name": "chance", "loss": math.log(n), "accuracy": 1 / n}
-        return super().unigram_baseline()
+        return super()._baseline()
 
 
 def _bytes_tokenizer_file() -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import sys
 import time
 import warnings
@@ -40,9 +39,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from framework import __version__
-from framework.data.prepare import (MANIFEST, SPLITS, TOKENIZER, ShardWriter, _atomic_write, _file_bar, _hash,
-                                    _remove_previous, _split_entry, _walk, make_key, output_transaction,
-                                    parse_size)
+from framework.data.inputs import file_bar, seeded_hash, walk
+from framework.data.manifest import SPLITS, TOKENIZER, header, split_entry
+from framework.data.writer import ShardOutput, make_key, output_transaction, parse_size
 from framework.data.tokenizer import Tokenizer, build_tokenizer
 from framework.errors import UserError
 
@@ -192,7 +191,7 @@ def _list_images(root: Path, out: Path, flag: str, names: list[str] | None, held
     order = sorted(dirs) if names is None else names
     items = []
     for name, d in dirs.items():
-        files = [f for f in _walk(d, root=root) if not f.path.resolve().is_relative_to(out.resolve())]
+        files = [f for f in walk(d, root=root) if not f.path.resolve().is_relative_to(out.resolve())]
         texts = {f.path.with_suffix("") for f in files if f.path.suffix == ".txt"}
         images = [f for f in files if f.path.suffix.lower() in IMAGE_SUFFIXES]
         if not images:
@@ -221,7 +220,7 @@ def list_folders(input: str, val_input: str | None, out: Path) -> tuple[list[Ite
 def check_images(items: list[Item], names: list[str], progress: bool) -> Scan:
     """The images PIL can read (with their member extension); the others are skipped as "path (reason)"."""
     good, bad = [], []
-    with _file_bar(len(items), "checking images", progress) as bar:
+    with file_bar(len(items), "checking images", progress) as bar:
         for item in items:
             assert item.path is not None
             try:
@@ -257,7 +256,7 @@ def split_items(scan: Scan, val_fraction: float, seed: int, where: str) -> dict[
         else:
             by_class.setdefault(item.label, []).append(item)
     for label, name in enumerate(scan.names):
-        members = sorted(by_class.get(label, []), key=lambda it: _hash(seed, it.source, 0))
+        members = sorted(by_class.get(label, []), key=lambda it: seeded_hash(seed, it.source, 0))
         k = round(val_fraction * len(members))
         if len(members) - k < 1:
             raise UserError(f"class '{name}' has {len(members)} usable image(s): too few for --val-fraction "
@@ -316,17 +315,17 @@ def prepare_images(input: str | None, output: str | Path, *, synthetic: int = 0,
                         f"{image_size}): use --class-by shape|shape-colour, --format png|jpg, --image-size >= 16")
     # the folders are listed before the output is touched: bad input leaves nothing behind
     listed = list_folders(input, val_input, out) if input is not None else None
-    with output_transaction(out, overwrite) as written:
+    with output_transaction(out, overwrite) as output:
         scan = check_images(*listed, progress) if listed else scan_synthetic(synthetic, seed, class_by, image_format)
         splits = split_items(scan, val_fraction, seed, input or "--synthetic")
         if overwrite:
-            _remove_previous(out)
+            output.remove_previous()
         tok, spec = build_tokenizer("bytes")
-        _atomic_write(out / TOKENIZER, tok.to_str(), written)
-        shards = _write(splits, out, seed, image_size, shard_size, progress, written)
+        output.write_text(TOKENIZER, tok.to_str())
+        shards = _write(splits, output, seed, image_size, shard_size, progress)
         manifest = _manifest(scan, splits, shards, tok, spec, input, val_input, synthetic, seed, val_fraction,
                              shard_size, image_size, class_by, image_format)
-        _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n", written)  # last: commits the run
+        output.commit(manifest)  # last: manifest.json commits the run
     if scan.skipped:
         more = f" and {len(scan.skipped) - 10} more" if len(scan.skipped) > 10 else ""
         warnings.warn(f"skipped {len(scan.skipped)} undecodable image(s): {'; '.join(scan.skipped[:10])}{more}",
@@ -336,20 +335,15 @@ def prepare_images(input: str | None, output: str | Path, *, synthetic: int = 0,
     return manifest
 
 
-def _write(splits: dict[str, list[Item]], out: Path, seed: int, image_size: int, shard_size: int, progress: bool,
-           written: list[Path]) -> dict[str, list[dict]]:
-    writers = {s: ShardWriter(out, s, shard_size, "", 1, written) for s in SPLITS}  # add_sample only: no tokens
-    try:
-        with _file_bar(sum(map(len, splits.values())), "writing", progress) as bar:
-            for split, items in splits.items():
-                for i, item in enumerate(items):
-                    writers[split].add_sample(make_key(i, item.source.rsplit(".", 1)[0], 0),
-                                              _members(item, seed, image_size))
-                    bar.update()
-    except BaseException:
-        for w in writers.values():
-            w.abort()  # close the open .tmp files; prepare_images() then deletes them
-        raise
+def _write(splits: dict[str, list[Item]], output: ShardOutput, seed: int, image_size: int, shard_size: int,
+           progress: bool) -> dict[str, list[dict]]:
+    """Every sample, split by split; the shard size counts all member bytes (no tokens)."""
+    writers = {s: output.writer(s, shard_size) for s in SPLITS}
+    with file_bar(sum(map(len, splits.values())), "writing", progress) as bar:
+        for split, items in splits.items():
+            for i, item in enumerate(items):
+                writers[split].write(make_key(i, item.source.rsplit(".", 1)[0], 0), _members(item, seed, image_size))
+                bar.update()
     return {s: w.finish() for s, w in writers.items()}
 
 
@@ -360,11 +354,10 @@ def _manifest(scan: Scan, splits: dict[str, list[Item]], shards: dict[str, list[
     counts = {s: np.bincount([it.label for it in splits[s]], minlength=len(scan.names)).tolist() for s in SPLITS}
     captioned = len(scan.items) if synthetic else sum(it.caption is not None for it in scan.items)
     manifest = {
-        "format": "framework-shards",
-        "version": 1,
+        **header("images"),
         "tokenizer": {"spec": spec, "vocab_size": tok.vocab_size, "special_tokens": tok.special_ids,
                       "sha256": hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()},
-        "splits": {s: _split_entry(shards[s]) for s in SPLITS},
+        "splits": {s: split_entry(shards[s]) for s in SPLITS},
         "labels": {"source": f"synthetic:{class_by}" if synthetic else "folders", "names": scan.names,
                    "counts": counts},
         "images": {"count": len(scan.items), "format": "+".join(sorted({it.ext for it in scan.items})),

@@ -48,16 +48,18 @@ class Shard:
         return self.tokens + self.samples
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
+    """Whether `url` is a file on this machine (a path or file:PATH), not a URL or a `pipe:` command."""
     return "://" not in url and not url.startswith("pipe:")
 
 
 def seekable(shards: list[Shard]) -> bool:
     """Whether every shard is a local file, so windows can be read by random access."""
-    return all(_is_local(s.url) for s in shards)
+    return all(is_local(s.url) for s in shards)
 
 
-def _local_path(url: str) -> str:
+def local_path(url: str) -> str:
+    """The file path of a local shard url (without its `file:` prefix)."""
     return url[len("file:"):] if url.startswith("file:") else url
 
 
@@ -68,8 +70,8 @@ def expand(specs: str | list[str]) -> list[str]:
     urls: list[str] = []
     for spec in [specs] if isinstance(specs, str) else specs:
         for item in braceexpand.braceexpand(spec):
-            if _is_local(item) and any(c in item for c in "*?["):
-                matched = sorted(glob.glob(_local_path(item)))
+            if is_local(item) and any(c in item for c in "*?["):
+                matched = sorted(glob.glob(local_path(item)))
                 if not matched:
                     raise UserError(f"no shards match '{item}'; check the path or run `pretrain prepare` first")
                 urls += matched
@@ -81,8 +83,8 @@ def expand(specs: str | list[str]) -> list[str]:
 def read_manifest(url: str) -> dict:
     """Load manifest.json from a path or URL; a missing or unreadable manifest is a UserError naming the fix."""
     try:
-        if _is_local(url):
-            with open(_local_path(url), "rb") as f:
+        if is_local(url):
+            with open(local_path(url), "rb") as f:
                 raw = f.read()
         else:
             from webdataset.gopen import gopen
@@ -94,7 +96,7 @@ def read_manifest(url: str) -> dict:
         raise UserError(f"no manifest at '{url}': the shards are incomplete or were not made by `pretrain prepare`; "
                         "run `pretrain prepare --output DIR` (a killed prepare leaves no manifest)") from None
     except (OSError, ValueError) as e:
-        if not _is_local(url):  # webdataset's pipe errors carry the whole Popen call: keep only the exit status
+        if not is_local(url):  # webdataset's pipe errors carry the whole Popen call: keep only the exit status
             reason = re.search(r"exit \d+", str(e))
             raise UserError(f"cannot read manifest '{url}' ({reason.group(0) if reason else e})") from None
         raise UserError(f"cannot read manifest '{url}' ({e}); re-run `pretrain prepare --overwrite`") from None
@@ -111,7 +113,7 @@ def manifest_shards(manifest: dict, split: str, base: str) -> list[Shard]:
 
 
 def _join(base: str, name: str) -> str:
-    return str(Path(base) / name) if _is_local(base) else base.rstrip("/") + "/" + name
+    return str(Path(base) / name) if is_local(base) else base.rstrip("/") + "/" + name
 
 
 def describe(urls: list[str], manifest: dict) -> list[Shard]:
@@ -121,7 +123,7 @@ def describe(urls: list[str], manifest: dict) -> list[Shard]:
         by_name.update({s.name: s for s in manifest_shards(manifest, split, ".")})
     out = []
     for url in urls:
-        name = _name(url)
+        name = shard_name(url)
         if name not in by_name:
             raise UserError(f"shard '{url}' is not in its manifest; point the data at shards of one `prepare` output "
                             "or pass the --data.manifest that lists them")
@@ -133,7 +135,7 @@ def describe(urls: list[str], manifest: dict) -> list[Shard]:
 _TAR_IN_COMMAND = re.compile(r"[^\s'\"]+\.tar\b")
 
 
-def _name(url: str) -> str:
+def shard_name(url: str) -> str:
     """A shard's file name, also inside a `pipe:` command (`pipe:aws s3 cp s3://b/train-000001.tar -`)."""
     if url.startswith("pipe:"):
         tars = _TAR_IN_COMMAND.findall(url)
@@ -152,9 +154,9 @@ def beside(url: str, name: str) -> str | None:
         m = tars[-1]
         directory = m.group(0).rsplit("/", 1)[0] + "/" if "/" in m.group(0) else ""
         return url[:m.start()] + directory + name + url[m.end():]
-    if _is_local(url):
+    if is_local(url):
         prefix = "file:" if url.startswith("file:") else ""
-        return prefix + os.path.join(os.path.dirname(_local_path(url)), name)
+        return prefix + os.path.join(os.path.dirname(local_path(url)), name)
     return url.rsplit("/", 1)[0] + "/" + name
 
 
@@ -180,8 +182,8 @@ def check_shards(shards: list[Shard], skip_corrupt: bool) -> list[Shard]:
     good = []
     for s in shards:
         problem = None
-        if _is_local(s.url):
-            path = _local_path(s.url)
+        if is_local(s.url):
+            path = local_path(s.url)
             if not os.path.exists(path):
                 problem = "is missing"
             elif s.bytes is not None and os.path.getsize(path) != s.bytes:
@@ -202,10 +204,10 @@ def _header_problem(shard: Shard) -> str | None:
     """Read a shard's tar headers: None when its document and token counts match the manifest."""
     samples = tokens = 0
     try:
-        with _open_tar(shard.url) as tf:
+        with open_tar(shard.url) as tf:
             for m in _members(tf, shard.url):
                 samples += 1
-                tokens += m.size // DTYPES[_ext(m.name)].itemsize
+                tokens += m.size // DTYPES[member_ext(m.name)].itemsize
     except ShardError as e:
         return f"cannot be read ({e})"
     if (samples, tokens) != (shard.samples, shard.tokens):
@@ -221,15 +223,16 @@ def fingerprint(shards: list[Shard]) -> str:
     return h.hexdigest()[:16]
 
 
-def _ext(name: str) -> str:
+def member_ext(name: str) -> str:
+    """The extension of a tar member of our text shards (`KEY.u16` -> `u16`)."""
     return name.rsplit(".", 1)[-1]
 
 
-def _open_tar(url: str) -> tarfile.TarFile:
+def open_tar(url: str) -> tarfile.TarFile:
     """Open a shard: seekable for local files (skipping a document is a seek), streaming for everything else."""
     try:
-        if _is_local(url):
-            return tarfile.open(_local_path(url), mode="r:")
+        if is_local(url):
+            return tarfile.open(local_path(url), mode="r:")
         from webdataset.gopen import gopen
 
         stream: IO[bytes] = gopen(url, "rb")
@@ -244,7 +247,7 @@ def _members(tf: tarfile.TarFile, url: str) -> Iterator[tarfile.TarInfo]:
     """Token members of a tar, in order; tar-level corruption becomes a ShardError naming the shard."""
     try:
         for m in tf:
-            if m.isfile() and _ext(m.name) in DTYPES:
+            if m.isfile() and member_ext(m.name) in DTYPES:
                 yield m
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardError(f"shard '{url}' is corrupt ({e}); re-run `pretrain prepare` or check it with "
@@ -303,7 +306,7 @@ class LocalShard:
     def fd(self) -> int:
         if self._fd is None:
             try:
-                self._fd = os.open(_local_path(self.shard.url), os.O_RDONLY)
+                self._fd = os.open(local_path(self.shard.url), os.O_RDONLY)
             except OSError as e:
                 raise ShardError(f"cannot open shard '{self.shard.url}': {e}") from None
         return self._fd
@@ -321,16 +324,16 @@ def _index_tar(shard: Shard) -> tuple[list[int], list[int], int]:
     """(data offsets, byte sizes, itemsize) of the token members of a local tar, from its headers."""
     offsets, sizes, itemsizes = [], [], set()
     try:
-        with open(_local_path(shard.url), "rb", buffering=0) as f:
+        with open(local_path(shard.url), "rb", buffering=0) as f:
             pos = 0
             while True:
                 header = os.pread(f.fileno(), 512, pos)
                 if not header or header == _ZERO_BLOCK:
                     break
-                name, size, kind = _parse_header(header, shard.url, pos)
+                name, size, kind = parse_header(header, shard.url, pos)
                 if kind in b"xgLK":  # pax or GNU long-name records: let tarfile resolve them
                     return _index_with_tarfile(shard)
-                ext = _ext(name)
+                ext = member_ext(name)
                 if kind in b"0\0" and ext in DTYPES:
                     offsets.append(pos + 512)
                     sizes.append(size)
@@ -341,7 +344,7 @@ def _index_tar(shard: Shard) -> tuple[list[int], list[int], int]:
     return offsets, sizes, _one_itemsize(itemsizes, shard)
 
 
-def _parse_header(header: bytes, url: str, pos: int) -> tuple[str, int, bytes]:
+def parse_header(header: bytes, url: str, pos: int) -> tuple[str, int, bytes]:
     """(name, size, type flag) of one 512-byte tar header; a bad one is a ShardError naming the shard."""
     problem = f"shard '{url}' is corrupt (bad tar header at byte {pos}); re-run `pretrain prepare` or check it " \
               "with `pretrain prepare --verify DIR`"
@@ -361,11 +364,11 @@ def _parse_header(header: bytes, url: str, pos: int) -> tuple[str, int, bytes]:
 
 def _index_with_tarfile(shard: Shard) -> tuple[list[int], list[int], int]:
     offsets, sizes, itemsizes = [], [], set()
-    with _open_tar(shard.url) as tf:
+    with open_tar(shard.url) as tf:
         for m in _members(tf, shard.url):
             offsets.append(m.offset_data)
             sizes.append(m.size)
-            itemsizes.add(DTYPES[_ext(m.name)].itemsize)
+            itemsizes.add(DTYPES[member_ext(m.name)].itemsize)
     return offsets, sizes, _one_itemsize(itemsizes, shard)
 
 
@@ -381,7 +384,7 @@ class ShardReader:
 
     def __init__(self, shard: Shard, eod: int, start: int = 0):
         self.shard, self.eod, self.pos = shard, eod, 0
-        self._tf = _open_tar(shard.url)
+        self._tf = open_tar(shard.url)
         self._docs = _members(self._tf, shard.url)
         self._pending = np.empty(0, dtype=np.int64)
         self.skip_to(start)
@@ -391,7 +394,7 @@ class ShardReader:
         self._pending, self.pos = self._pending[k:], self.pos + k
         while self.pos < start:
             m = self._next_member()
-            n = m.size // DTYPES[_ext(m.name)].itemsize + 1
+            n = m.size // DTYPES[member_ext(m.name)].itemsize + 1
             if self.pos + n <= start:  # the whole document is before `start`: skip it unread
                 self.pos += n
                 continue
@@ -407,7 +410,7 @@ class ShardReader:
         return m
 
     def _load(self, m: tarfile.TarInfo) -> np.ndarray:
-        dtype = DTYPES[_ext(m.name)]
+        dtype = DTYPES[member_ext(m.name)]
         try:
             f = self._tf.extractfile(m)
             data = f.read() if f is not None else b""
@@ -489,7 +492,7 @@ class EpochReader:
 
     def _shard(self, i: int, offset: int) -> "LocalShard | ShardReader":
         shard = self.shards[i]
-        if _is_local(shard.url):
+        if is_local(shard.url):
             if i not in self._local:
                 self._local[i] = LocalShard(shard)
             if i in self._open:

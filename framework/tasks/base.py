@@ -25,6 +25,15 @@ from framework.models.transformer import TransformerConfig
 Measures = dict[str, tuple[torch.Tensor, torch.Tensor | float]]
 
 
+class StepObserver(L.Callback):
+    """A callback that sees every optimizer step's measures before the optimizer does (the guard)."""
+
+    def on_step_measured(self, trainer: L.Trainer, task: "PretrainTask", losses: list[torch.Tensor],
+                         norm: torch.Tensor | None) -> None:
+        """`losses`: this step's micro-batch losses, on the device; `norm`: the global gradient norm before clipping
+        (None under DeepSpeed, which keeps its gradients to itself)."""
+
+
 class PretrainTask(L.LightningModule):
     """Shared training logic. Args (all become `--model.NAME` options and YAML keys; subclasses take them as
     **kwargs, so they are declared here once):
@@ -274,9 +283,8 @@ class PretrainTask(L.LightningModule):
             self.log("grad_norm", norm)
         losses, self._step_losses = self._step_losses, []
         for callback in self.trainer.callbacks:
-            hook = getattr(callback, "on_step_measured", None)
-            if hook is not None:
-                hook(self.trainer, self, losses, norm)
+            if isinstance(callback, StepObserver):
+                callback.on_step_measured(self.trainer, self, losses, norm)
 
     def summary_lines(self) -> list[str]:
         """Lines for the run summary (the task's own; callbacks' come first)."""

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from framework.data.documents import IGNORE_LABEL
+from framework.data.samples import IGNORE_LABEL, SampleDataModule
 from framework.errors import UserError
 from framework.models.classifier import ClassifierConfig, SequenceClassifier
 from framework.models.registry import config_from_dict, family, text_backbones
@@ -120,7 +120,7 @@ class ClassificationTask(ClassMetrics, PretrainTask):
 
     # ---------------------------------------------------------------- model
     def check_data(self, datamodule: Any) -> None:
-        if not hasattr(datamodule, "num_classes"):
+        if not isinstance(datamodule, SampleDataModule):
             raise UserError("ClassificationTask needs labelled documents: set data.class_path to "
                             "framework.data.documents.ClassificationDataModule (see configs/finetune/smoke.yaml)")
 

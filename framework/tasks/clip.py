@@ -60,7 +60,9 @@ class CLIPTask(PretrainTask):
 
     # ---------------------------------------------------------------- model
     def check_data(self, datamodule: Any) -> None:
-        if not getattr(datamodule, "captions", False):
+        from framework.data.images import ImageDataModule
+
+        if not (isinstance(datamodule, ImageDataModule) and datamodule.captions):
             raise UserError("CLIPTask needs image-caption pairs: set data.class_path to "
                             "framework.data.images.ImageDataModule with data.captions=true (see "
                             "configs/clip/smoke.yaml)")

@@ -35,7 +35,9 @@ class MaskedLMTask(PretrainTask):
         self.set_model_config(preset, config)
 
     def check_data(self, datamodule: Any) -> None:
-        if not hasattr(datamodule, "mask_rate"):
+        from framework.data.datamodule import MaskedLMDataModule
+
+        if not isinstance(datamodule, MaskedLMDataModule):
             raise UserError("MaskedLMTask needs masked batches: set data.class_path to "
                             "framework.data.datamodule.MaskedLMDataModule (see configs/bert/smoke.yaml)")
         datamodule.check_specials()

@@ -74,7 +74,9 @@ class ImageClassificationTask(ClassMetrics, PretrainTask):
 
     # ---------------------------------------------------------------- model
     def check_data(self, datamodule: Any) -> None:
-        if not hasattr(datamodule, "image_size"):
+        from framework.data.images import ImageDataModule
+
+        if not isinstance(datamodule, ImageDataModule):
             raise UserError("ImageClassificationTask needs images: set data.class_path to "
                             "framework.data.images.ImageDataModule (see configs/vision/smoke.yaml)")
         datamodule.num_classes  # noqa: B018  # unlabelled shards fail here, with the fix
