@@ -7,9 +7,11 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from framework.callbacks.guard import Guard
 from framework.callbacks.throughput import unit
 from framework.callbacks.wandb_run import offline_dir, run_location
 from framework.data.base import StreamDataModule
+from framework.tasks.base import PretrainTask
 
 
 class RunSummary(L.Callback):
@@ -41,7 +43,7 @@ class RunSummary(L.Callback):
         if "val/loss" in metrics:
             loss = float(metrics["val/loss"])
             ppl = f" (ppl {float(metrics['val/ppl']):.2f})" if "val/ppl" in metrics else ""
-            per = getattr(pl_module, "loss_per", "token")
+            per = pl_module.loss_per if isinstance(pl_module, PretrainTask) else "token"
             lines.append(f"val/loss:   {loss:.4f} nats/{per}{ppl}")
             # the best guess that ignores the input, on the same val split (None: no val split, or none for the data)
             base = dm.baseline() if self.baseline and isinstance(dm, StreamDataModule) else None
@@ -60,9 +62,10 @@ class RunSummary(L.Callback):
         if "val/macro_f1" in metrics:
             lines.append(f"val/macro_f1: {float(metrics['val/macro_f1']):.2%}")
         for callback in trainer.callbacks:  # the guard's, then the task's
-            if callback is not self and hasattr(callback, "summary_lines"):
+            if isinstance(callback, Guard):
                 lines += callback.summary_lines()
-        lines += getattr(pl_module, "summary_lines", lambda: [])()
+        if isinstance(pl_module, PretrainTask):
+            lines += pl_module.summary_lines()
         ckpt = trainer.checkpoint_callback
         if ckpt is not None and getattr(ckpt, "last_model_path", ""):
             lines.append(f"checkpoint: {ckpt.last_model_path} -> {ckpt.best_model_path}")
@@ -78,21 +81,25 @@ class RunSummary(L.Callback):
         print("\n".join(lines), flush=True)
 
     def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
-        model, text = getattr(pl_module, "model", None), getattr(pl_module, "tokenizer_json", None)
+        if not isinstance(pl_module, PretrainTask) or pl_module.model is None or pl_module.config is None:
+            return None
+        model, text = pl_module.model, pl_module.tokenizer_json
         shards_params = type(trainer.strategy).__name__.lower()
-        if not self.sample_tokens or model is None or text is None or \
+        if not self.sample_tokens or text is None or \
                 any(k in shards_params for k in ("fsdp", "deepspeed", "modelparallel")):
             return None
         from framework.data.tokenizer import Tokenizer
+        from framework.models.registry import family
 
         tok = Tokenizer.from_str(text)
-        if hasattr(model, "mlm_head"):
+        command = family(pl_module.config.model_type).command  # what inspects this family shows its sample
+        if command == "fill-mask":
             from framework.inference import MASK, show
 
             if MASK not in self.prompt or "mask" not in tok.special_ids:
                 return None
             return "\n".join([self.prompt, *show(model, tok, self.prompt, top_k=3)])
-        if not hasattr(model, "generate"):
+        if command != "generate":
             return None
         idx = torch.tensor([tok.encode(self.prompt)], dtype=torch.long, device=pl_module.device)
         out = model.generate(idx, self.sample_tokens, temperature=self.temperature, top_k=self.top_k,

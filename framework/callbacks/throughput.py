@@ -69,7 +69,9 @@ def peak_tflops(device: torch.device, precision: str = "bf16-mixed") -> float | 
 
 def unit(pl_module: L.LightningModule) -> str:
     """What a task's batches are counted in (its `unit`: tokens for language models, images for vision)."""
-    return getattr(pl_module, "unit", "tokens")
+    from framework.tasks.base import PretrainTask
+
+    return pl_module.unit if isinstance(pl_module, PretrainTask) else "tokens"
 
 
 class Throughput(L.Callback):

@@ -109,6 +109,7 @@ class PretrainTask(L.LightningModule):
     block_types: tuple[type[nn.Module], ...] = ()  # the model's repeated blocks: units of sharding and recompute
     perplexity = False  # log val/ppl = exp(val/loss): only where the loss is a per-token log-likelihood of the data
     unit = "tokens"  # what batch_tokens counts: logged as {unit}_seen and {unit}_per_sec
+    loss_per = "token"  # what val/loss is a mean over, for the run summary ("document", "image", "pair", ...)
     aux_models: dict[str, str] = {}  # auxiliary frozen model name -> the __init__ argument holding its source path
 
     def set_model_config(self, preset: str, config: dict[str, Any] | None) -> None:
