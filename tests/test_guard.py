@@ -8,14 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_fit import cli, make_shards, records, write_config
+from dist_fit import cli, records, write_config
 from framework.checkpoint.consolidate import checkpoint_meta
 from framework.commands.fit import fit
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory, val_fraction=0.0)
 
 
 def _weights(tmp: Path) -> list[dict]:

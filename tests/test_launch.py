@@ -24,7 +24,6 @@ import pytest
 import torch
 from slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
 
-from framework.data.prepare import prepare
 from framework.commands.fit import fit
 
 ROOT = Path(__file__).parent.parent
@@ -34,15 +33,9 @@ STEPS = 40  # long enough that a signal sent after the first steps lands mid-run
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("corpus")
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
-    for i in range(40):
-        lines = [" ".join(words[(i * 5 + j * 3 + k) % len(words)] for k in range(8)) for j in range(40)]
-        (src / f"doc{i:03d}.txt").write_text("\n".join(lines) + "\n")
-    out = tmp_path_factory.mktemp("shards") / "data"
-    prepare([str(src)], out, tokenizer="bytes", val_fraction=0.05, seed=0, progress=False)
-    return out
+def shards(text_shards) -> Path:
+    """test_fit's corpus (conftest.py, shared by the run)."""
+    return text_shards("lines", 0.1)
 
 
 def write_config(run: Path, shards: Path, max_steps: int = STEPS, **trainer) -> Path:

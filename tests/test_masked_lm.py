@@ -13,7 +13,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from framework.data.datamodule import MaskedLMDataModule
-from framework.data.prepare import prepare
 from framework.models import GPT, Encoder, EncoderConfig, GPTConfig, from_pretrained
 from framework.models.transformer import Block
 from framework.objectives.causal_lm import IGNORE_INDEX
@@ -145,19 +144,10 @@ def test_task_flops_match_torchs_flop_counter(pos):
 
 # ------------------------------------------------------------------------------------------------ data
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(text_shards) -> Path:
     """Random words from a list of 24: a masked letter is given away by its neighbours inside the word, which a
-    context-free guess cannot use."""
-    src = tmp_path_factory.mktemp("corpus")
-    words = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-             "upsilon phi chi psi omega").split()
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        lines = [" ".join(words[rng.integers(len(words))] for _ in range(8)) for _ in range(40)]
-        (src / f"doc{i:03d}.txt").write_text("\n".join(lines) + "\n")
-    out = tmp_path_factory.mktemp("shards") / "data"
-    prepare([str(src)], out, tokenizer="bytes", val_fraction=0.1, seed=0, progress=False)
-    return out
+    context-free guess cannot use (conftest.py, shared by the run)."""
+    return text_shards("mlm", 0.1)
 
 
 def test_masked_batches_are_cls_first_and_the_same_on_any_layout(shards):
@@ -292,14 +282,9 @@ def test_mlm_learns_what_context_gives_away(shards, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(shards, tmp_path_factory) -> dict[str, Path]:
-    """A 1-step checkpoint of each family."""
-    out = {}
-    for name, make in (("bert", write_config), ("gpt", gpt_config)):
-        tmp = tmp_path_factory.mktemp(name)
-        fit(["--config", str(make(tmp, shards, trainer__max_steps=1))])
-        out[name] = tmp / "run" / "checkpoints" / "last.ckpt"
-    return out
+def checkpoints(bert_checkpoint, gpt_checkpoint) -> dict[str, Path]:
+    """A 1-step checkpoint of each family (conftest.py, shared by the run)."""
+    return {"bert": bert_checkpoint, "gpt": gpt_checkpoint}
 
 
 def test_wrong_family_and_bad_input_are_one_line_and_exit_2(shards, checkpoints, tmp_path):

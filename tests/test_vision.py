@@ -21,14 +21,8 @@ CLIP_TASK = "framework.tasks.clip.CLIPTask"
 IMAGES = "framework.data.images.ImageDataModule"
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    """The synthetic set at 32 px: 36 colour x shape classes, captions."""
-    from framework.data.images import prepare_images
-
-    out = tmp_path_factory.mktemp("shapes") / "data"
-    prepare_images(None, out, synthetic=2400, image_size=32, val_fraction=0.15, seed=0, progress=False)
-    return out
+# `shapes` (conftest.py, shared by the run): the synthetic set at 32 px, 2400 images: 36 colour x shape classes,
+# captions, val 0.15.
 
 
 def config(tmp: Path, data: Path, task: str, init: dict, *, steps: int, data_args: dict | None = None,
