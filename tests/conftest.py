@@ -12,6 +12,7 @@ shutil.copytree(shards, tmp_path / ...)):
   image_shards(**kw)                 the synthetic shapes set (`prepare_images(None, ...)`), made once per kw
   shapes                             image_shards(synthetic=2400, image_size=32, val_fraction=0.15, seed=0)
   gpt_checkpoint, bert_checkpoint    last.ckpt of a 1-step gpt-tiny / bert-test fit on text_shards("lines", 0.1)
+  clip_checkpoint                    last.ckpt of a 1-step clip-test fit on `shapes`
 
 Whether a test changed a shared directory is checked when the session ends (names, sizes, mtimes).
 """
@@ -165,3 +166,32 @@ def gpt_checkpoint(_shared, text_shards) -> Path:
 def bert_checkpoint(_shared, text_shards) -> Path:
     """last.ckpt of a 1-step bert-test masked-LM fit (in this process) on text_shards("lines", 0.1)."""
     return _one_step_checkpoint(_shared, text_shards, "bert")
+
+
+@pytest.fixture(scope="session")
+def clip_checkpoint(_shared, shapes) -> Path:
+    """last.ckpt of a 1-step clip-test fit (in this process, batch 8, W&B off) on `shapes` with captions."""
+    def build(factory) -> Path:
+        import json
+
+        from framework.commands.fit import fit
+
+        tmp = factory.mktemp("clip-1step")
+        config = {
+            "seed_everything": 7,
+            "model": {"class_path": "framework.tasks.clip.CLIPTask",
+                      "init_args": {"preset": "clip-test", "lr": 1e-3, "warmup_steps": 0}},
+            "data": {"class_path": "framework.data.images.ImageDataModule",
+                     "init_args": {"path": str(shapes), "image_size": 32, "batch_size": 8, "num_workers": 0,
+                                   "captions": True, "max_caption_tokens": 30, "hflip": False}},
+            "trainer": {"default_root_dir": str(tmp / "run"), "accelerator": "cpu", "devices": 1, "max_steps": 1,
+                        "limit_val_batches": 0, "enable_progress_bar": False, "enable_model_summary": False},
+            "checkpoint": {"every_n_steps": 1, "keep": 1},
+            "summary": {"sample_tokens": 0},
+            "wandb": {"mode": "disabled"},
+        }
+        (tmp / "config.json").write_text(json.dumps(config))
+        fit(["--config", str(tmp / "config.json")])
+        return tmp / "run" / "checkpoints"
+
+    return _shared.get(("checkpoint", "clip"), build) / "last.ckpt"

@@ -221,7 +221,7 @@ def test_both_objectives_train_on_two_processes(shapes, tmp_path, strategy):
         assert ckpt.exists(), f"{strategy} {name}: no checkpoint"
 
 
-def test_bad_input_is_one_line_and_exit_2(shapes, clip_run, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(shapes, clip_checkpoint, tmp_path):
     clip_cfg = config(tmp_path, shapes, CLIP_TASK, {"preset": "clip-test"}, steps=2,
                       data_args={"captions": True, "max_caption_tokens": 30, "hflip": False})
     assert_one_line_error(run_main("fit", "--config", str(clip_cfg), "--trainer.accumulate_grad_batches", "2",
@@ -236,7 +236,7 @@ def test_bad_input_is_one_line_and_exit_2(shapes, clip_run, tmp_path):
                           "data.image_size=48 but the ViT takes 32 px images")
     assert_one_line_error(run_main("fit", "--config", str(sup_cfg), "--model.init_args.mode", "linear",
                                    cwd=tmp_path), "model.mode=linear probes a pre-trained backbone")
-    ckpt = str(clip_run[0] / "checkpoints" / "last.ckpt")
+    ckpt = str(clip_checkpoint)  # a 1-step CLIP (conftest.py): the errors come before it is used
     assert_one_line_error(run_main("zero-shot", "--ckpt", ckpt, "--data", str(shapes), "--template", "a shape"),
                           "--template must each hold one '{}'")
     assert_one_line_error(run_main("generate", "--ckpt", ckpt), "holds a 'clip' model")
