@@ -196,6 +196,7 @@ def _bag_of_tokens_baseline(dm) -> float:
     return float(((xv @ w + b).argmax(1) == yv).float().mean())
 
 
+@pytest.mark.slow
 def test_the_classifier_learns_as_well_as_a_bag_of_tokens_baseline(labelled):
     import lightning as L
 
@@ -381,6 +382,7 @@ def test_layer_wise_lr_decay_and_the_heads_own_lr():
     assert scale("model.transformer.ln_f.weight") == 1.0
 
 
+@pytest.mark.slow
 def test_the_transfer_report_compares_both_arms_on_the_same_subsets(labelled, tmp_path):
     from test_fit import run_cli
 

@@ -53,6 +53,7 @@ def steps(tmp: Path) -> list[dict]:
     return [json.loads(line) for line in (tmp / "steps.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_exactly(shards, tmp_path):
     """fp32 on CPU: 8 steps straight == 4 steps + resume from last + 4 steps, loss for loss and token for token."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -100,6 +101,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(shards, tmp_path):
     assert [s["loss"] for s in again] == [s["loss"] for s in straight[4:]]
 
 
+@pytest.mark.slow
 def test_fit_trains_validates_and_summarises(shards, tmp_path, capsys):
     fit(["--config", str(write_config(tmp_path, shards, trainer__max_steps=6))])
     out = capsys.readouterr().out
@@ -131,6 +133,7 @@ def test_generate_from_a_checkpoint(gpt_checkpoint, tmp_path):
     assert_one_line_error(r, "carries no tokenizer; pass --tokenizer")
 
 
+@pytest.mark.slow
 def test_fit_with_torch_compile(shards, tmp_path):
     """Compiled and eager training take the same steps (same losses), and the uncompiled module's names are saved."""
     losses = {}
@@ -148,6 +151,7 @@ def test_fit_with_torch_compile(shards, tmp_path):
     assert not any("_orig_mod" in k for k in saved["state_dict"])
 
 
+@pytest.mark.slow
 def test_validate_a_checkpoint(shards, tmp_path, capsys):
     """`pretrain validate` of the last checkpoint gives the val loss the fit computed with those weights (it would
     not if the weights were not loaded: a fresh model's loss is ~5.6 nats, the trained one's far lower)."""
@@ -161,6 +165,7 @@ def test_validate_a_checkpoint(shards, tmp_path, capsys):
     assert validated == pytest.approx(fitted, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_a_nan_validation_batch_makes_val_loss_nan_and_warns(shards, tmp_path, capsys):
     """Divergence must show: one NaN batch makes the (count-weighted) val/loss NaN, with a warning, not a finite mean
     of the other batches."""
@@ -248,6 +253,7 @@ def test_missing_manifest_is_one_line_and_exit_2(shards, tmp_path):
     assert_one_line_error(r, "no manifest")
 
 
+@pytest.mark.slow
 def test_sigkill_in_steps_and_in_a_checkpoint_write_loses_nothing(shards, tmp_path, seed=0):
     """Chaos: a run SIGKILLed after a step, its resumed run killed again after a step, and that one killed while a
     checkpoint is being written, each time resumed with --ckpt_path last, ends with weights bit-equal to an

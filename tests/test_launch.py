@@ -31,6 +31,8 @@ TORCHRUN = ROOT / "launch" / "torchrun.sh"
 SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
 STEPS = 40  # long enough that a signal sent after the first steps lands mid-run
 
+pytestmark = pytest.mark.slow  # every test here trains on real processes (minutes in all)
+
 
 @pytest.fixture(scope="module")
 def shards(text_shards) -> Path:

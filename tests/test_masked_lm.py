@@ -200,6 +200,7 @@ def write_config(tmp: Path, shards: Path, **over) -> Path:
                                                              "summary__sample_tokens": 0, **over})
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_exactly(shards, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -245,6 +246,7 @@ def plain_loop_accuracy(shards: Path) -> tuple[float, float]:
     return right / total, dm.unigram_baseline()["accuracy"]
 
 
+@pytest.mark.slow
 def test_mlm_learns_what_context_gives_away(shards, tmp_path, capsys):
     """The learning check: masked-token accuracy as good as a plain loop's, and far above the best context-free
     guess's (the unigram baseline, a count model)."""
@@ -312,6 +314,7 @@ def test_wrong_family_and_bad_input_are_one_line_and_exit_2(shards, checkpoints,
                           "has no <|mask|> token, which masked LM needs")
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_and_compile_train_the_encoder_alike(shards, tmp_path):
     """The same 3 steps eager, with every block recomputed in backward, and under torch.compile (which must cope with
     the data-dependent number of gathered positions): the same losses."""

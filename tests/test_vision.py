@@ -92,6 +92,7 @@ def fit_in_process(capsys, cfg: Path, *args: str) -> str:
     return capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_supervised_learns_as_well_as_a_plain_loop(shapes, tmp_path, capsys):
     from framework.models.resnet import ResNet, ResNetConfig
 
@@ -134,6 +135,7 @@ def clip_run(shapes, tmp_path_factory) -> tuple[Path, str]:
     return tmp / "run", out.getvalue()
 
 
+@pytest.mark.slow
 def test_clip_learns_as_well_as_a_plain_loop_and_classifies_zero_shot(shapes, clip_run):
     from framework.data.tokenizer import load_tokenizer
     from framework.models.clip import CLIP, CLIPConfig
@@ -171,6 +173,7 @@ def test_clip_learns_as_well_as_a_plain_loop_and_classifies_zero_shot(shapes, cl
     assert "retrieval: image_to_text_R@1" in r.stdout
 
 
+@pytest.mark.slow
 def test_a_linear_probe_of_the_clip_image_tower_trains_only_a_new_head(shapes, clip_run, tmp_path, capsys):
     from framework.checkpoint.consolidate import load_state_dict
 
@@ -200,6 +203,7 @@ def test_a_linear_probe_of_the_clip_image_tower_trains_only_a_new_head(shapes, c
 
 
 # ---------------------------------------------------------------- strategies: 2 CPU processes
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_stage_2"])
 def test_both_objectives_train_on_two_processes(shapes, tmp_path, strategy):
     """Each objective fits 3 steps on 2 ranks (FSDP2 shards ResNet stages and transformer blocks; CLIP's loss
@@ -243,6 +247,7 @@ def test_bad_input_is_one_line_and_exit_2(shapes, clip_checkpoint, tmp_path):
     assert_one_line_error(run_main("zero-shot", "--ckpt", ckpt, "--data", str(tmp_path / "nowhere")), "nowhere")
 
 
+@pytest.mark.slow
 def test_the_transfer_report_probes_an_image_tower_against_a_random_one(shapes, clip_run, tmp_path):
     """`pretrain transfer-report` on image shards: the CLIP's image tower, linearly probed, against the same tower
     randomly initialised (frozen too), on the same label subsets."""
@@ -258,6 +263,7 @@ def test_the_transfer_report_probes_an_image_tower_against_a_random_one(shapes, 
     assert "| 1 | 2040 | linear |" in (tmp_path / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_resumed_clip_fit_continues_exactly(shapes, tmp_path):
     """6 steps straight == 3 steps + resume from last + 3 steps, loss for loss and caption for caption: the data
     position, the augmentation (random crops, seeded per sample), dropout's RNG and accum_freq's recompute."""
