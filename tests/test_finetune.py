@@ -196,7 +196,6 @@ def _bag_of_tokens_baseline(dm) -> float:
     return float(((xv @ w + b).argmax(1) == yv).float().mean())
 
 
-@pytest.mark.slow
 def test_the_classifier_learns_as_well_as_a_bag_of_tokens_baseline(labelled):
     import lightning as L
 

@@ -101,7 +101,6 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(shards, tmp_path):
     assert [s["loss"] for s in again] == [s["loss"] for s in straight[4:]]
 
 
-@pytest.mark.slow
 def test_fit_trains_validates_and_summarises(shards, tmp_path, capsys):
     fit(["--config", str(write_config(tmp_path, shards, trainer__max_steps=6))])
     out = capsys.readouterr().out
@@ -151,7 +150,6 @@ def test_fit_with_torch_compile(shards, tmp_path):
     assert not any("_orig_mod" in k for k in saved["state_dict"])
 
 
-@pytest.mark.slow
 def test_validate_a_checkpoint(shards, tmp_path, capsys):
     """`pretrain validate` of the last checkpoint gives the val loss the fit computed with those weights (it would
     not if the weights were not loaded: a fresh model's loss is ~5.6 nats, the trained one's far lower)."""
@@ -165,7 +163,6 @@ def test_validate_a_checkpoint(shards, tmp_path, capsys):
     assert validated == pytest.approx(fitted, abs=1e-4)
 
 
-@pytest.mark.slow
 def test_a_nan_validation_batch_makes_val_loss_nan_and_warns(shards, tmp_path, capsys):
     """Divergence must show: one NaN batch makes the (count-weighted) val/loss NaN, with a warning, not a finite mean
     of the other batches."""

@@ -31,8 +31,6 @@ TORCHRUN = ROOT / "launch" / "torchrun.sh"
 SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
 STEPS = 40  # long enough that a signal sent after the first steps lands mid-run
 
-pytestmark = pytest.mark.slow  # every test here trains on real processes (minutes in all)
-
 
 @pytest.fixture(scope="module")
 def shards(text_shards) -> Path:
@@ -112,6 +110,7 @@ def reference(shards, tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- torchrun
 
+@pytest.mark.slow
 def test_torchrun_runs_two_ranks_and_checkpoints(reference):
     ckpts = reference / "root" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == ["step0000025.ckpt", f"step{STEPS:07d}.ckpt"]
@@ -123,6 +122,7 @@ def test_torchrun_runs_two_ranks_and_checkpoints(reference):
     assert last["wandb_run_id"] == wandb_ids(reference)[0]
 
 
+@pytest.mark.slow
 def test_torchrun_sigusr1_checkpoints_stops_and_resumes_exactly(shards, reference, tmp_path):
     write_config(tmp_path, shards)
     proc = torchrun(tmp_path)
@@ -141,6 +141,7 @@ def test_torchrun_sigusr1_checkpoints_stops_and_resumes_exactly(shards, referenc
     assert first == second == load(tmp_path / "root" / "checkpoints" / "last.ckpt")["wandb_run_id"]
 
 
+@pytest.mark.slow
 def test_torchrun_sigterm_checkpoints_stops_and_resumes_exactly(shards, reference, tmp_path):
     """SIGTERM to the launcher (scancel, Kubernetes): torchrun passes it to the training processes, which finish the
     step, checkpoint it and exit 75 before torchrun's grace period ends; the resumed run equals the uninterrupted one."""
@@ -183,6 +184,7 @@ def test_preemption_stops_only_at_an_optimizer_step(shards, tmp_path):
     assert signal.getsignal(signal.SIGUSR1) == before  # the handler is removed with the fit
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_step_and_exits_75_for_a_requeue(shards, tmp_path):
     """SIGTERM (scancel, a Kubernetes eviction) mid-step: the step finishes, is checkpointed, the exit code asks for
     a requeue, and the resumed run continues from that step."""
@@ -208,6 +210,7 @@ def sbatch(cluster, run: Path, *options: str) -> str:
                            str(run / "config.json")], cwd=run)
 
 
+@pytest.mark.slow
 def test_sbatch_runs_two_tasks(slurm_cluster, shards, tmp_path):  # noqa: F811 - the fixture
     write_config(tmp_path, shards, max_steps=6)
     job = sbatch(slurm_cluster, tmp_path)
@@ -220,6 +223,7 @@ def test_sbatch_runs_two_tasks(slurm_cluster, shards, tmp_path):  # noqa: F811 -
     assert last["global_step"] == 6 and last["ShardDataModule"]["segment"]["world"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_args", [["--signal=USR1", "--batch"], ["--signal=TERM"]], ids=["usr1", "term"])
 def test_sbatch_preempted_checkpoints_requeues_and_resumes_exactly(slurm_cluster, shards, reference,  # noqa: F811
                                                                     tmp_path, signal_args):
