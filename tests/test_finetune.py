@@ -196,6 +196,7 @@ def _bag_of_tokens_baseline(dm) -> float:
     return float(((xv @ w + b).argmax(1) == yv).float().mean())
 
 
+@pytest.mark.slow  # 150 steps: 7-17 s
 def test_the_classifier_learns_as_well_as_a_bag_of_tokens_baseline(labelled):
     import lightning as L
 
