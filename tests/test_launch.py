@@ -184,7 +184,6 @@ def test_preemption_stops_only_at_an_optimizer_step(shards, tmp_path):
     assert signal.getsignal(signal.SIGUSR1) == before  # the handler is removed with the fit
 
 
-@pytest.mark.slow
 def test_sigterm_checkpoints_the_step_and_exits_75_for_a_requeue(shards, tmp_path):
     """SIGTERM (scancel, a Kubernetes eviction) mid-step: the step finishes, is checkpointed, the exit code asks for
     a requeue, and the resumed run continues from that step."""
