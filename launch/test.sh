@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command on a fresh machine: set up .venv, then run the whole test suite on CPU.
-# Extra arguments go to pytest, e.g. bash launch/test.sh -k data
+# Extra arguments go to pytest, e.g. bash launch/test.sh -k data, or bash launch/test.sh -m "not slow" for the fast
+# tier (no tests marked slow: long training runs and multi-process runs)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source launch/setup.sh

@@ -133,6 +133,7 @@ def two_ranks(tmp_path_factory) -> dict[int, dict]:
     return {rank: torch.load(out / f"rank{rank}.pt") for rank in range(2)}
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_single_process_loss_and_gradients(two_ranks):
     full = run(batch(), slice(None), None)
     for rank, results in two_ranks.items():
@@ -146,6 +147,7 @@ def test_two_ranks_give_the_single_process_loss_and_gradients(two_ranks):
         torch.testing.assert_close(r["x_img"] / 2, full["x_img"][rows], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_two_ranks_with_unequal_valid_counts_weighted_by_count(two_ranks):
     b = batch()
     full = run(b, slice(None), b["valid"])

@@ -73,6 +73,7 @@ def test_pipe_shards_interleave_streams_and_still_deliver_each_window_once(tmp_p
     assert deciles_reached(ids, stream.windows_per_epoch, 0.1) >= STREAMS - 2
 
 
+@pytest.mark.slow
 def test_pipe_shards_resume_on_another_world_size(tmp_path):
     path, docs = make(tmp_path / "d", shards=6, seed=2)
     first, state = run_ranks(tmp_path, 2, path=str(path), stop=4, pipe=True)

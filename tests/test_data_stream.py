@@ -68,7 +68,10 @@ def corpus(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- exactly once, real ranks
-@pytest.mark.parametrize("shards", [7, 3, 1], ids=["7-shards", "fewer-shards-than-slots", "one-shard"])
+# real ranks take several seconds a run: the fast tier keeps the case with fewer shards than reader slots
+@pytest.mark.parametrize("shards", [pytest.param(7, marks=pytest.mark.slow), 3,
+                                    pytest.param(1, marks=pytest.mark.slow)],
+                         ids=["7-shards", "fewer-shards-than-slots", "one-shard"])
 def test_every_token_once_per_epoch_across_2_ranks_x_2_workers(tmp_path, corpus, shards):
     path, docs = corpus(shards, seed=shards)
     windows, _ = run_ranks(tmp_path, 2, path=str(path))
@@ -88,6 +91,7 @@ def test_every_token_once_per_epoch_across_2_ranks_x_2_workers(tmp_path, corpus,
         assert n < 40 or (min(ids) < n // 4 and max(ids) >= 3 * n // 4), (n, sorted(ids))
 
 
+@pytest.mark.slow
 def test_two_epochs_reshuffle_and_each_is_exactly_once(tmp_path, corpus):
     path, docs = corpus(6)
     windows, state = run_ranks(tmp_path, 2, path=str(path), epochs=2)
@@ -127,6 +131,7 @@ def test_sample_ids_name_each_window_by_its_place_in_the_epoch(corpus):
 
 
 # ------------------------------------------------------------------------------------------- resume
+@pytest.mark.slow
 def test_resume_same_layout_gives_exactly_the_uninterrupted_batches(tmp_path, corpus):
     path, _ = corpus(5)
     full, _ = run_ranks(tmp_path, 2, path=str(path))
@@ -137,6 +142,7 @@ def test_resume_same_layout_gives_exactly_the_uninterrupted_batches(tmp_path, co
         np.testing.assert_array_equal(np.concatenate([first[r], rest[r]]), full[r])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_resume_on_another_world_size_loses_and_repeats_nothing(tmp_path, corpus, before, after):
     path, docs = corpus(6)

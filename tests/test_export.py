@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_fit import build_deepspeed_ops, cli, fit, make_shards, write_config
+from dist_fit import build_deepspeed_ops, cli, fit, write_config
 from framework.callbacks.checkpointing import peek
 from framework.checkpoint.consolidate import TensorSource
 from framework.checkpoint.export import export
@@ -32,8 +32,9 @@ PARAMS = {"gpt": 124_672, "bert": 129_280}  # gpt-tiny / bert-test with the 261-
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory, val_fraction=0.2)
+def shards(text_shards) -> Path:
+    """The common corpus (conftest.py) with a val split."""
+    return text_shards("words", 0.2)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import random
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,33 +17,9 @@ from framework.data.shards import manifest_shards
 from framework.models import from_pretrained
 from framework.models.classifier import ClassifierConfig, SequenceClassifier
 from framework.models.transformer import LoRA, LoRALinear
+from corpora import labelled_jsonl
 
-TOPICS = {  # class -> its words; documents mix a few shared words in, so a class is a tendency, not a keyword
-    "astro": "star orbit planet comet nebula galaxy moon telescope".split(),
-    "bio": "cell gene protein enzyme tissue organ virus membrane".split(),
-    "geo": "rock basalt quartz fault magma mantle crust erosion".split(),
-}
-SHARED = "the of and with under over near from".split()
-
-
-def labelled_jsonl(path: Path, docs: int = 300, seed: int = 0, int_labels: bool = False) -> None:
-    rng = random.Random(seed)
-    names = sorted(TOPICS)
-    with open(path, "w") as f:
-        for i in range(docs):
-            label = names[i % 3]
-            words = [rng.choice(TOPICS[label]) if rng.random() < 0.35 else rng.choice(SHARED)
-                     for _ in range(rng.randrange(8, 40))]
-            f.write(json.dumps({"text": " ".join(words), "topic": names.index(label) if int_labels else label}) + "\n")
-
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("labelled")
-    labelled_jsonl(src / "train.jsonl")
-    out = src / "data"
-    prepare([str(src / "train.jsonl")], out, val_fraction=0.2, progress=False, labels="topic")
-    return out
+# `labelled` (conftest.py, shared by the run): labelled_jsonl's 300 documents prepared with `--labels topic`, val 0.2
 
 
 # ---------------------------------------------------------------- prepare
@@ -223,6 +197,7 @@ def _bag_of_tokens_baseline(dm) -> float:
     return float(((xv @ w + b).argmax(1) == yv).float().mean())
 
 
+@pytest.mark.slow  # 150 steps: 7-17 s
 def test_the_classifier_learns_as_well_as_a_bag_of_tokens_baseline(labelled):
     import lightning as L
 
@@ -408,6 +383,7 @@ def test_layer_wise_lr_decay_and_the_heads_own_lr():
     assert scale("model.transformer.ln_f.weight") == 1.0
 
 
+@pytest.mark.slow
 def test_the_transfer_report_compares_both_arms_on_the_same_subsets(labelled, tmp_path):
     from test_fit import run_cli
 

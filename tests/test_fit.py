@@ -12,24 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.data.prepare import prepare
 from framework.commands.fit import fit, validate
 
 ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """A few hundred KB of varied text, prepared with the byte tokenizer."""
-    src = tmp_path_factory.mktemp("corpus")
-    words = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-             "upsilon phi chi psi omega").split()
-    for i in range(60):
-        lines = [" ".join(words[(i * 7 + j * 3 + k) % len(words)] for k in range(8)) for j in range(40)]
-        (src / f"doc{i:03d}.txt").write_text(f"# document {i}\n" + "\n".join(lines) + "\n")
-    out = tmp_path_factory.mktemp("shards") / "data"
-    prepare([str(src)], out, tokenizer="bytes", val_fraction=0.1, seed=0, progress=False)
-    return out
+def shards(text_shards) -> Path:
+    """A few hundred KB of varied text, prepared with the byte tokenizer (conftest.py, shared by the run)."""
+    return text_shards("lines", 0.1)
 
 
 def write_config(tmp: Path, shards: Path, **over) -> Path:
@@ -62,6 +53,7 @@ def steps(tmp: Path) -> list[dict]:
     return [json.loads(line) for line in (tmp / "steps.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_exactly(shards, tmp_path):
     """fp32 on CPU: 8 steps straight == 4 steps + resume from last + 4 steps, loss for loss and token for token."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -119,9 +111,8 @@ def test_fit_trains_validates_and_summarises(shards, tmp_path, capsys):
     assert logged[-1]["loss"] < logged[0]["loss"]
 
 
-def test_generate_from_a_checkpoint(shards, tmp_path):
-    fit(["--config", str(write_config(tmp_path, shards, trainer__max_steps=2))])
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+def test_generate_from_a_checkpoint(gpt_checkpoint, tmp_path):
+    ckpt = gpt_checkpoint  # a 1-step fit (conftest.py, shared by the run)
     r = run_cli("generate", "--ckpt", str(ckpt), "--prompt", "alpha", "--max-new-tokens", "10", "--temperature", "0")
     assert r.returncode == 0, r.stderr
     # the same greedy continuation from a GPT built by hand from the checkpoint's config and state dict
@@ -141,6 +132,7 @@ def test_generate_from_a_checkpoint(shards, tmp_path):
     assert_one_line_error(r, "carries no tokenizer; pass --tokenizer")
 
 
+@pytest.mark.slow
 def test_fit_with_torch_compile(shards, tmp_path):
     """Compiled and eager training take the same steps (same losses), and the uncompiled module's names are saved."""
     losses = {}
@@ -258,6 +250,7 @@ def test_missing_manifest_is_one_line_and_exit_2(shards, tmp_path):
     assert_one_line_error(r, "no manifest")
 
 
+@pytest.mark.slow
 def test_sigkill_in_steps_and_in_a_checkpoint_write_loses_nothing(shards, tmp_path, seed=0):
     """Chaos: a run SIGKILLed after a step, its resumed run killed again after a step, and that one killed while a
     checkpoint is being written, each time resumed with --ckpt_path last, ends with weights bit-equal to an

@@ -8,14 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_fit import cli, make_shards, records, write_config
+from dist_fit import cli, records, write_config
 from framework.checkpoint.reader import checkpoint_meta
 from framework.commands.fit import fit
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory, val_fraction=0.0)
 
 
 def _weights(tmp: Path) -> list[dict]:
@@ -80,6 +75,7 @@ def _final(records: list[dict]) -> dict[int, dict]:
     return {r["step"]: r for r in records if r["rank"] == 0}
 
 
+@pytest.mark.slow
 def test_a_loss_spike_rolls_back_skips_its_window_and_resumes_exactly(shards, tmp_path, capsys):
     """Batches 8-10 spike the loss: the guard confirms it at step 10, restarts from the step-6 checkpoint (the
     step-9 one holds the spike and is set aside) with the data position after batch 10, and the run ends at step 16

@@ -27,10 +27,9 @@ PX = 32
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shapes") / "data"
-    prepare_images(None, out, synthetic=240, image_size=PX, shard_size="24KB", progress=False)
-    return out
+def shapes(image_shards) -> Path:
+    """240 synthetic images in shards of 24 KB (conftest.py, shared by the run)."""
+    return image_shards(synthetic=240, image_size=PX, shard_size="24KB")
 
 
 def _index(path: Path, split: str) -> ImageIndex:

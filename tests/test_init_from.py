@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_fit import build_deepspeed_ops, cli, fit, make_shards, write_config
+from dist_fit import build_deepspeed_ops, cli, fit, write_config
 from framework.checkpoint.export import export
 from framework.models import from_pretrained
 
@@ -17,14 +17,9 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory, val_fraction=0.0)
-
-
-@pytest.fixture(scope="module")
-def pretrained(shards, tmp_path_factory) -> dict[str, Path]:
+def pretrained(shards, gpt_checkpoint, tmp_path_factory) -> dict[str, Path]:
     """A masked-LM encoder trained 3 steps on 2 ranks under ZeRO-3 (the layout farthest from a plain state dict), its
-    export, and a GPT checkpoint (for the family check)."""
+    export, and a GPT checkpoint (conftest.py's, for the family check)."""
     if not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed (pip install deepspeed)")
     build_deepspeed_ops()
@@ -32,9 +27,7 @@ def pretrained(shards, tmp_path_factory) -> dict[str, Path]:
     fit(write_config(tmp, shards, strategy="deepspeed_stage_3", devices=2, max_steps=3, family="bert"))
     ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
     export(ckpt, tmp / "exported")
-    gpt = tmp_path_factory.mktemp("gpt")
-    fit(write_config(gpt, shards, strategy="ddp", devices=1, max_steps=1))
-    return {"ckpt": ckpt, "export": tmp / "exported", "gpt": gpt / "run" / "checkpoints" / "last.ckpt"}
+    return {"ckpt": ckpt, "export": tmp / "exported", "gpt": gpt_checkpoint}
 
 
 @pytest.mark.slow
@@ -63,7 +56,7 @@ def test_a_new_run_starts_from_the_pretrained_weights(strategy, source, pretrain
 def labelled(pretrained, tmp_path_factory) -> Path:
     """Labelled shards tokenized with the tokenizer recorded in the pre-trained checkpoint (`--tokenizer CKPT`)."""
     from framework.data.prepare import prepare
-    from test_finetune import labelled_jsonl
+    from corpora import labelled_jsonl
 
     src = tmp_path_factory.mktemp("labelled")
     labelled_jsonl(src / "docs.jsonl", docs=60)

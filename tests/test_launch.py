@@ -24,7 +24,6 @@ import pytest
 import torch
 from slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
 
-from framework.data.prepare import prepare
 from framework.commands.fit import fit
 
 ROOT = Path(__file__).parent.parent
@@ -34,15 +33,9 @@ STEPS = 40  # long enough that a signal sent after the first steps lands mid-run
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("corpus")
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
-    for i in range(40):
-        lines = [" ".join(words[(i * 5 + j * 3 + k) % len(words)] for k in range(8)) for j in range(40)]
-        (src / f"doc{i:03d}.txt").write_text("\n".join(lines) + "\n")
-    out = tmp_path_factory.mktemp("shards") / "data"
-    prepare([str(src)], out, tokenizer="bytes", val_fraction=0.05, seed=0, progress=False)
-    return out
+def shards(text_shards) -> Path:
+    """test_fit's corpus (conftest.py, shared by the run)."""
+    return text_shards("lines", 0.1)
 
 
 def write_config(run: Path, shards: Path, max_steps: int = STEPS, **trainer) -> Path:
@@ -117,6 +110,7 @@ def reference(shards, tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- torchrun
 
+@pytest.mark.slow
 def test_torchrun_runs_two_ranks_and_checkpoints(reference):
     ckpts = reference / "root" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == ["step0000025.ckpt", f"step{STEPS:07d}.ckpt"]
@@ -128,6 +122,7 @@ def test_torchrun_runs_two_ranks_and_checkpoints(reference):
     assert last["wandb_run_id"] == wandb_ids(reference)[0]
 
 
+@pytest.mark.slow
 def test_torchrun_sigusr1_checkpoints_stops_and_resumes_exactly(shards, reference, tmp_path):
     write_config(tmp_path, shards)
     proc = torchrun(tmp_path)
@@ -146,6 +141,7 @@ def test_torchrun_sigusr1_checkpoints_stops_and_resumes_exactly(shards, referenc
     assert first == second == load(tmp_path / "root" / "checkpoints" / "last.ckpt")["wandb_run_id"]
 
 
+@pytest.mark.slow
 def test_torchrun_sigterm_checkpoints_stops_and_resumes_exactly(shards, reference, tmp_path):
     """SIGTERM to the launcher (scancel, Kubernetes): torchrun passes it to the training processes, which finish the
     step, checkpoint it and exit 75 before torchrun's grace period ends; the resumed run equals the uninterrupted one."""
@@ -213,6 +209,7 @@ def sbatch(cluster, run: Path, *options: str) -> str:
                            str(run / "config.json")], cwd=run)
 
 
+@pytest.mark.slow
 def test_sbatch_runs_two_tasks(slurm_cluster, shards, tmp_path):  # noqa: F811 - the fixture
     write_config(tmp_path, shards, max_steps=6)
     job = sbatch(slurm_cluster, tmp_path)
@@ -225,6 +222,7 @@ def test_sbatch_runs_two_tasks(slurm_cluster, shards, tmp_path):  # noqa: F811 -
     assert last["global_step"] == 6 and last["ShardDataModule"]["segment"]["world"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_args", [["--signal=USR1", "--batch"], ["--signal=TERM"]], ids=["usr1", "term"])
 def test_sbatch_preempted_checkpoints_requeues_and_resumes_exactly(slurm_cluster, shards, reference,  # noqa: F811
                                                                     tmp_path, signal_args):

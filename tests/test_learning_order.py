@@ -12,12 +12,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import learning_order  # noqa: E402
 
 
+@pytest.mark.slow
 def test_default_order_learns_like_uniform_sampling_not_like_a_walk(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # this model steps faster on one thread than on two shared ones

@@ -13,7 +13,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from framework.data.datamodule import MaskedLMDataModule
-from framework.data.prepare import prepare
 from framework.models import GPT, Encoder, EncoderConfig, GPTConfig, from_pretrained
 from framework.models.transformer import Block
 from framework.objectives.causal_lm import IGNORE_INDEX
@@ -145,19 +144,10 @@ def test_task_flops_match_torchs_flop_counter(pos):
 
 # ------------------------------------------------------------------------------------------------ data
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(text_shards) -> Path:
     """Random words from a list of 24: a masked letter is given away by its neighbours inside the word, which a
-    context-free guess cannot use."""
-    src = tmp_path_factory.mktemp("corpus")
-    words = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-             "upsilon phi chi psi omega").split()
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        lines = [" ".join(words[rng.integers(len(words))] for _ in range(8)) for _ in range(40)]
-        (src / f"doc{i:03d}.txt").write_text("\n".join(lines) + "\n")
-    out = tmp_path_factory.mktemp("shards") / "data"
-    prepare([str(src)], out, tokenizer="bytes", val_fraction=0.1, seed=0, progress=False)
-    return out
+    context-free guess cannot use (conftest.py, shared by the run)."""
+    return text_shards("mlm", 0.1)
 
 
 def test_masked_batches_are_cls_first_and_the_same_on_any_layout(shards):
@@ -210,6 +200,7 @@ def write_config(tmp: Path, shards: Path, **over) -> Path:
                                                              "summary__sample_tokens": 0, **over})
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_exactly(shards, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -255,6 +246,7 @@ def plain_loop_accuracy(shards: Path) -> tuple[float, float]:
     return right / total, dm.baseline()["accuracy"]
 
 
+@pytest.mark.slow
 def test_mlm_learns_what_context_gives_away(shards, tmp_path, capsys):
     """The learning check: masked-token accuracy as good as a plain loop's, and far above the best context-free
     guess's (the unigram baseline, a count model)."""
@@ -292,14 +284,9 @@ def test_mlm_learns_what_context_gives_away(shards, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(shards, tmp_path_factory) -> dict[str, Path]:
-    """A 1-step checkpoint of each family."""
-    out = {}
-    for name, make in (("bert", write_config), ("gpt", gpt_config)):
-        tmp = tmp_path_factory.mktemp(name)
-        fit(["--config", str(make(tmp, shards, trainer__max_steps=1))])
-        out[name] = tmp / "run" / "checkpoints" / "last.ckpt"
-    return out
+def checkpoints(bert_checkpoint, gpt_checkpoint) -> dict[str, Path]:
+    """A 1-step checkpoint of each family (conftest.py, shared by the run)."""
+    return {"bert": bert_checkpoint, "gpt": gpt_checkpoint}
 
 
 def test_wrong_family_and_bad_input_are_one_line_and_exit_2(shards, checkpoints, tmp_path):
@@ -327,6 +314,7 @@ def test_wrong_family_and_bad_input_are_one_line_and_exit_2(shards, checkpoints,
                           "has no <|mask|> token, which masked LM needs")
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_and_compile_train_the_encoder_alike(shards, tmp_path):
     """The same 3 steps eager, with every block recomputed in backward, and under torch.compile (which must cope with
     the data-dependent number of gathered positions): the same losses."""

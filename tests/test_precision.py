@@ -13,13 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_fit import build_deepspeed_ops, fit, make_shards, write_config
+from dist_fit import build_deepspeed_ops, fit, write_config
 from framework.checkpoint.reader import load_state_dict
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory, val_fraction=0.0)
 
 
 def _losses(tmp: Path, rank: int = 0) -> list[float]:

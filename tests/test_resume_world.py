@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_fit import build_deepspeed_ops, fit, make_shards, records, write_config
+from dist_fit import build_deepspeed_ops, fit, records, write_config
 from framework.callbacks.checkpointing import peek
 from framework.data.datamodule import MaskedLMDataModule, ShardDataModule
 
@@ -46,12 +46,8 @@ CHAINS = {
     ("deepspeed_stage_3", "bert"): [2, 2, 1, 2],
 }
 FIRST_STOP, STOP_EVERY = 3, 2  # run 0 stops after 3 steps, each later run but the last after 2 more
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """~5 KB of random words: 155 windows of 33 tokens, all distinct; one epoch is ~20 steps of 2 ranks x 4."""
-    return make_shards(tmp_path_factory, val_fraction=0.0)
+# `shards` (conftest.py): ~5 KB of random words: 155 windows of 33 tokens, all distinct; one epoch is ~20 steps of
+# 2 ranks x 4.
 
 
 @pytest.fixture(scope="module")

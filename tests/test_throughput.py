@@ -17,7 +17,6 @@ from lightning.pytorch.loggers.logger import Logger
 
 from framework.callbacks.throughput import Throughput, peak_flops
 from framework.data.datamodule import ShardDataModule
-from framework.data.prepare import prepare
 from framework.tasks.causal_lm import CausalLMTask
 
 ROOT = Path(__file__).parent.parent
@@ -26,13 +25,9 @@ SLOW_STEP_S = 0.15  # an optimizer step much slower than a micro-batch, as under
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("corpus")
-    for i in range(20):
-        (src / f"doc{i:02d}.txt").write_text("".join(f"line {i} {j} of some text\n" for j in range(200)))
-    out = tmp_path_factory.mktemp("shards") / "data"
-    prepare([str(src)], out, tokenizer="bytes", val_fraction=0.1, seed=0, progress=False)
-    return out
+def shards(text_shards) -> Path:
+    """test_fit's corpus (conftest.py, shared by the run)."""
+    return text_shards("lines", 0.1)
 
 
 class MetricsLog(Logger):

@@ -20,14 +20,8 @@ CLIP_TASK = "framework.tasks.clip.CLIPTask"
 IMAGES = "framework.data.images.ImageDataModule"
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    """The synthetic set at 32 px: 36 colour x shape classes, captions."""
-    from framework.data.images import prepare_images
-
-    out = tmp_path_factory.mktemp("shapes") / "data"
-    prepare_images(None, out, synthetic=2400, image_size=32, val_fraction=0.15, seed=0, progress=False)
-    return out
+# `shapes` (conftest.py, shared by the run): the synthetic set at 32 px, 2400 images: 36 colour x shape classes,
+# captions, val 0.15.
 
 
 def config(tmp: Path, data: Path, task: str, init: dict, *, steps: int, data_args: dict | None = None,
@@ -97,6 +91,7 @@ def fit_in_process(capsys, cfg: Path, *args: str) -> str:
     return capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_supervised_learns_as_well_as_a_plain_loop(shapes, tmp_path, capsys):
     from framework.models.resnet import ResNet, ResNetConfig
 
@@ -139,6 +134,7 @@ def clip_run(shapes, tmp_path_factory) -> tuple[Path, str]:
     return tmp / "run", out.getvalue()
 
 
+@pytest.mark.slow
 def test_clip_learns_as_well_as_a_plain_loop_and_classifies_zero_shot(shapes, clip_run):
     from framework.data.tokenizer import load_tokenizer
     from framework.models.clip import CLIP, CLIPConfig
@@ -176,6 +172,7 @@ def test_clip_learns_as_well_as_a_plain_loop_and_classifies_zero_shot(shapes, cl
     assert "retrieval: image_to_text_R@1" in r.stdout
 
 
+@pytest.mark.slow
 def test_a_linear_probe_of_the_clip_image_tower_trains_only_a_new_head(shapes, clip_run, tmp_path, capsys):
     from framework.checkpoint.reader import load_state_dict
 
@@ -205,6 +202,7 @@ def test_a_linear_probe_of_the_clip_image_tower_trains_only_a_new_head(shapes, c
 
 
 # ---------------------------------------------------------------- strategies: 2 CPU processes
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_stage_2"])
 def test_both_objectives_train_on_two_processes(shapes, tmp_path, strategy):
     """Each objective fits 3 steps on 2 ranks (FSDP2 shards ResNet stages and transformer blocks; CLIP's loss
@@ -226,7 +224,7 @@ def test_both_objectives_train_on_two_processes(shapes, tmp_path, strategy):
         assert ckpt.exists(), f"{strategy} {name}: no checkpoint"
 
 
-def test_bad_input_is_one_line_and_exit_2(shapes, clip_run, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(shapes, clip_checkpoint, tmp_path):
     clip_cfg = config(tmp_path, shapes, CLIP_TASK, {"preset": "clip-test"}, steps=2,
                       data_args={"captions": True, "max_caption_tokens": 30, "hflip": False})
     assert_one_line_error(run_main("fit", "--config", str(clip_cfg), "--trainer.accumulate_grad_batches", "2",
@@ -241,13 +239,14 @@ def test_bad_input_is_one_line_and_exit_2(shapes, clip_run, tmp_path):
                           "data.image_size=48 but the ViT takes 32 px images")
     assert_one_line_error(run_main("fit", "--config", str(sup_cfg), "--model.init_args.mode", "linear",
                                    cwd=tmp_path), "model.mode=linear probes a pre-trained backbone")
-    ckpt = str(clip_run[0] / "checkpoints" / "last.ckpt")
+    ckpt = str(clip_checkpoint)  # a 1-step CLIP (conftest.py): the errors come before it is used
     assert_one_line_error(run_main("zero-shot", "--ckpt", ckpt, "--data", str(shapes), "--template", "a shape"),
                           "--template must each hold one '{}'")
     assert_one_line_error(run_main("generate", "--ckpt", ckpt), "holds a 'clip' model")
     assert_one_line_error(run_main("zero-shot", "--ckpt", ckpt, "--data", str(tmp_path / "nowhere")), "nowhere")
 
 
+@pytest.mark.slow
 def test_the_transfer_report_probes_an_image_tower_against_a_random_one(shapes, clip_run, tmp_path):
     """`pretrain transfer-report` on image shards: the CLIP's image tower, linearly probed, against the same tower
     randomly initialised (frozen too), on the same label subsets."""
@@ -263,6 +262,7 @@ def test_the_transfer_report_probes_an_image_tower_against_a_random_one(shapes, 
     assert "| 1 | 2040 | linear |" in (tmp_path / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_resumed_clip_fit_continues_exactly(shapes, tmp_path):
     """6 steps straight == 3 steps + resume from last + 3 steps, loss for loss and caption for caption: the data
     position, the augmentation (random crops, seeded per sample), dropout's RNG and accum_freq's recompute."""
