@@ -117,17 +117,22 @@ def test_supervised_learns_as_well_as_a_plain_loop(shapes, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def clip_run(shapes, tmp_path_factory) -> tuple[Path, str]:
     """A CLIP trained on the shapes' captions (LEARN steps, in this process): its run directory and console output."""
+    return clip_fit(shapes, tmp_path_factory.mktemp("clip"), seed=7)
+
+
+def clip_fit(shapes: Path, tmp: Path, seed: int) -> tuple[Path, str]:
     import contextlib
     import io
 
     from framework.commands.fit import fit as run_fit
 
-    tmp = tmp_path_factory.mktemp("clip")
+    tmp.mkdir(parents=True, exist_ok=True)
     cfg = config(tmp, shapes, CLIP_TASK, {
         "preset": "clip-test", "lr": 1e-3, "warmup_steps": LEARN["warmup"], "min_lr_ratio": 1.0, "betas": [0.9, 0.999],
         "zero_shot_templates": ["a small {}", "a large {}"]},
         steps=LEARN["steps"], data_args={"crop_scale": [1.0, 1.0], "hflip": False, "batch_size": LEARN["batch"],
                                          "captions": True, "max_caption_tokens": 30})
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "seed_everything": seed}))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         run_fit(["--config", str(cfg)])
@@ -135,34 +140,44 @@ def clip_run(shapes, tmp_path_factory) -> tuple[Path, str]:
 
 
 @pytest.mark.slow
-def test_clip_learns_as_well_as_a_plain_loop_and_classifies_zero_shot(shapes, clip_run):
+def test_clip_learns_as_well_as_a_plain_loop_and_classifies_zero_shot(shapes, clip_run, tmp_path):
+    """Over three seeds each (one run of each arm varies by over 20% between seeds on some CPUs: seed 7 gave 1.72
+    (framework) and 1.80 (plain) on an EPYC where seeds 8 and 9 gave 1.33-1.39 and 1.30)."""
     from framework.data.tokenizer import load_tokenizer
     from framework.models.clip import CLIP, CLIPConfig
     from framework.objectives.contrastive import clip_loss
     from framework.inference import evaluate
 
+    def measured(out: str) -> tuple[float, float]:
+        return float(out.split("val/loss:")[1].split()[0]), float(out.split("zero-shot top-1: ")[1].split("%")[0]) / 100
+
     run, out = clip_run
-    top1 = float(out.split("zero-shot top-1: ")[1].split("%")[0]) / 100
-    val_loss = float(out.split("val/loss:")[1].split()[0])
+    val_loss, top1 = measured(out)
+    framework = [(val_loss, top1)] + [measured(clip_fit(shapes, tmp_path / f"seed{s}", seed=s)[1]) for s in (8, 9)]
 
     def loss(model, batch):
         images, texts, scale = model(batch["images"], batch["tokens"], batch["lengths"])
         return clip_loss(images, texts, scale, batch["valid"])[0]
 
     tok = load_tokenizer(shapes / "tokenizer.json")
-    model = CLIP(CLIPConfig.from_preset("clip-test", text={"vocab_size": tok.vocab_size},
-                                        special_ids={k: v for k, v in tok.special_ids.items()
-                                                     if k in ("eod", "pad", "cls", "sep")}))
-    val = plain_loop(shapes, model, loss, lr=1e-3, captions=True)
-    with torch.no_grad():
-        plain_loss = np.mean([float(loss(model, b)) for b in val["batches"]])
-        plain = evaluate(model, tok, val["batches"], val["dm"].class_names, ["a small {}", "a large {}"])
-    # within 15%: at this size, the plain loop's val loss alone varies by ~5% between init seeds
-    assert val_loss < plain_loss * 1.15, f"framework val loss {val_loss:.3f} vs plain loop {plain_loss:.3f}"
-    print(f"CLIP: framework val loss {val_loss:.3f} zero-shot {top1:.3f}; plain loop {plain_loss:.3f} "
-          f"{plain['zero_shot_top1']:.3f}")
+    plain = []
+    for seed in (7, 8, 9):
+        torch.manual_seed(seed)
+        model = CLIP(CLIPConfig.from_preset("clip-test", text={"vocab_size": tok.vocab_size},
+                                            special_ids={k: v for k, v in tok.special_ids.items()
+                                                         if k in ("eod", "pad", "cls", "sep")}))
+        val = plain_loop(shapes, model, loss, lr=1e-3, captions=True)
+        with torch.no_grad():
+            plain_loss = np.mean([float(loss(model, b)) for b in val["batches"]])
+            scores = evaluate(model, tok, val["batches"], val["dm"].class_names, ["a small {}", "a large {}"])
+        plain.append((plain_loss, scores["zero_shot_top1"]))
+    (fw_loss, fw_top1), (plain_loss, plain_top1) = np.mean(framework, axis=0), np.mean(plain, axis=0)
+    print(f"CLIP over 3 seeds: framework val loss {fw_loss:.3f} zero-shot {fw_top1:.3f}; plain loop {plain_loss:.3f} "
+          f"{plain_top1:.3f}")
+    # within 15%: at this size, the plain loop's val loss alone varies between init seeds
+    assert fw_loss < plain_loss * 1.15, f"framework val loss {fw_loss:.3f} vs plain loop {plain_loss:.3f}"
     assert top1 > 3 / 36, f"zero-shot top-1 {top1:.3f} is not 3x chance"
-    assert top1 > plain["zero_shot_top1"] - 0.05, f"framework {top1:.3f} vs plain loop {plain['zero_shot_top1']:.3f}"
+    assert fw_top1 > plain_top1 - 0.05, f"framework {fw_top1:.3f} vs plain loop {plain_top1:.3f}"
 
     # `pretrain zero-shot` on the checkpoint gives the validation's figure
     ckpt = run / "checkpoints" / "last.ckpt"
