@@ -234,10 +234,11 @@ def assert_one_line_error(r: subprocess.CompletedProcess, fragment: str) -> None
     (["--model.lrr", "1"], "unknown config key 'model.lrr' (did you mean 'lr'?)"),
     (["--trainer.max_step", "3"], "did you mean 'max_steps'"),
     (["--model.init_args.config", "{vocab_size: 100}"], "set model.config.vocab_size >= 261"),
+    (["--data.init_args.seq_len", "65"], "data.seq_len=65 is longer than the model's context (seq_len=64)"),
     (["--data.path", "/nonexistent/shards"], "does not exist"),
     (["--ckpt_path", "/nonexistent.ckpt"], "checkpoint '/nonexistent.ckpt' does not exist"),
     (["--trainer.devices", "0"], "the trainer settings are invalid: `Trainer(devices='0')`"),
-], ids=["preset", "key", "abbreviation", "vocab", "data-dir", "ckpt", "devices-0"])
+], ids=["preset", "key", "abbreviation", "vocab", "context", "data-dir", "ckpt", "devices-0"])
 def test_bad_input_is_one_line_and_exit_2(shards, tmp_path, args, fragment):
     r = run_main("fit", "--config", str(write_config(tmp_path, shards)), *args, cwd=tmp_path)
     assert_one_line_error(r, fragment)

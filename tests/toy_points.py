@@ -104,6 +104,9 @@ class PointDataModule(SampleDataModule):
             self._indexes[split] = PointIndex(shards)
         self._choose_units(stage, "points")
 
+    def model_fields(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes}  # the model's head is sized to the data's classes
+
     def _stream(self, shards: list[Shard], batch_size: int, shuffle: bool, train: bool) -> PointStream:
         rank, world = self._world()
         split = "train" if train else "val"
@@ -153,13 +156,6 @@ class PointTask(PretrainTask):
     def check_data(self, datamodule: Any) -> None:
         if not isinstance(datamodule, PointDataModule):
             raise UserError("PointTask reads points: set data.class_path toy_points.PointDataModule")
-
-    def resolve_config(self) -> PointConfig:
-        dm = self.datamodule()
-        if dm is not None:
-            self.check_data(dm)
-        overrides = {"num_classes": dm.num_classes} if dm is not None else {}
-        return PointConfig.from_preset(self.preset, **{**overrides, **self.overrides})
 
     def compute_losses(self, batch: dict[str, Any]) -> Measures:
         logits = self(batch["xy"]).float()

@@ -202,6 +202,15 @@ class StreamDataModule(L.LightningDataModule):
             raise UserError(f"the data's tokenizer has {self.vocab_size} tokens but the model's embedding has "
                             f"{model_vocab_size}; set model.config.vocab_size >= {self.vocab_size} or leave it unset")
 
+    def model_fields(self) -> dict[str, Any]:
+        """The model config fields this data fixes (token windows: the vocabulary); a task's explicit
+        `model.config` overrides win. None by default."""
+        return {}
+
+    def check_model(self, config: Any) -> None:
+        """Fail at start-up, with one line, when a model config does not fit this data (token windows: a vocabulary
+        or a context too small). Nothing to check by default."""
+
     def baseline(self) -> dict[str, Any] | None:
         """What the val loss compares with: the best guess that ignores the input, scored on the val split, as
         {"loss", optionally "accuracy" and "name" (default "unigram")}; None without a val split or when the modality

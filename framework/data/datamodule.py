@@ -84,6 +84,15 @@ class ShardDataModule(StreamDataModule):
             warnings.warn(f"the val split has {windows} windows of {self.window_len} tokens, fewer than one batch "
                           "on every rank: validation is skipped (prepare with a larger --val-fraction)", stacklevel=2)
 
+    def model_fields(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size}
+
+    def check_model(self, config: Any) -> None:
+        self.check_vocab(config.vocab_size)
+        if self.seq_len > config.seq_len:
+            raise UserError(f"data.seq_len={self.seq_len} is longer than the model's context "
+                            f"(seq_len={config.seq_len}); lower data.seq_len or set model.config.seq_len")
+
     def _baseline(self) -> dict[str, float]:
         """Val loss (nats/token) of the best context-free model: the train split's unigram distribution."""
         from framework.data.shards import unigram_cross_entropy

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from framework.data.base import StreamDataModule
 from framework.errors import UserError
 from framework.models.transformer import TransformerConfig
 
@@ -138,18 +139,15 @@ class PretrainTask(L.LightningModule):
         return self.trainer.datamodule if self._trainer is not None else None
 
     def resolve_config(self) -> TransformerConfig:
-        """The preset with its overrides, sized to the data: vocabulary from the shards, context checked."""
-        overrides = dict(self.overrides)
+        """The preset with its overrides, sized to the data (the fields its datamodule fixes, e.g. the vocabulary)
+        and checked against it (e.g. the context)."""
         dm = self.datamodule()
-        if dm is not None:
-            overrides.setdefault("vocab_size", dm.vocab_size)
-        config = self.model_class.config_class.from_preset(self.preset, **overrides)
+        fields = dm.model_fields() if isinstance(dm, StreamDataModule) else {}
+        config = self.model_class.config_class.from_preset(self.preset, **{**fields, **self.overrides})
         if dm is not None:
             self.check_data(dm)
-            dm.check_vocab(config.vocab_size)
-            if dm.seq_len > config.seq_len:
-                raise UserError(f"data.seq_len={dm.seq_len} is longer than the model's context "
-                                f"(seq_len={config.seq_len}); lower data.seq_len or set model.config.seq_len")
+            if isinstance(dm, StreamDataModule):
+                dm.check_model(config)
         return config
 
     def build_model(self) -> nn.Module:
