@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_fit import cli, make_shards, write_config
+from dist_fit import cli, write_config
 from framework.errors import UserError
 from framework.objectives.causal_lm import shift
 from framework.tasks.causal_lm import CausalLMTask
@@ -59,11 +59,6 @@ class AuxProbe(L.Callback):
                "devices": sorted({str(p.device) for p in params.values()})}
         with open(f"{self.path}.rank{trainer.global_rank}.json", "w") as f:
             json.dump(out, f)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory, val_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
