@@ -37,17 +37,6 @@ def make_corpus(src: Path, docs: int = 12, words: int = 60, seed: int = 0) -> No
         (src / f"doc{i:03d}.txt").write_text(f"# {i}\n{text}\n")
 
 
-def make_shards(tmp_path_factory: Any, val_fraction: float) -> Path:
-    """make_corpus prepared with the byte tokenizer into a fresh temp dir."""
-    from framework.data.prepare import prepare
-
-    src = tmp_path_factory.mktemp("corpus")
-    make_corpus(src)
-    out = tmp_path_factory.mktemp("shards") / "data"
-    prepare([str(src)], out, tokenizer="bytes", val_fraction=val_fraction, seed=0, progress=False)
-    return out
-
-
 FAMILY_TASKS = {  # family -> (task, tiny preset, datamodule)
     "gpt": ("framework.tasks.causal_lm.CausalLMTask", "gpt-tiny", "framework.data.datamodule.ShardDataModule"),
     "bert": ("framework.tasks.masked_lm.MaskedLMTask", "bert-test", "framework.data.datamodule.MaskedLMDataModule"),
