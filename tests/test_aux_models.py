@@ -1,5 +1,6 @@
-"""Auxiliary frozen models (PretrainTask.aux_models): a distillation teacher is loaded from a checkpoint, frozen, kept
-out of the optimizer and the checkpoints, checked on resume, and sharded by FSDP2 like the trained model."""
+"""Auxiliary frozen models (PretrainTask.aux_models), through the distillation task's teacher: loaded from a checkpoint,
+frozen, kept out of the optimizer and the checkpoints, checked on resume, sharded by FSDP2 and ZeRO-3 like the
+trained model."""
 
 from __future__ import annotations
 
@@ -11,31 +12,10 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dist_fit import cli, write_config
 from framework.errors import UserError
-from framework.objectives.causal_lm import shift
-from framework.tasks.causal_lm import CausalLMTask
-
-
-class DistillTask(CausalLMTask):
-    """A GPT trained on its data plus a KL term towards a frozen teacher's next-token distribution."""
-
-    aux_models = {"teacher": "teacher_path"}
-
-    def __init__(self, teacher_path: str | None = None, alpha: float = 0.5, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.teacher_path, self.alpha = teacher_path, alpha
-
-    def compute_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
-        inputs, targets = shift(batch["tokens"])  # (B, T) each
-        logits = self(inputs)  # (B, T, V)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        teacher = self.aux["teacher"](inputs)  # (B, T, V), no grad
-        kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
-                      reduction="batchmean") / inputs.shape[1]
-        return {"loss": ((1 - self.alpha) * ce + self.alpha * kl, targets.numel()), "kl": (kl, targets.numel())}
+from framework.tasks.distill import DistilledCausalLMTask
 
 
 class AuxProbe(L.Callback):
@@ -47,12 +27,16 @@ class AuxProbe(L.Callback):
     def on_train_start(self, trainer, pl_module):
         teacher = pl_module.aux["teacher"]
         params = dict(teacher.module.named_parameters())
+
+        def local(p):  # this rank's part: a DTensor's shard, a ZeRO-3 partition, or the whole tensor
+            return p.to_local().numel() if hasattr(p, "to_local") else p.ds_tensor.numel() if hasattr(
+                p, "ds_tensor") else p.numel()
         # what the optimizer and the strategy's wrapper (DDP, DeepSpeed's engine) see: the task's own parameters
         trained = {id(p) for p in pl_module.parameters()}
         trained |= {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
         out = {"sharded": all(hasattr(p, "full_tensor") for p in params.values()),
-               "local": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params.values()),
-               "full": sum(p.numel() for p in params.values()),
+               "local": sum(local(p) for p in params.values()),
+               "full": sum(getattr(p, "ds_numel", p.numel()) for p in params.values()),
                "frozen": not any(p.requires_grad for p in params.values()) and not teacher.training,
                "in_optimizer": any(id(p) in trained for p in params.values()),
                "zero3": any(hasattr(p, "ds_id") for p in params.values()),  # partitioned by ZeRO-3
@@ -76,8 +60,8 @@ def teacher(shards, tmp_path_factory) -> Path:
 def _config(tmp: Path, shards: Path, teacher: Path, max_steps: int, **kwargs: Any) -> Path:
     config = write_config(tmp, shards, max_steps=max_steps, **kwargs)
     cfg = json.loads(config.read_text())
-    cfg["model"] = {"class_path": "test_aux_models.DistillTask",
-                    "init_args": {**cfg["model"]["init_args"], "preset": "gpt-tiny", "teacher_path": str(teacher)}}
+    cfg["model"] = {"class_path": "framework.tasks.distill.DistilledCausalLMTask",
+                    "init_args": {**cfg["model"]["init_args"], "preset": "gpt-tiny", "teacher": str(teacher)}}
     config.write_text(json.dumps(cfg))
     return config
 
@@ -125,10 +109,10 @@ def test_plan_counts_a_teacher_in_the_weights_not_the_optimizer(teacher):
     from framework.commands.plan import describe_model, estimate
     from framework.tasks.aux import aux_parameters
 
-    counts = aux_parameters(DistillTask, {"teacher_path": str(teacher)})
+    counts = aux_parameters(DistilledCausalLMTask, {"teacher": str(teacher)})
     state = torch.load(teacher, map_location="cpu", weights_only=False)["state_dict"]
     assert counts == {"teacher": sum(t.numel() for k, t in state.items() if k != "model.lm_head.weight")}  # tied
-    assert aux_parameters(DistillTask, {"teacher_path": None}) == {}
+    assert aux_parameters(DistilledCausalLMTask, {"teacher": None}) == {}
     student = describe_model("gpt-tiny", seq_len=32)
     with_teacher = describe_model("gpt-tiny", seq_len=32, aux_params=counts["teacher"])
     for strategy, share in (("ddp", 1), ("fsdp", 2), ("deepspeed_stage_3", 1)):
@@ -143,18 +127,19 @@ def test_plan_reads_a_teacher_from_a_fit_config(teacher, tmp_path, capsys):
     from framework.commands.plan import main
 
     config = tmp_path / "distill.yaml"
-    config.write_text(yaml.safe_dump({"model": {"class_path": "test_aux_models.DistillTask", "init_args": {
-        "preset": "gpt-tiny", "teacher_path": str(teacher)}}, "data": {"init_args": {"seq_len": 32}}}))
+    config.write_text(yaml.safe_dump({"model": {"class_path": "framework.tasks.distill.DistilledCausalLMTask",
+                                                "init_args": {"preset": "gpt-tiny", "teacher": str(teacher)}}, "data": {"init_args": {"seq_len": 32}}}))
     main(["--config", str(config), "--gpus", "2"])
     header = capsys.readouterr().out.splitlines()[0]
     assert header.startswith("gpt-tiny: 0.00B parameters (+ 0.00B frozen auxiliary), seq 32"), header
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2", "deepspeed_stage_3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3"])
 def test_two_ranks_shard_or_replicate_the_teacher(strategy, shards, teacher, tmp_path):
-    """FSDP2 shards the teacher over the ranks like the trained model; DeepSpeed (ZeRO-2 and ZeRO-3) leaves it out
-    of its engine, a full copy on each rank. No strategy's checkpoint holds it."""
+    """FSDP2 shards the teacher over the ranks like the trained model, ZeRO-3 partitions it (an inference engine of
+    its own); DDP and ZeRO-2 hold a full copy on each rank, outside the trained model's wrapper. No strategy's
+    checkpoint holds it."""
     if strategy.startswith("deepspeed"):
         from dist_fit import build_deepspeed_ops
 
@@ -168,6 +153,9 @@ def test_two_ranks_shard_or_replicate_the_teacher(strategy, shards, teacher, tmp
     if strategy == "fsdp":
         assert all(h["sharded"] for h in held), held
         assert held[0]["local"] + held[1]["local"] == held[0]["full"] and held[0]["local"] < held[0]["full"]
+    elif strategy == "deepspeed_stage_3":  # each rank's partitions: half of every tensor (rounded up), never whole
+        assert all(h["zero3"] for h in held), held
+        assert all(h["full"] / 2 <= h["local"] < 0.6 * h["full"] for h in held), held
     else:
         assert all(not h["sharded"] and not h["zero3"] and h["local"] == h["full"] > 0 for h in held), held
     from framework.checkpoint.reader import checkpoint_meta, model_tensors

@@ -40,11 +40,14 @@ class RunSummary(L.Callback):
         if "train/loss" in metrics:
             lines.append(f"train/loss: {float(metrics['train/loss']):.4f}")
         dm = trainer.datamodule
-        if "val/loss" in metrics:
-            loss = float(metrics["val/loss"])
+        # the data's log-likelihood: val/loss, or the task's own part of a mixed loss (distillation's task_loss)
+        key = f"val/{getattr(pl_module, 'likelihood', 'loss')}"
+        key = key if key in metrics else "val/loss"
+        if key in metrics:
+            loss = float(metrics[key])
             ppl = f" (ppl {float(metrics['val/ppl']):.2f})" if "val/ppl" in metrics else ""
             per = pl_module.loss_per if isinstance(pl_module, PretrainTask) else "token"
-            lines.append(f"val/loss:   {loss:.4f} nats/{per}{ppl}")
+            lines.append(f"{key + ':':<11} {loss:.4f} nats/{per}{ppl}")
             # the best guess that ignores the input, on the same val split (None: no val split, or none for the data)
             base = dm.baseline() if self.baseline and isinstance(dm, StreamDataModule) else None
             if base is not None:

@@ -23,6 +23,7 @@ the trained tensors and record where the rest comes from; framework.checkpoint.r
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,10 +68,12 @@ def source_tokenizer(path: str) -> str | None:
 
 
 def load_weights(model: nn.Module, path: str, strategy: Any, tied: tuple[str, ...], prefix: str = "",
-                 skip: tuple[str, ...] = ()) -> InitReport:
+                 skip: tuple[str, ...] = (), layers: list[int] | None = None) -> InitReport:
     """Copy the weights at `path` into `model` (already laid out by `strategy`); see the module docstring.
     `prefix`: take only the source's tensors under it (e.g. `visual.`, a CLIP's image tower), without it.
-    `skip`: name prefixes of the model's tensors that keep their fresh init (e.g. `head.`: a new head)."""
+    `skip`: name prefixes of the model's tensors that keep their fresh init (e.g. `head.`: a new head).
+    `layers`: block i of the model takes the source's block layers[i] (a shallower student from its teacher,
+    DistilBERT's one layer in two: [0, 2, 4, ...]); every other tensor by its own name."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     checkpoint = _source(path)
@@ -81,13 +84,16 @@ def load_weights(model: nn.Module, path: str, strategy: Any, tied: tuple[str, ..
         source = {n[len(prefix):]: v for n, v in source.items() if n.startswith(prefix)}
     if skip:
         source = {n: v for n, v in source.items() if not n.startswith(skip)}
+    unmapped: list[str] = []
+    if layers is not None:
+        source, unmapped = _map_blocks(source, model, layers, path)
     # a classifier takes the weights of its backbone's family
     found, expected = model_type_of(config), model.config.family
     if found != expected:
         raise UserError(f"model.init_from '{path}' holds a {found!r} model but this task builds a {expected!r} one; "
                         f"pass a checkpoint or export of a {expected!r} model")
     targets = {n: p for n, p in [*model.named_parameters(), *model.named_buffers()] if n not in tied}
-    report = InitReport(new=sorted(set(targets) - set(source)), dropped=sorted(set(source) - set(targets)))
+    report = InitReport(new=sorted(set(targets) - set(source)), dropped=sorted(set(source) - set(targets)) + unmapped)
     wrong = [f"{n} {tuple(_full_shape(targets[n]))} vs {source[n].shape}" for n in sorted(set(targets) & set(source))
              if tuple(_full_shape(targets[n])) != source[n].shape]
     if wrong:
@@ -114,6 +120,36 @@ def load_weights(model: nn.Module, path: str, strategy: Any, tied: tuple[str, ..
         report.loaded.append(name)
         report.parameters += int(torch.Size(source[name].shape).numel())
     return report
+
+
+_BLOCK = re.compile(r"^((?:.+\.)?(?:h|blocks))\.(\d+)\.")  # transformer.h.3.attn... (GPT, encoder), blocks.3. (ViT)
+
+
+def _map_blocks(source: dict[str, Any], model: nn.Module, layers: list[int],
+                path: str) -> tuple[dict[str, Any], list[str]]:
+    """The source's tensors renamed so that the model's block i reads the source's block layers[i], and the names
+    of the source's blocks the map leaves out (reported as dropped)."""
+    def blocks(names: Any) -> set[int]:
+        return {int(m.group(2)) for n in names if (m := _BLOCK.match(n))}
+
+    ours, theirs = blocks(n for n, _ in model.named_parameters()), blocks(source)
+    if len(layers) != len(ours):
+        raise UserError(f"model.init_layers names {len(layers)} blocks but the model has {len(ours)}; give one block "
+                        f"of '{path}' per block of the model")
+    missing = sorted(set(layers) - theirs)
+    if missing:
+        raise UserError(f"model.init_layers names blocks {missing} that '{path}' does not have (it has "
+                        f"{len(theirs)}: 0..{len(theirs) - 1})")
+    out, unused = {n: v for n, v in source.items() if not _BLOCK.match(n)}, []
+    for name, value in source.items():
+        m = _BLOCK.match(name)
+        if m:
+            if int(m.group(2)) not in layers:
+                unused.append(name)
+            for i, j in enumerate(layers):
+                if j == int(m.group(2)):
+                    out[f"{m.group(1)}.{i}.{name[m.end():]}"] = value
+    return out, sorted(unused)
 
 
 def _full_shape(t: torch.Tensor) -> torch.Size:

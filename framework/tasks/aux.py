@@ -33,15 +33,20 @@ class Frozen(nn.Module):
 
 
 def load_frozen(path: str, strategy: Any, block_types: tuple[type[nn.Module], ...]) -> Frozen:
-    """The model at `path`, frozen, on the strategy's device and in its precision, and under FSDP2 sharded like the
-    trained model (`block_types` are the units; the weights are read into each rank's shards). Under every other
-    strategy each rank holds a full copy, read from the same source (so all ranks agree without a broadcast).
-    Call outside `deepspeed.zero.Init` (PretrainTask calls it from `setup`): ZeRO-3 must not partition it."""
+    """The model at `path`, frozen, on the strategy's device and in its precision, sharded over the ranks where the
+    trained model is: under FSDP2 like the trained model (`block_types` are the units; the weights are read into
+    each rank's shards), under ZeRO-3 partitioned as it is built and run by an inference-only DeepSpeed engine of its
+    own (no optimizer), which gathers one module's parameters at a time in forward. So a teacher larger than one
+    device's memory fits where the student does. Under DDP, ZeRO-1/2 and one process each rank holds a full copy,
+    read from the same source (so all ranks agree without a broadcast). PretrainTask calls this from `setup`, outside
+    the trained model's `deepspeed.zero.Init`."""
     from framework.checkpoint.init_from import load_weights, source_config
-    from framework.distributed import FSDP2Strategy, apply_fsdp2
+    from framework.distributed import FSDP2Strategy, apply_fsdp2, is_deepspeed
     from framework.models import build_model, config_from_dict
 
     config = config_from_dict(source_config(path))
+    if is_deepspeed(strategy) and strategy.zero_stage_3:
+        return Frozen(_zero3_engine(config, path, strategy))
     model = build_model(config)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -58,6 +63,29 @@ def load_frozen(path: str, strategy: Any, block_types: tuple[type[nn.Module], ..
             fully_shard(model, mesh=mesh)
     load_weights(model, path, strategy, model.tied_weights)
     return Frozen(model)
+
+
+def _zero3_engine(config: Any, path: str, strategy: Any) -> nn.Module:
+    """A ZeRO-3 inference engine of the model at `path`: built inside `zero.Init` (each rank allocates its partition
+    only), the weights copied in one tensor at a time (init_from.load_weights), then wrapped by
+    `deepspeed.initialize` without an optimizer, which registers the hooks that gather each module's parameters
+    for its forward and release them after (the run's stage-3 settings: prefetch, persistence, offload)."""
+    import deepspeed
+
+    from framework.checkpoint.init_from import load_weights
+    from framework.models import build_model
+
+    run = getattr(strategy, "full_config", strategy.config)  # ours keeps the whole JSON, batch shape included
+    zero = {k: v for k, v in run.get("zero_optimization", {}).items() if k != "offload_optimizer"}
+    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16")
+    ds_config = {**{k: run[k] for k in keys if k in run}, "zero_optimization": zero}
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = build_model(config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    load_weights(model, path, strategy, model.tied_weights)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    return engine
 
 
 def source_parameters(path: str) -> int:

@@ -52,32 +52,29 @@ class PretrainTask(L.LightningModule):
     init_from: start from the weights of this checkpoint (any strategy's) or `pretrain export` directory; only the
         weights: optimizer, step, schedule, data position and W&B run start fresh (framework.checkpoint.init_from).
         Ignored when the run resumes (--ckpt_path), whose checkpoint has the weights.
+    init_layers: with init_from, block i of the model takes init_from's block init_layers[i] (a student from its
+        teacher, one layer in two as DistilBERT: [0, 2, 4]); unset: the same blocks by name.
 
     Auxiliary frozen models (a distillation teacher, a reference model) are declared, not built by hand:
     `aux_models = {"teacher": "teacher_path"}` names each one and the __init__ argument whose value is its source
     (any checkpoint of `pretrain fit`, any strategy's, or a `pretrain export` directory). In `setup`, before the
     trained model is built, each is built from its source's config and weights (framework.tasks.aux.load_frozen) and
     put in `self.aux[name]`: frozen (no gradient, eval mode, its forward under no_grad), on the strategy's device in
-    its precision, sharded by FSDP2 like the trained model (the task's `block_types`), a full copy on every rank
-    under DDP and DeepSpeed (ZeRO-3 included: it is built outside `zero.Init`, and no engine holds it). It is
-    not a submodule: it is not in `parameters()`, so neither in the optimizer nor in DDP's reducer or DeepSpeed's
+    its precision, sharded by FSDP2 like the trained model (the task's `block_types`), partitioned by ZeRO-3 (an
+    inference engine of its own), a full copy on every rank under DDP and ZeRO-1/2. It is not a submodule: it is
+    not in `parameters()`, so neither in the optimizer nor in DDP's reducer or the trained model's DeepSpeed
     engine, and never in a checkpoint, which records its source path and tensor fingerprints instead (key
     "aux_models"); a resume whose source has changed since is refused in one line. `pretrain plan` counts it in
     the weights' memory, not in the optimizer's (framework.tasks.aux.aux_parameters). An optional source: leave
-    its argument None and it is not built. Example:
-
-        class DistillTask(CausalLMTask):  # --model.init_args.teacher_path runs/teacher/checkpoints/last.ckpt
-            aux_models = {"teacher": "teacher_path"}
-            def __init__(self, teacher_path: str, **kwargs):
-                super().__init__(**kwargs); self.teacher_path = teacher_path
-            def compute_losses(self, batch): ... self.aux["teacher"](inputs) ...  # (B, T, V) logits, no grad
-    (tests/test_aux_models.py has a whole one.)
+    its argument None and it is not built. framework/tasks/distill.py is the example (`aux_models = {"teacher":
+    "teacher"}`, then `self.aux["teacher"](inputs)` in compute_losses: logits, no grad).
     """
 
     def __init__(self, lr: float = 6e-4, min_lr_ratio: float = 0.1, warmup_steps: int = 100,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  grad_clip: float = 1.0, activation_checkpointing: bool = False, compile: bool = False,
-                 peak_tflops: float | None = None, init_from: str | None = None):
+                 peak_tflops: float | None = None, init_from: str | None = None,
+                 init_layers: list[int] | None = None):
         super().__init__()
         if lr <= 0 or not 0 <= min_lr_ratio <= 1 or warmup_steps < 0 or grad_clip < 0:
             raise UserError("model.lr must be > 0, model.min_lr_ratio in [0, 1], model.warmup_steps and "
@@ -89,7 +86,9 @@ class PretrainTask(L.LightningModule):
         if init_from is not None and not os.path.exists(init_from):
             raise UserError(f"model.init_from '{init_from}' does not exist; pass a checkpoint of `pretrain fit` or a "
                             "directory of `pretrain export`")
-        self.init_from = init_from
+        if init_layers is not None and init_from is None:
+            raise UserError("model.init_layers maps blocks of model.init_from: set model.init_from too")
+        self.init_from, self.init_layers = init_from, None if init_layers is None else list(init_layers)
         self.model: nn.Module | None = None
         self._forward: Any = None  # the compiled forward, kept out of the module tree (and the state dict)
         self._val_sums: dict[str, list[torch.Tensor]] = {}  # name -> [sum of mean * count, sum of counts]
@@ -109,6 +108,7 @@ class PretrainTask(L.LightningModule):
     model_class: type[nn.Module]  # the model family; its `config_class` has the presets and the model_type
     block_types: tuple[type[nn.Module], ...] = ()  # the model's repeated blocks: units of sharding and recompute
     perplexity = False  # log val/ppl = exp(val/loss): only where the loss is a per-token log-likelihood of the data
+    likelihood = "loss"  # the measure that is that log-likelihood (distillation optimizes a mix: its "task_loss")
     unit = "tokens"  # what batch_tokens counts: logged as {unit}_seen and {unit}_per_sec
     loss_per = "token"  # what val/loss is a mean over, for the run summary ("document", "image", "pair", ...)
     aux_models: dict[str, str] = {}  # auxiliary frozen model name -> the __init__ argument holding its source path
@@ -123,7 +123,19 @@ class PretrainTask(L.LightningModule):
 
     def compute_losses(self, batch: dict[str, Any]) -> Measures:
         """Named measures of a batch: name -> (mean, count). "loss" is optimized; all are logged as train/NAME and,
-        reduced over ranks as count-weighted means, val/NAME."""
+        reduced over ranks as count-weighted means, val/NAME. By default: `measures` of `scored_logits(self, ...)`;
+        a task whose measures do not come from per-row logits (CLIP) overrides this instead."""
+        logits, targets = self.scored_logits(self, batch)
+        return self.measures(logits, targets, batch)
+
+    def scored_logits(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits a model gives for the rows the task scores, (N, V), and their targets (N,) (IGNORE_INDEX for a
+        row that is not scored, e.g. a filler image). `model` is this task (its forward) or a model of the same
+        output space (a distillation teacher, framework.tasks.distill): the split lets both be scored alike."""
+        raise NotImplementedError
+
+    def measures(self, logits: torch.Tensor, targets: torch.Tensor, batch: dict[str, Any]) -> Measures:
+        """The named measures of `scored_logits`' output (the loss first among them)."""
         raise NotImplementedError
 
     def batch_tokens(self, batch: dict[str, Any]) -> int:
@@ -190,7 +202,8 @@ class PretrainTask(L.LightningModule):
         from framework.checkpoint.init_from import load_weights
 
         assert self.model is not None and self.init_from is not None
-        report = load_weights(self.model, self.init_from, self.trainer.strategy, self.model.tied_weights)
+        report = load_weights(self.model, self.init_from, self.trainer.strategy, self.model.tied_weights,
+                              layers=self.init_layers)
         if self.trainer.is_global_zero and self.print_init_report:
             print("\n".join(report.lines(self.init_from)), flush=True)
 
@@ -231,8 +244,9 @@ class PretrainTask(L.LightningModule):
         loss = means[names.index("loss")].float()
         if not torch.isfinite(loss):
             rank_zero_warn(f"val/loss is {float(loss)}: the model has diverged (or a val batch is broken)")
-        if self.perplexity:
-            self.log("val/ppl", torch.exp(loss.clamp(max=30)), rank_zero_only=True)
+        if self.perplexity and self.likelihood in names:
+            nll = means[names.index(self.likelihood)].float()
+            self.log("val/ppl", torch.exp(nll.clamp(max=30)), rank_zero_only=True)
 
     # ---------------------------------------------------------------- optimization
     def configure_optimizers(self) -> dict[str, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from framework.models.gpt import GPT
 from framework.models.transformer import Block
 from framework.objectives.causal_lm import causal_lm_loss, shift
@@ -29,10 +31,12 @@ class CausalLMTask(PretrainTask):
         self.save_hyperparameters()
         self.set_model_config(preset, config)
 
-    def compute_losses(self, batch: dict[str, Any]) -> Measures:
+    def scored_logits(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = shift(batch["tokens"])  # (B, T) each
-        logits = self(inputs)  # (B, T, V)
-        return {"loss": (causal_lm_loss(logits, targets), targets.numel())}
+        return model(inputs).flatten(0, 1), targets.flatten()  # (B*T, V), (B*T,): every position is scored
+
+    def measures(self, logits: torch.Tensor, targets: torch.Tensor, batch: dict[str, Any]) -> Measures:
+        return {"loss": (causal_lm_loss(logits[None], targets[None]), targets.numel())}
 
     def batch_tokens(self, batch: dict[str, Any]) -> int:
         B, W = batch["tokens"].shape

@@ -198,9 +198,10 @@ class ClassificationTask(ClassMetrics, PretrainTask):
         return 1.0  # the final LayerNorm
 
     # ---------------------------------------------------------------- measures
-    def compute_losses(self, batch: dict[str, Any]) -> Measures:
-        logits = self(batch["tokens"], batch["lengths"])  # (B, K)
-        labels = batch["labels"]  # (B,); -100 for validation's filler rows
+    def scored_logits(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(batch["tokens"], batch["lengths"]), batch["labels"]  # (B, K); labels -100 for filler rows
+
+    def measures(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict[str, Any]) -> Measures:
         real = labels != IGNORE_LABEL
         count = real.sum()
         loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_LABEL, reduction="sum") / count.clamp(min=1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from framework.errors import UserError
 from framework.models.encoder import Encoder
 from framework.models.transformer import Block
@@ -42,11 +44,12 @@ class MaskedLMTask(PretrainTask):
                             "framework.data.datamodule.MaskedLMDataModule (see configs/bert/smoke.yaml)")
         datamodule.check_specials()
 
-    def compute_losses(self, batch: dict[str, Any]) -> Measures:
+    def scored_logits(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels = batch["input_ids"], batch["labels"]  # (B, T) each
         predict = labels != IGNORE_INDEX  # (B, T)
-        logits = self(inputs, predict=predict)  # (M, V): only the chosen positions are projected
-        targets = labels[predict]  # (M,)
+        return model(inputs, predict=predict), labels[predict]  # (M, V): only the chosen positions are projected
+
+    def measures(self, logits: torch.Tensor, targets: torch.Tensor, batch: dict[str, Any]) -> Measures:
         count = targets.numel()
         return {"loss": (masked_lm_loss(logits, targets), count),
                 "accuracy": (masked_accuracy(logits.detach(), targets), count)}

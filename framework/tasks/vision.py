@@ -121,7 +121,7 @@ class ImageClassificationTask(ClassMetrics, PretrainTask):
         if self.random_init:
             return
         report = load_weights(self.model, self.init_from, self.trainer.strategy, (), prefix=self.init_prefix(),
-                              skip=("head.",))
+                              skip=("head.",), layers=self.init_layers)
         if self.trainer.is_global_zero and self.print_init_report:
             print("\n".join(report.lines(self.init_from)), flush=True)
 
@@ -149,9 +149,11 @@ class ImageClassificationTask(ClassMetrics, PretrainTask):
         return 1.0
 
     # ---------------------------------------------------------------- measures
-    def compute_losses(self, batch: dict[str, Any]) -> Measures:
-        logits = self(batch["images"]).float()  # (B, K)
-        labels = batch["labels"]  # (B,); -100 for filler rows and undecodable images
+    def scored_logits(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(batch["images"]), batch["labels"]  # (B, K); labels -100 for filler rows, undecodable images
+
+    def measures(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict[str, Any]) -> Measures:
+        logits = logits.float()
         real = labels != IGNORE_LABEL
         count = real.sum()
         denominator = count.clamp(min=1)

@@ -1,0 +1,176 @@
+"""Knowledge distillation: a student learns its task and, at once, a frozen teacher's distribution over the same outputs.
+
+One mixin, `Distillation`, over any task whose measures come from per-row logits (PretrainTask.scored_logits): the
+teacher is run on the same batch through the task's own `scored_logits`, so it scores exactly the rows the task does
+(every next token for a GPT, the masked positions for an encoder, each image or document for a classifier). The loss
+(framework.objectives.distill) is `alpha * T^2 * KL + (1 - alpha) * task loss`; `loss` is that mix, `task_loss` the
+task's own (what val/ppl and a comparison with a model trained without a teacher read), `kl` the distillation term
+and `agreement` how often the student's top-1 output is the teacher's.
+
+The teacher is an auxiliary frozen model (PretrainTask.aux_models): any checkpoint of `pretrain fit` (any strategy)
+or a `pretrain export` directory, loaded frozen, on every strategy (sharded like the student under FSDP2 and ZeRO-3),
+never in the optimizer or a checkpoint (which records its path and fingerprint; a changed teacher refuses a resume).
+It must speak the student's output space: the same family and tokenizer for a language model, the same classes for
+a classifier; a mismatch is refused in one line before anything is built. Without a teacher the task trains as its
+base task does, which is how the same config gives the from-scratch baseline.
+
+To start the student from the teacher's weights (DistilBERT keeps one layer in two), use
+`model.init_from: TEACHER` with `model.init_layers: [0, 2, ...]` (framework.checkpoint.init_from).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from framework.errors import UserError
+from framework.objectives.distill import KL_DIRECTIONS, agreement, distillation_loss, kl_rows, masked_mean
+from framework.tasks.base import Measures
+from framework.tasks.causal_lm import CausalLMTask
+from framework.tasks.classification import ClassificationTask
+from framework.tasks.masked_lm import MaskedLMTask
+from framework.tasks.vision import ImageClassificationTask
+
+IGNORE = -100  # a row the task does not score (tasks' IGNORE_INDEX / IGNORE_LABEL)
+
+
+class Distillation:
+    """Adds a teacher to a task (the mixin of the Distilled* tasks below). Args, as `--model.NAME`:
+
+    teacher: the teacher's checkpoint or export; unset: no teacher, the base task alone.
+    alpha: the weight of the distillation term (1: the teacher alone; 0: the task alone).
+    temperature: T of the softened softmaxes (Hinton et al. 2015); the KL term is scaled by T^2.
+    kl: `forward` KL(teacher || student), mass-covering, the default; `reverse` KL(student || teacher),
+        mode-seeking (MiniLLM).
+    kl_chunk: vocabulary chunk of the KL's float32 pass (memory, not results).
+    """
+
+    aux_models = {"teacher": "teacher"}
+    likelihood = "task_loss"
+    aux: dict[str, Any]
+
+    def __init__(self, *, teacher: str | None = None, alpha: float = 0.5, temperature: float = 2.0,
+                 kl: str = "forward", kl_chunk: int = 8192, **kwargs: Any):
+        super().__init__(**kwargs)
+        if not 0 <= alpha <= 1 or temperature <= 0 or kl not in KL_DIRECTIONS or kl_chunk < 1:
+            raise UserError(f"model.alpha must be in [0, 1], model.temperature > 0, model.kl one of "
+                            f"{', '.join(KL_DIRECTIONS)} and model.kl_chunk >= 1; got {alpha}, {temperature}, "
+                            f"{kl!r}, {kl_chunk}")
+        self.teacher, self.alpha, self.temperature, self.kl, self.kl_chunk = teacher, alpha, temperature, kl, kl_chunk
+
+    def setup(self, stage: str) -> None:
+        if self.teacher is not None:
+            from framework.checkpoint.init_from import source_config
+
+            self._aux_path("teacher")  # type: ignore[attr-defined]  # a missing path: one line
+            # why the teacher (its model config) cannot teach this task on this data: each task's own check
+            problem = self.teacher_problem(source_config(self.teacher), self.datamodule())  # type: ignore[attr-defined]
+            if problem:
+                raise UserError(f"model.teacher '{self.teacher}' {problem}")
+        super().setup(stage)  # type: ignore[misc]  # builds the teacher
+
+    def compute_losses(self, batch: dict[str, Any]) -> Measures:
+        logits, targets = self.scored_logits(self, batch)  # type: ignore[attr-defined]
+        measures = self.measures(logits, targets, batch)  # type: ignore[attr-defined]
+        if "teacher" not in self.aux:
+            return measures
+        teacher, _ = self.scored_logits(self.aux["teacher"], batch)  # type: ignore[attr-defined]  # no grad
+        scored = targets != IGNORE
+        kl, count = masked_mean(kl_rows(logits, teacher, temperature=self.temperature, direction=self.kl,
+                                        chunk=self.kl_chunk), scored)
+        task, task_count = measures["loss"]
+        loss = distillation_loss(kl, task, alpha=self.alpha, temperature=self.temperature)
+        agree, _ = masked_mean(agreement(logits, teacher), scored)
+        return {**measures, "loss": (loss, task_count), "task_loss": (task.detach(), task_count),
+                "kl": (kl.detach(), count), "agreement": (agree, count)}
+
+    def summary_lines(self) -> list[str]:
+        metrics = self.trainer.callback_metrics  # type: ignore[attr-defined]
+        if self.teacher is None or "val/kl" not in metrics:
+            return super().summary_lines()  # type: ignore[misc]
+        return [f"teacher: {self.teacher}   val/kl: {float(metrics['val/kl']):.4f}   val/agreement (top-1): "
+                f"{float(metrics['val/agreement']):.2%}", *super().summary_lines()]  # type: ignore[misc]
+
+
+def _tokenizer_problem(teacher_path: str, datamodule: Any) -> str | None:
+    from framework.checkpoint.init_from import source_tokenizer
+    from framework.data.tokenizer import Tokenizer, load_tokenizer, same_tokenizer
+
+    text = source_tokenizer(teacher_path)
+    if text is not None and not same_tokenizer(Tokenizer.from_str(text), load_tokenizer(datamodule.tokenizer_path)):
+        return (f"was trained with another tokenizer than the data at '{datamodule.path}': its token ids mean other "
+                f"tokens; prepare the data with `pretrain prepare --tokenizer {teacher_path} ...`")
+    return None
+
+
+class _LanguageTeacher:
+    """A language-model teacher: the student's family, vocabulary and tokenizer."""
+
+    def teacher_problem(self, teacher: dict[str, Any], datamodule: Any) -> str | None:
+        from framework.models.registry import model_type_of
+
+        family = self.model_class.config_class.model_type  # type: ignore[attr-defined]
+        found = model_type_of(teacher)
+        if found != family:
+            return f"holds a {found!r} model; a {family!r} student needs a {family!r} teacher"
+        if datamodule is not None and teacher.get("vocab_size") != datamodule.vocab_size:
+            return (f"has a vocabulary of {teacher.get('vocab_size')} tokens but the data's has "
+                    f"{datamodule.vocab_size}; both must have the same tokenizer")
+        return _tokenizer_problem(self.teacher, datamodule) if datamodule is not None else None  # type: ignore
+
+
+class DistilledCausalLMTask(Distillation, _LanguageTeacher, CausalLMTask):
+    """A GPT student on packed token windows, taught every next-token distribution by a GPT teacher of the same
+    tokenizer (any size). configs/distill/smoke.yaml. Args: Distillation's, then CausalLMTask's."""
+
+
+class DistilledMaskedLMTask(Distillation, _LanguageTeacher, MaskedLMTask):
+    """An encoder student (DistilBERT-style), taught the teacher encoder's distribution at each masked position.
+    configs/distill/bert.yaml. Args: Distillation's, then MaskedLMTask's."""
+
+
+class _ClassTeacher:
+    """A classifier teacher: a model of this task's kind with the data's classes."""
+
+    def teacher_problem(self, teacher: dict[str, Any], datamodule: Any) -> str | None:
+        classes = teacher.get("num_classes")
+        if not classes:
+            return (f"holds a {teacher.get('model_type')!r} model without a classification head; pass a classifier "
+                    "trained on these classes")
+        if datamodule is not None and classes != datamodule.num_classes:
+            return f"predicts {classes} classes but the data has {datamodule.num_classes}"
+        names = teacher.get("class_names")
+        if datamodule is not None and names and list(names) != list(datamodule.class_names):
+            return "was trained on other class names (or another order) than the data's"
+        return None
+
+
+class DistilledImageTask(Distillation, _ClassTeacher, ImageClassificationTask):
+    """An image classifier student (ResNet or ViT) taught by any image classifier of the same classes (DeiT's CNN
+    teacher for a ViT student, or a larger network of the same kind). configs/distill/vision.yaml."""
+
+    def teacher_problem(self, teacher: dict[str, Any], datamodule: Any) -> str | None:
+        from framework.models.registry import image_models
+
+        if teacher.get("model_type") not in image_models():
+            return f"holds a {teacher.get('model_type')!r} model; pass an image classifier ({', '.join(image_models())})"
+        if (teacher["model_type"] == "vit" and datamodule is not None
+                and teacher.get("image_size") != datamodule.image_size):
+            return (f"is a ViT of {teacher.get('image_size')} px images but data.image_size is "
+                    f"{datamodule.image_size}; set data.image_size={teacher.get('image_size')}")
+        return super().teacher_problem(teacher, datamodule)
+
+
+class DistilledClassificationTask(Distillation, _ClassTeacher, ClassificationTask):
+    """A sequence classifier student taught by a fine-tuned sequence classifier of the same classes and tokenizer."""
+
+    def teacher_problem(self, teacher: dict[str, Any], datamodule: Any) -> str | None:
+        if teacher.get("model_type") != "classifier":
+            return f"holds a {teacher.get('model_type')!r} model; pass a fine-tuned sequence classifier"
+        problem = super().teacher_problem(teacher, datamodule)
+        if problem is None and datamodule is not None:
+            problem = _tokenizer_problem(self.teacher, datamodule)  # type: ignore[attr-defined]
+        return problem
+
+
+__all__ = ["Distillation", "DistilledCausalLMTask", "DistilledMaskedLMTask", "DistilledImageTask",
+           "DistilledClassificationTask"]
