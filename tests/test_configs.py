@@ -24,7 +24,7 @@ def test_there_are_configs():
     assert names >= {"gpt/smoke.yaml", "gpt/124m.yaml", "gpt/350m.yaml", "gpt/774m.yaml", "gpt/1.5b.yaml",
                      "bert/smoke.yaml", "bert/base.yaml", "bert/large.yaml", "finetune/smoke.yaml",
                      "vision/smoke.yaml", "vision/resnet50.yaml", "vision/linear-probe.yaml", "clip/smoke.yaml",
-                     "clip/vit-b-16.yaml"}
+                     "clip/vit-b-16.yaml", "distill/smoke.yaml", "distill/bert.yaml", "distill/vision.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(p.parents[1])) for p in CONFIGS])

@@ -5,7 +5,8 @@ teacher is run on the same batch through the task's own `scored_logits`, so it s
 (every next token for a GPT, the masked positions for an encoder, each image or document for a classifier). The loss
 (framework.objectives.distill) is `alpha * T^2 * KL + (1 - alpha) * task loss`; `loss` is that mix, `task_loss` the
 task's own (what val/ppl and a comparison with a model trained without a teacher read), `kl` the distillation term
-and `agreement` how often the student's top-1 output is the teacher's.
+and `agreement` how often the student's top-1 output is the teacher's; validation adds the teacher's own
+`teacher_loss` (cross-entropy, without label smoothing) and `teacher_accuracy` on the same rows.
 
 The teacher is an auxiliary frozen model (PretrainTask.aux_models): any checkpoint of `pretrain fit` (any strategy)
 or a `pretrain export` directory, loaded frozen, on every strategy (sharded like the student under FSDP2 and ZeRO-3),
@@ -21,6 +22,8 @@ To start the student from the teacher's weights (DistilBERT keeps one layer in t
 from __future__ import annotations
 
 from typing import Any
+
+import torch.nn.functional as F
 
 from framework.errors import UserError
 from framework.objectives.distill import KL_DIRECTIONS, agreement, distillation_loss, kl_rows, masked_mean
@@ -80,8 +83,14 @@ class Distillation:
         task, task_count = measures["loss"]
         loss = distillation_loss(kl, task, alpha=self.alpha, temperature=self.temperature)
         agree, _ = masked_mean(agreement(logits, teacher), scored)
-        return {**measures, "loss": (loss, task_count), "task_loss": (task.detach(), task_count),
-                "kl": (kl.detach(), count), "agreement": (agree, count)}
+        out = {**measures, "loss": (loss, task_count), "task_loss": (task.detach(), task_count),
+               "kl": (kl.detach(), count), "agreement": (agree, count)}
+        if not self.training:  # how far the student is from its teacher, on the same val rows
+            teacher = teacher.float()
+            ce = F.cross_entropy(teacher, targets, ignore_index=IGNORE, reduction="sum") / count.clamp(min=1)
+            right, _ = masked_mean((teacher.argmax(-1) == targets).float(), scored)
+            out.update(teacher_loss=(ce, count), teacher_accuracy=(right, count))
+        return out
 
     def summary_lines(self) -> list[str]:
         metrics = self.trainer.callback_metrics  # type: ignore[attr-defined]
