@@ -160,3 +160,41 @@ def test_init_layers_gives_student_block_i_the_teachers_block_map_i(gpt_checkpoi
     for layers, message in (([0, 1], "names 2 blocks but the model has 1"), ([5], "does not have")):
         with pytest.raises(UserError, match=message):
             load_weights(student, str(gpt_checkpoint), strategy, student.tied_weights, layers=layers)
+
+
+def _losses(tmp: Path) -> list[float]:
+    from dist_fit import records
+
+    return [r["loss"] for r in records(tmp)]
+
+
+def test_an_offline_cache_gives_the_online_top_k_loss_step_for_step(shards, gpt_checkpoint, tmp_path):
+    """The teacher's top-8 cached by `pretrain distill-cache` and read back by the data loader gives, at every step,
+    the loss an online teacher with model.top_k=8 gives on the same windows; a cache for other windows is refused."""
+    from framework.commands.distill_cache import main as distill_cache
+
+    cache = tmp_path / "cache"
+    distill_cache(["--teacher", str(gpt_checkpoint), "--data", str(shards), "--seq-len", "32", "--top-k", "8",
+                   "--temperature", "2.0", "--output", str(cache)])
+    meta = json.loads((cache / "teacher_cache.json").read_text())
+    assert meta["top_k"] == 8 and meta["windows"] > 0 and meta["teacher"]["path"] == str(gpt_checkpoint.resolve())
+    student = {"preset": "gpt-tiny", "alpha": 0.5, "temperature": 2.0}
+    _fit(tmp_path / "online", shards, task=DISTILLED_GPT, max_steps=4,
+         init={**student, "teacher": str(gpt_checkpoint), "top_k": 8})
+    _fit(tmp_path / "offline", shards, task=DISTILLED_GPT, max_steps=4, init=student,
+         data={"teacher_cache": str(cache)})
+    online, offline = _losses(tmp_path / "online"), _losses(tmp_path / "offline")
+    assert len(online) == len(offline) == 4
+    assert online == pytest.approx(offline, abs=1e-5), (online, offline)
+    plain = _fit(tmp_path / "plain", shards, task=GPT, max_steps=1, init={"preset": "gpt-tiny"})
+    assert plain == {} and _losses(tmp_path / "plain")[0] != pytest.approx(offline[0], abs=1e-3)  # the KL counts
+
+    with pytest.raises(UserError, match="written for data.seq_len=32 but this run has 16"):
+        _fit(tmp_path / "other", shards, task=DISTILLED_GPT, max_steps=1, init=student,
+             data={"teacher_cache": str(cache), "seq_len": 16})
+    with pytest.raises(UserError, match="temperature 2.0 but model.temperature is 1.0"):
+        _fit(tmp_path / "cold", shards, task=DISTILLED_GPT, max_steps=1, init={**student, "temperature": 1.0},
+             data={"teacher_cache": str(cache)})
+    with pytest.raises(UserError, match="already exists"):
+        distill_cache(["--teacher", str(gpt_checkpoint), "--data", str(shards), "--seq-len", "32",
+                       "--output", str(cache)])

@@ -77,3 +77,22 @@ def test_bad_shapes_and_options_are_refused():
         kl_rows(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="direction"):
         kl_rows(torch.zeros(2, 3), torch.zeros(2, 3), direction="sideways")
+
+
+def test_top_k_kl_is_the_kl_of_the_coarsened_pair_and_the_full_kl_when_k_is_everything():
+    from framework.objectives.distill import top_k_kl_rows, top_k_of
+
+    g = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(5, 40, generator=g), 2 * torch.randn(5, 40, generator=g)
+    ids, logprobs = top_k_of(teacher, 40, 2.0)
+    torch.testing.assert_close(top_k_kl_rows(student, ids, logprobs, temperature=2.0, chunk=16).double(),
+                               reference(student, teacher, 2.0, "forward"), atol=1e-5, rtol=1e-5)
+    ids, logprobs = top_k_of(teacher, 6, 2.0)
+    p, q = F.softmax(student.double() / 2, -1), F.softmax(teacher.double() / 2, -1)
+    p6, q6 = p.gather(-1, ids), q.gather(-1, ids)  # the 6 outcomes, then the rest as a 7th
+    p7 = torch.cat([p6, 1 - p6.sum(-1, keepdim=True)], -1)
+    q7 = torch.cat([q6, 1 - q6.sum(-1, keepdim=True)], -1)
+    expected = (q7 * (q7.log() - p7.log())).sum(-1)
+    got = top_k_kl_rows(student, ids, logprobs, temperature=2.0)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    assert (got.double() <= reference(student, teacher, 2.0, "forward") + 1e-6).all()  # a lower bound of the full KL

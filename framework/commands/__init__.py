@@ -12,6 +12,8 @@ script enter through `main`.
     pretrain zero-shot ... zero-shot classification and retrieval of a CLIP checkpoint on image shards
     pretrain export ...    any checkpoint -> safetensors + config.json + tokenizer.json (export.py)
     pretrain plan ...      what fits on N GPUs and how fast, per strategy (plan.py)
+    pretrain distill-cache ...  a teacher's top-k outputs for every train window, for offline distillation
+                           (distill_cache.py)
     pretrain transfer-report ...  pre-trained vs scratch fine-tuning over label fractions (transfer_report.py)
 """
 
@@ -35,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "zero-shot": ("framework.commands.zero_shot:main", "zero-shot accuracy (prompts per class) and retrieval recall of a CLIP"),
     "export": ("framework.commands.export:main", "checkpoint -> model.safetensors, config.json, tokenizer.json"),
     "plan": ("framework.commands.plan:main", "GPU memory and speed of every strategy for a config, and the one to use"),
+    "distill-cache": ("framework.commands.distill_cache:main", "a teacher's top-k outputs for every train window "
+                                                               "(offline distillation)"),
     "transfer-report": ("framework.commands.transfer_report:main", "fine-tune pre-trained vs scratch over label fractions: report.md, "
                                                    "report.json, transfer.png"),
 }

@@ -41,6 +41,9 @@ class ShardDataModule(StreamDataModule):
         prepare_if_missing: when `path` has no manifest, prepare the embedded default corpus (the Python standard
             library) there first, with `tokenizer`.
         tokenizer: tokenizer spec for `prepare_if_missing` (`bytes` or `bpe:VOCAB`).
+        teacher_cache: a `pretrain distill-cache` directory for these shards: each train batch also carries the
+            teacher's cached top-k log-probabilities of its windows (framework.data.teacher_cache), for a
+            distillation run without a teacher in memory.
     """
 
     modality = "text"
@@ -49,7 +52,7 @@ class ShardDataModule(StreamDataModule):
                  val_batch_size: int | None = None, num_workers: int = 1, seed: int = 1234, shuffle: bool = True,
                  shuffle_block: int = 1024, train_shards: str | list[str] | None = None,
                  val_shards: str | list[str] | None = None, manifest: str | None = None, skip_corrupt: bool = False,
-                 prepare_if_missing: bool = False, tokenizer: str = "bytes"):
+                 prepare_if_missing: bool = False, tokenizer: str = "bytes", teacher_cache: str | None = None):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("shuffle_block", shuffle_block)):
             if value < 1:
                 raise UserError(f"data.{name} must be >= 1, got {value}")
@@ -57,6 +60,7 @@ class ShardDataModule(StreamDataModule):
                          seed=seed, shuffle=shuffle, train_shards=train_shards, val_shards=val_shards,
                          manifest=manifest, skip_corrupt=skip_corrupt, prepare_if_missing=prepare_if_missing)
         self.seq_len, self.shuffle_block, self.tokenizer_spec = seq_len, shuffle_block, tokenizer
+        self.teacher_cache, self.teacher_cache_meta = teacher_cache, None
 
     # ---------------------------------------------------------------- shards
     def _missing_data_message(self) -> str:
@@ -76,6 +80,8 @@ class ShardDataModule(StreamDataModule):
             return
         self._train = self._shards("train", self.train_spec)
         self._val = self._shards("val", self.val_spec)
+        if self.teacher_cache is not None:
+            self._open_teacher_cache()
         if stage in (None, "fit") and not self._train:
             raise UserError(f"no train shards found for '{self.train_spec or self.path}'; "
                             "run `pretrain prepare` or fix data.path / data.train_shards")
@@ -109,13 +115,29 @@ class ShardDataModule(StreamDataModule):
         """What a subclass does to each batch in the DataLoader worker (e.g. masking for masked LM); None: nothing."""
         return None
 
+    def _open_teacher_cache(self) -> None:
+        from framework.data.teacher_cache import check_cache, describe_data, read_meta
+
+        if type(self).batch_transform is not ShardDataModule.batch_transform:
+            raise UserError(f"data.teacher_cache is for causal-LM windows; {type(self).__name__} transforms its "
+                            "batches (e.g. masking), which a cache of next-token outputs does not follow")
+        assert self.teacher_cache is not None
+        self.teacher_cache_meta = meta = read_meta(self.teacher_cache)
+        check_cache(meta, self.teacher_cache, describe_data(self._train, seed=self.seed, shuffle=self.shuffle,
+                                                            seq_len=self.window_len - 1))
+
     def _stream(self, shards: list[Shard], batch_size: int, shuffle: bool, train: bool) -> TokenStream:
         rank, world = self._world()
         eod = self.special_ids["eod"]
+        transform = self.batch_transform(train)
+        if train and self.teacher_cache_meta is not None:
+            from framework.data.teacher_cache import CacheLookup
+
+            transform = CacheLookup(str(self.teacher_cache), self.teacher_cache_meta["epochs"], inner=transform)
         return TokenStream(shards, seq_len=self.window_len - 1, batch_size=batch_size, eod=eod,
                            vocab_size=self.vocab_size, seed=self.seed, shuffle=shuffle,
                            shuffle_block=self.shuffle_block, rank=rank, world=world,
-                           workers=max(1, self.num_workers), transform=self.batch_transform(train))
+                           workers=max(1, self.num_workers), transform=transform)
 
     def position_settings(self) -> dict[str, Any]:
         return {"seq_len": self.seq_len, "seed": self.seed, "shuffle": self.shuffle,

@@ -76,6 +76,31 @@ def kl_rows(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float 
     return _ChunkedKL.apply(student, teacher.detach(), float(temperature), direction == "reverse", int(chunk))
 
 
+def top_k_of(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher's k most likely ids and their log-probabilities at `temperature`, float32: (..., V) -> (..., k)."""
+    values, ids = logits.float().topk(k, dim=-1)
+    lse = torch.logsumexp(logits.float() / temperature, dim=-1, keepdim=True)
+    return ids, values / temperature - lse
+
+
+def top_k_kl_rows(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, *, temperature: float = 1.0,
+                  chunk: int = 8192) -> torch.Tensor:
+    """Forward KL per row from a teacher known only by its top k: ids (N, k) and log-probabilities (N, k) at
+    `temperature`. Both distributions are coarsened to those k outcomes plus one "rest" bucket (the mass outside
+    them), so this is the exact KL of the coarsened pair, a lower bound of the full one (the top-k bias: how the
+    teacher spreads its rest is unknown). student: logits (N, V) -> (N,) float32."""
+    if student.dim() != 2 or ids.shape != logprobs.shape or ids.shape[0] != student.shape[0]:
+        raise ValueError(f"top_k_kl_rows expects student (N, V), ids and logprobs (N, k); got "
+                         f"{tuple(student.shape)}, {tuple(ids.shape)}, {tuple(logprobs.shape)}")
+    scale = 1.0 / temperature
+    lse = _logsumexp(student, scale, _chunks(student.size(-1), chunk))  # (N,)
+    log_p = student.gather(-1, ids.long()).float() * scale - lse[:, None]  # (N, k)
+    logq = logprobs.float()
+    q_rest = (-torch.expm1(logq.logsumexp(-1))).clamp(min=0)  # 1 - top-k mass, without cancellation
+    log_p_rest = torch.log((-torch.expm1(log_p.logsumexp(-1))).clamp(min=1e-30))
+    return (logq.exp() * (logq - log_p)).sum(-1) + torch.xlogy(q_rest, q_rest) - q_rest * log_p_rest
+
+
 def distillation_loss(kl: torch.Tensor, task: torch.Tensor, *, alpha: float, temperature: float) -> torch.Tensor:
     """`alpha * T^2 * kl + (1 - alpha) * task` (Hinton et al.'s weighting; alpha = 1 is pure distillation)."""
     return alpha * temperature ** 2 * kl + (1 - alpha) * task

@@ -171,12 +171,16 @@ class PretrainTask(L.LightningModule):
         return self.model_class(self.config)
 
     def setup(self, stage: str) -> None:
-        """Build the declared auxiliary models (before configure_model: outside DeepSpeed's zero.Init)."""
+        """Build the declared auxiliary models (before configure_model: outside DeepSpeed's zero.Init), under a
+        forked RNG: their throw-away random init must not move the trained model's, which would then differ from
+        the same run without them (a distilled student from its from-scratch baseline)."""
         from framework.tasks.aux import load_frozen
 
+        device = self.trainer.strategy.root_device
         for name in self.aux_models:
             if name not in self.aux and self._aux_path(name) is not None:
-                self.aux[name] = load_frozen(self._aux_path(name), self.trainer.strategy, self.block_types)
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    self.aux[name] = load_frozen(self._aux_path(name), self.trainer.strategy, self.block_types)
 
     def _aux_path(self, name: str) -> str | None:
         path = getattr(self, self.aux_models[name])

@@ -26,7 +26,8 @@ from typing import Any
 import torch.nn.functional as F
 
 from framework.errors import UserError
-from framework.objectives.distill import KL_DIRECTIONS, agreement, distillation_loss, kl_rows, masked_mean
+from framework.objectives.distill import (KL_DIRECTIONS, agreement, distillation_loss, kl_rows, masked_mean,
+                                          top_k_kl_rows, top_k_of)
 from framework.tasks.base import Measures
 from framework.tasks.causal_lm import CausalLMTask
 from framework.tasks.classification import ClassificationTask
@@ -45,6 +46,13 @@ class Distillation:
     kl: `forward` KL(teacher || student), mass-covering, the default; `reverse` KL(student || teacher),
         mode-seeking (MiniLLM).
     kl_chunk: vocabulary chunk of the KL's float32 pass (memory, not results).
+    top_k: distil from the teacher's k most likely outputs only (plus the mass of the rest as one bucket: the
+        coarsened KL of framework.objectives.distill.top_k_kl_rows); what an offline cache holds, so an online run
+        with the same k gives the same loss. Forward KL only.
+
+    Offline teacher: with `data.teacher_cache DIR` (`pretrain distill-cache`; causal LM) the train batches carry the
+    teacher's cached top-k rows and the KL is computed from them: no teacher needs to be in memory (`teacher` may
+    then be left unset; when set, it is still used for validation's measures).
     """
 
     aux_models = {"teacher": "teacher"}
@@ -52,13 +60,16 @@ class Distillation:
     aux: dict[str, Any]
 
     def __init__(self, *, teacher: str | None = None, alpha: float = 0.5, temperature: float = 2.0,
-                 kl: str = "forward", kl_chunk: int = 8192, **kwargs: Any):
+                 kl: str = "forward", kl_chunk: int = 8192, top_k: int | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         if not 0 <= alpha <= 1 or temperature <= 0 or kl not in KL_DIRECTIONS or kl_chunk < 1:
             raise UserError(f"model.alpha must be in [0, 1], model.temperature > 0, model.kl one of "
                             f"{', '.join(KL_DIRECTIONS)} and model.kl_chunk >= 1; got {alpha}, {temperature}, "
                             f"{kl!r}, {kl_chunk}")
+        if top_k is not None and (top_k < 1 or kl != "forward"):
+            raise UserError(f"model.top_k must be >= 1 and needs model.kl=forward; got {top_k}, {kl!r}")
         self.teacher, self.alpha, self.temperature, self.kl, self.kl_chunk = teacher, alpha, temperature, kl, kl_chunk
+        self.top_k = top_k
 
     def setup(self, stage: str) -> None:
         if self.teacher is not None:
@@ -69,23 +80,38 @@ class Distillation:
             problem = self.teacher_problem(source_config(self.teacher), self.datamodule())  # type: ignore[attr-defined]
             if problem:
                 raise UserError(f"model.teacher '{self.teacher}' {problem}")
+        cache = getattr(self.datamodule(), "teacher_cache_meta", None)  # type: ignore[attr-defined]
+        if cache is not None and cache["temperature"] != self.temperature:
+            raise UserError(f"the teacher cache holds log-probabilities at temperature {cache['temperature']} but "
+                            f"model.temperature is {self.temperature}; use the same (or write a cache for it)")
         super().setup(stage)  # type: ignore[misc]  # builds the teacher
 
     def compute_losses(self, batch: dict[str, Any]) -> Measures:
         logits, targets = self.scored_logits(self, batch)  # type: ignore[attr-defined]
         measures = self.measures(logits, targets, batch)  # type: ignore[attr-defined]
-        if "teacher" not in self.aux:
-            return measures
-        teacher, _ = self.scored_logits(self.aux["teacher"], batch)  # type: ignore[attr-defined]  # no grad
-        scored = targets != IGNORE
-        kl, count = masked_mean(kl_rows(logits, teacher, temperature=self.temperature, direction=self.kl,
-                                        chunk=self.kl_chunk), scored)
         task, task_count = measures["loss"]
+        measures["task_loss"] = (task.detach(), task_count)
+        teacher = None
+        if "teacher_ids" in batch:  # an offline cache's top-k rows, (B, T, k) in the order of the scored rows
+            ids, logprobs = batch["teacher_ids"].flatten(0, -2), batch["teacher_logprobs"].flatten(0, -2)
+            rows = top_k_kl_rows(logits, ids, logprobs, temperature=self.temperature, chunk=self.kl_chunk)
+            top1 = (logits.detach().argmax(-1) == ids[:, 0]).float()
+        elif "teacher" in self.aux:
+            teacher, _ = self.scored_logits(self.aux["teacher"], batch)  # type: ignore[attr-defined]  # no grad
+            if self.top_k is not None:
+                ids, logprobs = top_k_of(teacher, self.top_k, self.temperature)
+                rows = top_k_kl_rows(logits, ids, logprobs, temperature=self.temperature, chunk=self.kl_chunk)
+            else:
+                rows = kl_rows(logits, teacher, temperature=self.temperature, direction=self.kl, chunk=self.kl_chunk)
+            top1 = agreement(logits, teacher)
+        else:
+            return measures
+        scored = targets != IGNORE
+        kl, count = masked_mean(rows, scored)
         loss = distillation_loss(kl, task, alpha=self.alpha, temperature=self.temperature)
-        agree, _ = masked_mean(agreement(logits, teacher), scored)
-        out = {**measures, "loss": (loss, task_count), "task_loss": (task.detach(), task_count),
-               "kl": (kl.detach(), count), "agreement": (agree, count)}
-        if not self.training:  # how far the student is from its teacher, on the same val rows
+        agree, _ = masked_mean(top1, scored)
+        out = {**measures, "loss": (loss, task_count), "kl": (kl.detach(), count), "agreement": (agree, count)}
+        if not self.training and teacher is not None:  # how far the student is from its teacher, on the val rows
             teacher = teacher.float()
             ce = F.cross_entropy(teacher, targets, ignore_index=IGNORE, reduction="sum") / count.clamp(min=1)
             right, _ = masked_mean((teacher.argmax(-1) == targets).float(), scored)
