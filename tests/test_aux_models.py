@@ -19,10 +19,23 @@ from framework.tasks.distill import DistilledCausalLMTask
 
 
 class AuxProbe(L.Callback):
-    """Writes, per rank, how the teacher is held (`{path}.rank{R}.json`) once the fit starts."""
+    """Writes, per rank, how the teacher is held (`{path}.rank{R}.json`) once the fit starts, and at its end the
+    most teacher values this rank held at once after a step (`resident`: a ZeRO-3 partition is gathered for the
+    teacher's forward and released after it)."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path, self.resident = path, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        held = sum(p.data.numel() for p in pl_module.aux["teacher"].module.parameters())
+        self.resident = max(self.resident, held)
+
+    def on_train_end(self, trainer, pl_module):
+        path = f"{self.path}.rank{trainer.global_rank}.json"
+        with open(path) as f:
+            out = json.load(f)
+        with open(path, "w") as f:
+            json.dump({**out, "resident": self.resident}, f)
 
     def on_train_start(self, trainer, pl_module):
         teacher = pl_module.aux["teacher"]
@@ -145,7 +158,13 @@ def test_two_ranks_shard_or_replicate_the_teacher(strategy, shards, teacher, tmp
 
         build_deepspeed_ops()
     probe = {"class_path": "test_aux_models.AuxProbe", "init_args": {"path": str(tmp_path / "aux")}}
+    # tensors under DeepSpeed's persistence threshold (1e5 values by default: all of a gpt-tiny's) stay gathered
+    # once used; 0 makes every one of them go back to its partition after each forward
     config = _config(tmp_path, shards, teacher, 3, strategy=strategy, devices=2, callbacks=[probe])
+    if strategy == "deepspeed_stage_3":
+        ds = tmp_path / "ds.json"
+        ds.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+        config.write_text(json.dumps({**json.loads(config.read_text()), "distributed": {"deepspeed_config": str(ds)}}))
     r = cli("fit", "--config", str(config), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     held = [json.loads((tmp_path / f"aux.rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -156,6 +175,7 @@ def test_two_ranks_shard_or_replicate_the_teacher(strategy, shards, teacher, tmp
     elif strategy == "deepspeed_stage_3":  # each rank's partitions: half of every tensor (rounded up), never whole
         assert all(h["zero3"] for h in held), held
         assert all(h["full"] / 2 <= h["local"] < 0.6 * h["full"] for h in held), held
+        assert all(h["resident"] == 0 for h in held), held  # nothing left gathered after the teacher's forwards
     else:
         assert all(not h["sharded"] and not h["zero3"] and h["local"] == h["full"] > 0 for h in held), held
     from framework.checkpoint.reader import checkpoint_meta, model_tensors
