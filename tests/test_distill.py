@@ -168,6 +168,7 @@ def _losses(tmp: Path) -> list[float]:
     return [r["loss"] for r in records(tmp)]
 
 
+@pytest.mark.slow
 def test_an_offline_cache_gives_the_online_top_k_loss_step_for_step(shards, gpt_checkpoint, tmp_path):
     """The teacher's top-8 cached by `pretrain distill-cache` and read back by the data loader gives, at every step,
     the loss an online teacher with model.top_k=8 gives on the same windows; a cache for other windows is refused."""
