@@ -147,9 +147,10 @@ class _LanguageTeacher:
         found = model_type_of(teacher)
         if found != family:
             return f"holds a {found!r} model; a {family!r} student needs a {family!r} teacher"
-        if datamodule is not None and teacher.get("vocab_size") != datamodule.vocab_size:
-            return (f"has a vocabulary of {teacher.get('vocab_size')} tokens but the data's has "
-                    f"{datamodule.vocab_size}; both must have the same tokenizer")
+        student = self.overrides.get("vocab_size") or (datamodule.vocab_size if datamodule is not None else None)
+        if student is not None and teacher.get("vocab_size") != student:  # logits must line up id for id
+            return (f"has {teacher.get('vocab_size')} output tokens but the student has {student}; use the teacher's "
+                    f"tokenizer and set model.config.vocab_size={teacher.get('vocab_size')}")
         return _tokenizer_problem(self.teacher, datamodule) if datamodule is not None else None  # type: ignore
 
 
