@@ -101,20 +101,24 @@ def _student(teacher: Path, **init: Any):
 
 
 def test_a_copy_of_the_teacher_has_zero_kl_and_no_gradient_from_it(gpt_checkpoint):
-    for kl in ("forward", "reverse"):
-        task = _student(gpt_checkpoint, alpha=1.0, temperature=2.0, kl=kl)
+    for kl, hidden in (("forward", 0.0), ("reverse", 0.0), ("forward", 1.0)):
+        task = _student(gpt_checkpoint, alpha=1.0, temperature=2.0, kl=kl, hidden_weight=hidden)
         tokens = torch.randint(0, 256, (3, 17), generator=torch.Generator().manual_seed(0))
         measures = task.compute_losses({"tokens": tokens})
         assert abs(float(measures["kl"][0])) < 1e-6 and float(measures["agreement"][0]) == 1.0
+        assert ("hidden_cos" in measures) == (hidden > 0) and abs(float(measures.get("hidden_cos", [0])[0])) < 1e-6
         measures["loss"][0].backward()
         grads = [p.grad for p in task.model.parameters() if p.grad is not None]
         assert grads and max(float(g.abs().max()) for g in grads) < 1e-6
         assert float(measures["task_loss"][0]) > 1  # the task's own term is there, weighted 0 by alpha=1
-    task = _student(gpt_checkpoint, alpha=0.5)
+    task = _student(gpt_checkpoint, alpha=0.5, hidden_weight=1.0)
     with torch.no_grad():
-        for p in task.model.parameters():  # a student that differs: a positive KL
+        for p in task.model.parameters():  # a student that differs: a positive KL and cosine distance
             p.add_(0.1 * torch.randn_like(p))
-    assert float(task.compute_losses({"tokens": tokens})["kl"][0]) > 1e-3
+    measures = task.compute_losses({"tokens": tokens})
+    assert float(measures["kl"][0]) > 1e-3 and float(measures["hidden_cos"][0]) > 1e-3
+    with pytest.raises(UserError, match="teacher's width \\(64\\) to be the student's \\(128\\)"):
+        _student(gpt_checkpoint, hidden_weight=1.0, config={"n_embd": 128})._check_hidden({"n_embd": 64})
 
 
 def test_a_teacher_of_another_family_or_kind_is_refused_in_one_line(shards, shapes, bert_checkpoint,

@@ -21,8 +21,10 @@ To start the student from the teacher's weights (DistilBERT keeps one layer in t
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
+import torch
 import torch.nn.functional as F
 
 from framework.errors import UserError
@@ -50,6 +52,10 @@ class Distillation:
         coarsened KL of framework.objectives.distill.top_k_kl_rows); what an offline cache holds, so an online run
         with the same k gives the same loss. Forward KL only.
 
+    hidden_weight: weight of DistilBERT's cosine loss between the student's and the teacher's final hidden states
+        (after the last LayerNorm) at the scored rows, added to the loss (0: off). Language students with the
+        teacher's width (DistilBERT keeps the width and halves the depth); an online teacher.
+
     Offline teacher: with `data.teacher_cache DIR` (`pretrain distill-cache`; causal LM) the train batches carry the
     teacher's cached top-k rows and the KL is computed from them: no teacher needs to be in memory (`teacher` may
     then be left unset; when set, it is still used for validation's measures).
@@ -60,7 +66,8 @@ class Distillation:
     aux: dict[str, Any]
 
     def __init__(self, *, teacher: str | None = None, alpha: float = 0.5, temperature: float = 2.0,
-                 kl: str = "forward", kl_chunk: int = 8192, top_k: int | None = None, **kwargs: Any):
+                 kl: str = "forward", kl_chunk: int = 8192, top_k: int | None = None, hidden_weight: float = 0.0,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         if not 0 <= alpha <= 1 or temperature <= 0 or kl not in KL_DIRECTIONS or kl_chunk < 1:
             raise UserError(f"model.alpha must be in [0, 1], model.temperature > 0, model.kl one of "
@@ -69,7 +76,9 @@ class Distillation:
         if top_k is not None and (top_k < 1 or kl != "forward"):
             raise UserError(f"model.top_k must be >= 1 and needs model.kl=forward; got {top_k}, {kl!r}")
         self.teacher, self.alpha, self.temperature, self.kl, self.kl_chunk = teacher, alpha, temperature, kl, kl_chunk
-        self.top_k = top_k
+        if hidden_weight < 0:
+            raise UserError(f"model.hidden_weight must be >= 0, got {hidden_weight}")
+        self.top_k, self.hidden_weight = top_k, hidden_weight
 
     def setup(self, stage: str) -> None:
         if self.teacher is not None:
@@ -80,14 +89,30 @@ class Distillation:
             problem = self.teacher_problem(source_config(self.teacher), self.datamodule())  # type: ignore[attr-defined]
             if problem:
                 raise UserError(f"model.teacher '{self.teacher}' {problem}")
+            if self.hidden_weight > 0:
+                self._check_hidden(source_config(self.teacher))
         cache = getattr(self.datamodule(), "teacher_cache_meta", None)  # type: ignore[attr-defined]
+        if self.hidden_weight > 0 and (self.teacher is None or cache is not None):
+            raise UserError("model.hidden_weight compares hidden states with a teacher in memory: set model.teacher "
+                            "and leave data.teacher_cache unset")
         if cache is not None and cache["temperature"] != self.temperature:
             raise UserError(f"the teacher cache holds log-probabilities at temperature {cache['temperature']} but "
                             f"model.temperature is {self.temperature}; use the same (or write a cache for it)")
         super().setup(stage)  # type: ignore[misc]  # builds the teacher
 
+    def _check_hidden(self, teacher: dict[str, Any]) -> None:
+        if not hasattr(self, "scored_hidden"):
+            raise UserError(f"model.hidden_weight is for language students (GPT, encoder), not {type(self).__name__}")
+        width = self.model_class.config_class.from_preset(self.preset, **self.overrides).n_embd  # type: ignore
+        if teacher.get("n_embd") != width:
+            raise UserError(f"model.hidden_weight needs the teacher's width ({teacher.get('n_embd')}) to be the "
+                            f"student's ({width}); set model.config.n_embd={teacher.get('n_embd')} or "
+                            "model.hidden_weight=0")
+
     def compute_losses(self, batch: dict[str, Any]) -> Measures:
-        logits, targets = self.scored_logits(self, batch)  # type: ignore[attr-defined]
+        hidden: list[torch.Tensor] = []
+        with _final_hidden(self.model if self.hidden_weight > 0 else None, hidden):  # type: ignore[attr-defined]
+            logits, targets = self.scored_logits(self, batch)  # type: ignore[attr-defined]
         measures = self.measures(logits, targets, batch)  # type: ignore[attr-defined]
         task, task_count = measures["loss"]
         measures["task_loss"] = (task.detach(), task_count)
@@ -97,7 +122,8 @@ class Distillation:
             rows = top_k_kl_rows(logits, ids, logprobs, temperature=self.temperature, chunk=self.kl_chunk)
             top1 = (logits.detach().argmax(-1) == ids[:, 0]).float()
         elif "teacher" in self.aux:
-            teacher, _ = self.scored_logits(self.aux["teacher"], batch)  # type: ignore[attr-defined]  # no grad
+            with _final_hidden(self.aux["teacher"] if hidden else None, hidden):
+                teacher, _ = self.scored_logits(self.aux["teacher"], batch)  # type: ignore[attr-defined]  # no grad
             if self.top_k is not None:
                 ids, logprobs = top_k_of(teacher, self.top_k, self.temperature)
                 rows = top_k_kl_rows(logits, ids, logprobs, temperature=self.temperature, chunk=self.kl_chunk)
@@ -111,6 +137,11 @@ class Distillation:
         loss = distillation_loss(kl, task, alpha=self.alpha, temperature=self.temperature)
         agree, _ = masked_mean(top1, scored)
         out = {**measures, "loss": (loss, task_count), "kl": (kl.detach(), count), "agreement": (agree, count)}
+        if len(hidden) == 2:  # DistilBERT's cosine term, on the same rows
+            pair = [self.scored_hidden(h, batch).float() for h in hidden]  # type: ignore[attr-defined]  # (N, C)
+            cos, _ = masked_mean(1 - F.cosine_similarity(pair[0], pair[1], dim=-1), scored)
+            out["loss"] = (loss + self.hidden_weight * cos, task_count)
+            out["hidden_cos"] = (cos.detach(), count)
         if not self.training and teacher is not None:  # how far the student is from its teacher, on the val rows
             teacher = teacher.float()
             ce = F.cross_entropy(teacher, targets, ignore_index=IGNORE, reduction="sum") / count.clamp(min=1)
@@ -124,6 +155,23 @@ class Distillation:
             return super().summary_lines()  # type: ignore[misc]
         return [f"teacher: {self.teacher}   val/kl: {float(metrics['val/kl']):.4f}   val/agreement (top-1): "
                 f"{float(metrics['val/agreement']):.2%}", *super().summary_lines()]  # type: ignore[misc]
+
+
+@contextmanager
+def _final_hidden(model: Any, out: list[torch.Tensor]) -> Iterator[None]:
+    """Append the output of `model`'s final LayerNorm (`transformer.ln_f`: hidden states (B, T, C)) to `out` while
+    the block runs; nothing when `model` is None. Reaches through the teacher's wrappers (Frozen, a DeepSpeed
+    engine)."""
+    if model is None:
+        yield
+        return
+    while not hasattr(model, "transformer") and hasattr(model, "module"):
+        model = model.module
+    handle = model.transformer.ln_f.register_forward_hook(lambda module, args, output: out.append(output))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _tokenizer_problem(teacher_path: str, datamodule: Any) -> str | None:
@@ -158,10 +206,16 @@ class DistilledCausalLMTask(Distillation, _LanguageTeacher, CausalLMTask):
     """A GPT student on packed token windows, taught every next-token distribution by a GPT teacher of the same
     tokenizer (any size). configs/distill/smoke.yaml. Args: Distillation's, then CausalLMTask's."""
 
+    def scored_hidden(self, hidden: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        return hidden.flatten(0, 1)  # (B, T, C) -> (B*T, C): every position is scored
+
 
 class DistilledMaskedLMTask(Distillation, _LanguageTeacher, MaskedLMTask):
     """An encoder student (DistilBERT-style), taught the teacher encoder's distribution at each masked position.
     configs/distill/bert.yaml. Args: Distillation's, then MaskedLMTask's."""
+
+    def scored_hidden(self, hidden: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        return hidden[batch["labels"] != IGNORE]  # (M, C): the masked positions, in the order of their logits
 
 
 class _ClassTeacher:
