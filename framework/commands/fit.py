@@ -56,10 +56,12 @@ class DistributedOptions:
 
     deepspeed_config: a DeepSpeed JSON file merged over the one generated from the run (its keys win).
     offload_params: keep parameters in CPU memory between uses (fsdp, deepspeed_stage_3_offload).
+    expert_parallel: split the experts of MoE layers over groups of this many data-parallel ranks (strategy ddp).
     """
 
     deepspeed_config: str | None = None
     offload_params: bool = False
+    expert_parallel: int = 1
 
 
 class PretrainCLI(LightningCLI):
@@ -134,7 +136,8 @@ class PretrainCLI(LightningCLI):
                              accumulate_grad_batches=cfg.trainer.accumulate_grad_batches or 1,
                              gradient_clip_val=getattr(self.model, "grad_clip", None) or None,
                              deepspeed_config=cfg.distributed.deepspeed_config,
-                             offload_params=cfg.distributed.offload_params)
+                             offload_params=cfg.distributed.offload_params,
+                             expert_parallel=cfg.distributed.expert_parallel)
 
 
 VERBOSE_ENV = "PRETRAIN_VERBOSE"

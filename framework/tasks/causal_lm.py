@@ -53,23 +53,11 @@ class CausalLMTask(PretrainTask):
         counts of micro-batches that have not run yet); a single process accumulating the same micro-batches gets
         the same losses and gradients. The terms are averaged over the MoE layers, so their coefficients do not
         scale with depth."""
-        layers = self.model.moe_layers()
         cfg = self.model.config.moe
-        counts = torch.stack([m.last_stats["counts"] for m in layers])  # (L, E) this rank's assignments
-        dropped = torch.stack([m.last_stats["dropped"] for m in layers])  # (L,)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            both = torch.cat([counts, dropped[:, None]], dim=1)  # (L, E+1): one collective for both
-            dist.all_reduce(both)
-            counts, dropped = both[:, :-1], both[:, -1]
-        aux = torch.stack([switch_aux_loss(m.last_stats["prob_sum"], m.last_stats["tokens"], c)
-                           for m, c in zip(layers, counts)]).mean()
-        z = torch.stack([router_z_loss(m.last_stats["z_sum"], m.last_stats["tokens"]) for m in layers]).mean()
+        aux, z, counts, dropped = balance_terms(self.model.moe_layers())
         lm, n = measures["loss"]
         if self.training:
-            loss = lm + cfg.z_loss_coeff * z
-            if cfg.balance == "aux_loss":
-                loss = loss + cfg.aux_loss_coeff * aux
-            measures = {"loss": (loss, n), "lm_loss": (lm, n)}
+            measures = {"loss": (with_balance(lm, aux, z, cfg), n), "lm_loss": (lm, n)}
             self._moe_step_counts = counts if self._moe_step_counts is None else self._moe_step_counts + counts
             for i, (c, d) in enumerate(zip(counts, dropped)):
                 self.log(f"moe/load_max_mean/layer{i}", load_imbalance(c))
@@ -95,3 +83,24 @@ class CausalLMTask(PretrainTask):
             return 0
         B, W = batch["tokens"].shape
         return B * (W - 1) * self.model.flops_per_token(W - 1)
+
+
+def balance_terms(layers: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Switch aux loss, router z-loss, each averaged over the layers; per-layer global counts (L, E) and dropped
+    assignments (L,)) of the MoE layers' last forward, the counts summed over the data-parallel ranks."""
+    counts = torch.stack([m.last_stats["counts"] for m in layers])  # (L, E) this rank's assignments
+    dropped = torch.stack([m.last_stats["dropped"] for m in layers])  # (L,)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        both = torch.cat([counts, dropped[:, None]], dim=1)  # (L, E+1): one collective for both
+        dist.all_reduce(both)
+        counts, dropped = both[:, :-1], both[:, -1]
+    aux = torch.stack([switch_aux_loss(m.last_stats["prob_sum"], m.last_stats["tokens"], c)
+                       for m, c in zip(layers, counts)]).mean()
+    z = torch.stack([router_z_loss(m.last_stats["z_sum"], m.last_stats["tokens"]) for m in layers]).mean()
+    return aux, z, counts, dropped
+
+
+def with_balance(lm: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, cfg: Any) -> torch.Tensor:
+    """The optimized loss: the LM loss plus the z-loss and, under balance "aux_loss", the Switch loss."""
+    loss = lm + cfg.z_loss_coeff * z
+    return loss + cfg.aux_loss_coeff * aux if cfg.balance == "aux_loss" else loss
