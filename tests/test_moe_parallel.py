@@ -38,3 +38,59 @@ def test_expert_parallel_equals_one_process(tmp_path):
             assert max(case["grad_diff"]) < 1e-5, case
             assert case["param_diff"] < 1e-5, case
             assert case["routers_identical"], case
+
+
+# ------------------------------------------------------------------------------------- through `pretrain fit`
+def moe_config(tmp, shards, *, expert_parallel: int, stop_at=None, label=0, max_steps=4, **kw):
+    from dist_fit import write_config
+
+    path = write_config(tmp, shards, strategy="ddp", devices=2, max_steps=max_steps, stop_at=stop_at, label=label,
+                        every_n_steps=100, **kw)
+    config = json.loads(path.read_text())
+    config["model"]["init_args"].update(preset="gpt-moe-test", config={"moe": {"num_experts": 4, "top_k": 2}},
+                                        grad_clip=0.5)
+    config["distributed"] = {"expert_parallel": expert_parallel}
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.slow
+def test_resume_across_expert_parallel_sizes(shards, tmp_path):
+    """2 ranks, 4 steps with 2 experts per rank == 1 step at EP 2, resumed at EP 1 (every expert on both ranks) for
+    1 step, resumed at EP 2 for 2 steps: the same losses. The checkpoints hold every expert once, at full shape."""
+    import torch
+    from dist_fit import fit, records
+
+    straight, chain = tmp_path / "straight", tmp_path / "chain"
+    straight.mkdir(), chain.mkdir()
+    fit(moe_config(straight, shards, expert_parallel=2))
+    for i, (ep, stop) in enumerate([(2, 1), (1, 2), (2, None)]):
+        fit(moe_config(chain, shards, expert_parallel=ep, stop_at=stop, label=i), *(["--ckpt_path", "last"] if i else []))
+        ckpt = torch.load(chain / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert ckpt["state_dict"]["model.transformer.h.0.mlp.experts.w_fc"].shape == (4, 64, 128)
+        state = ckpt["optimizer_states"][0]["state"]
+        assert sorted({tuple(s["exp_avg"].shape) for s in state.values()} & {(2, 64, 128), (4, 64, 128)}) == \
+            [(4, 64, 128)], "an optimizer state saved at the local expert shape"
+    want = {(r["step"], r["rank"]): r["loss"] for r in records(straight)}
+    got = {(r["step"], r["rank"]): r["loss"] for r in records(chain)}
+    assert sorted(got) == sorted(want) and len(want) == 8
+    for key in want:
+        assert abs(got[key] - want[key]) < 1e-5, (key, got[key], want[key])
+
+
+@pytest.mark.slow
+def test_expert_parallel_bad_layouts_are_one_line(shards, tmp_path):
+    from dist_fit import cli
+
+    config = moe_config(tmp_path, shards, expert_parallel=2)
+    cases = [
+        (["--distributed.expert_parallel", "2", "--trainer.strategy", "fsdp"], "needs --trainer.strategy ddp"),
+        (["--distributed.expert_parallel", "3", "--trainer.devices", "1", "--trainer.strategy", "ddp"],
+         "does not divide the world size 1"),
+        (["--distributed.expert_parallel", "2", "--trainer.devices", "2", "--model.init_args.config",
+          '{moe: {num_experts: 3, top_k: 1}}'], "does not divide moe.num_experts=3"),
+    ]
+    for args, message in cases:
+        r = cli("fit", "--config", str(config), *args, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stderr[-3000:])
+        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-3000:])

@@ -137,7 +137,7 @@ def dispatch_combine(rows: torch.Tensor, counts: torch.Tensor, experts: Experts,
     all_to_all_single calls are differentiable (their backward is the reverse exchange), so the gradient of each
     expert collects the contributions of every rank's tokens."""
     import torch.distributed as dist
-    from torch.distributed.nn.functional import all_to_all_single
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
     R = ep_size
     El = counts.numel() // R
@@ -146,12 +146,12 @@ def dispatch_combine(rows: torch.Tensor, counts: torch.Tensor, experts: Experts,
     send_splits = counts.view(R, El).sum(1).tolist()
     recv_counts = recv_counts.view(R, El)
     recv_splits = recv_counts.sum(1).tolist()
-    received = all_to_all_single(rows.new_empty(sum(recv_splits), rows.size(1)), rows, recv_splits, send_splits,
-                                 group=group)  # (M', C): by source rank, then by local expert
+    received = wait_tensor(all_to_all_single_autograd(rows, recv_splits, send_splits, group)
+                           )  # (M', C): by source rank, then by local expert
     local = torch.arange(El, device=rows.device).repeat(R).repeat_interleave(recv_counts.flatten())  # (M',)
     perm = local.argsort(stable=True)  # group the received rows by local expert
     out = experts(received[perm], recv_counts.sum(0).tolist())[perm.argsort()]  # (M', C) back in received order
-    return all_to_all_single(rows.new_empty(rows.shape), out, send_splits, recv_splits, group=group)  # (M, C)
+    return wait_tensor(all_to_all_single_autograd(out, send_splits, recv_splits, group))  # (M, C)
 
 
 class MoE(nn.Module):
