@@ -2,6 +2,7 @@
 config checks, and a short fit (framework.models.moe, framework.objectives.moe)."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -156,3 +157,76 @@ def test_active_params_and_flops():
     assert moe.num_active_params() == dense.num_params() - 2 * (4 * 64 + 64) + router  # no expert biases
     assert moe.num_params() > 1.5 * dense.num_params()
     assert moe.flops_per_token() - dense.flops_per_token() == 3 * 2 * router  # 2 FLOPs per router weight, x3 for backward
+
+
+# ------------------------------------------------------------------------------------------------ fit, files, plan
+@pytest.fixture(scope="module")
+def moe_run(text_shards, tmp_path_factory):
+    """A 6-step fit (in this process) of gpt-moe-test with the bias balance (a large rate, so the bias moves) and
+    shared experts, on the common corpus with a val split: its run directory."""
+    import json
+
+    from dist_fit import write_config
+    from framework.commands.fit import fit
+
+    tmp = tmp_path_factory.mktemp("moe-fit")
+    path = write_config(tmp, text_shards("lines", 0.1), strategy="auto", devices=1, max_steps=6, every_n_steps=6,
+                        limit_val_batches=2, val_check_interval=6)
+    config = json.loads(path.read_text())
+    config["model"]["init_args"].update(preset="gpt-moe-test", config={"moe": {
+        "num_experts": 4, "top_k": 1, "shared_experts": 1, "balance": "bias", "bias_update_rate": 0.05}})
+    path.write_text(json.dumps(config))
+    fit(["--config", str(path)])
+    return tmp
+
+
+def test_fit_saves_the_bias_and_export_generate_init_from_work(moe_run, tmp_path):
+    from framework.checkpoint.export import export
+    from framework.checkpoint.load import load_checkpoint_model
+    from framework.models import from_pretrained
+
+    ckpt = moe_run / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    bias = saved["state_dict"]["model.transformer.h.0.mlp.expert_bias"]
+    # six updates of +-0.05 each: the bias moved, in steps of the rate (and not all in one direction)
+    assert bias.abs().max() > 0 and torch.allclose(bias / 0.05, (bias / 0.05).round(), atol=1e-4)
+    export(ckpt, tmp_path / "exported")
+    model = from_pretrained(tmp_path / "exported").eval()
+    assert model.config.moe.balance == "bias" and model.config.moe.shared_experts == 1
+    torch.testing.assert_close(model.transformer.h[0].mlp.expert_bias, bias)
+    live, _ = load_checkpoint_model(str(ckpt))
+    x = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), live.eval()(x))
+    out = model.generate(x, 5, temperature=0)
+    assert out.shape == (1, 17)
+    # init_from: a new dense-layout model of the same config takes every tensor, expert biases included
+    from framework.checkpoint.init_from import load_weights
+
+    fresh = GPT(model.config)
+    report = load_weights(fresh, str(ckpt), types.SimpleNamespace(global_rank=0), fresh.tied_weights)
+    assert "transformer.h.0.mlp.expert_bias" in report.loaded and not report.new
+    assert "\n".join(report.lines(str(ckpt)))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), model(x))
+
+
+def test_fit_logs_the_balancing_terms(moe_run):
+    from wandb_records import history
+
+    rows = history(next((moe_run / "run").rglob("*.wandb")))
+    keys = set().union(*rows)
+    for key in ("train/loss", "train/lm_loss", "train/moe_aux", "train/moe_z", "moe/load_max_mean/layer0",
+                "moe/load_max_mean/layer1", "val/loss", "val/moe_aux"):
+        assert key in keys, sorted(keys)
+    load = [r["moe/load_max_mean/layer0"] for r in rows if "moe/load_max_mean/layer0" in r]
+    assert all(1.0 <= x <= 4.0 for x in load)  # max/mean of 4 experts
+
+
+def test_plan_counts_active_parameters():
+    from framework.commands.plan import describe_model
+
+    model = describe_model("gpt-moe-olmoe", seq_len=4096)
+    assert 4.5e9 < model.params < 4.8e9 and 0.85e9 < model.active_params < 0.95e9
+    dense = describe_model("gpt-moe-olmoe", seq_len=4096, moe=None)
+    assert dense.active_params == 0
