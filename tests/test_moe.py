@@ -146,6 +146,7 @@ def test_gpt_with_moe_every_other_layer_round_trips(tmp_path):
     model.save_pretrained(tmp_path)
     again = GPT.from_pretrained(tmp_path)
     assert again.config == config
+    assert not [n for n, t in [*again.named_parameters(), *again.named_buffers()] if t.is_meta]  # all in the file
     torch.testing.assert_close(again(x), model(x))
 
 

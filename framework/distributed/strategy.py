@@ -78,6 +78,8 @@ def make_strategy(
 
     if isinstance(expert_parallel, bool) or not isinstance(expert_parallel, int) or expert_parallel < 1:
         raise UserError(f"distributed.expert_parallel={expert_parallel!r} must be a positive integer")
+    if expert_parallel > 1 and name == "auto":
+        name = "ddp"  # the one strategy that holds experts split over ranks
     if expert_parallel > 1 and name != "ddp":
         raise UserError(f"distributed.expert_parallel={expert_parallel} needs --trainer.strategy ddp, not '{name}': "
                         "fsdp and deepspeed shard or all-reduce every parameter over all ranks and cannot hold experts "
