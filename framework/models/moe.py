@@ -164,9 +164,7 @@ class MoE(nn.Module):
         self.router = nn.Linear(n_embd, E, bias=False)
         self.experts = Experts(E, n_embd, config.hidden(n_embd))
         # DeepSeek-V3's per-expert bias on the choice, saved with the weights (balance "bias" only: no dead state)
-        self.expert_bias: torch.Tensor | None = None
-        if config.balance == "bias":
-            self.register_buffer("expert_bias", torch.zeros(E))
+        self.register_buffer("expert_bias", torch.zeros(E) if config.balance == "bias" else None)
         # every token's shared experts, fused into one wider MLP (DeepSeekMoE): held whole on every rank
         self.shared = Experts(1, n_embd, config.shared_experts * config.hidden(n_embd)) if config.shared_experts else None
         self.dropout = nn.Dropout(dropout)
