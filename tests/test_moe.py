@@ -252,3 +252,20 @@ def test_grouped_mm_kernel_equals_the_loop_on_gpu():
     g = torch.randn_like(grouped)
     torch.testing.assert_close(torch.autograd.grad((grouped * g).sum(), [x, w]),
                                torch.autograd.grad((loop * g).sum(), [x, w]), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("cfg", [dict(num_experts=4, top_k=2), dict(num_experts=4, top_k=1, shared_experts=1,
+                                                                     every_n_layers=2)])
+def test_task_flops_match_torchs_flop_counter(cfg):
+    """MFU's FLOPs are the active parameters': the router and the top_k (+ shared) experts of each token."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from framework.tasks.causal_lm import CausalLMTask
+
+    task = CausalLMTask(preset="gpt-moe-test", config={"moe": cfg})
+    task.model = GPT(GPTConfig.from_preset("gpt-moe-test", moe=cfg))
+    batch = {"tokens": torch.randint(0, 256, (3, 33))}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        task.compute_losses(batch)["loss"][0].backward()
+    assert task.batch_flops(batch) == counter.get_total_flops()

@@ -59,7 +59,7 @@ class CausalLMTask(PretrainTask):
         if self.training:
             measures = {"loss": (with_balance(lm, aux, z, cfg), n), "lm_loss": (lm, n)}
             self._moe_step_counts = counts if self._moe_step_counts is None else self._moe_step_counts + counts
-            for i, (c, d) in enumerate(zip(counts, dropped)):
+            for i, (c, d) in enumerate(zip(counts, dropped) if self._trainer is not None else ()):
                 self.log(f"moe/load_max_mean/layer{i}", load_imbalance(c))
                 if cfg.capacity_factor is not None:
                     self.log(f"moe/dropped/layer{i}", d.float() / c.sum().clamp(min=1))
