@@ -80,6 +80,9 @@ def test_router_runs_in_float32_under_bf16():
     x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
     y = layer(x)
     assert y.dtype == torch.bfloat16 and layer.last_stats["prob_sum"].dtype == torch.float32
+    fp32 = moe_layer()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16-mixed: the router's matmul stays out of autocast
+        assert fp32.router(torch.randn(3, 16)).dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------------------------- balancing losses

@@ -115,6 +115,19 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> t
     return torch.cat([chunk @ w for chunk, w in zip(x.split(counts), weight.to(x.dtype).unbind(0))], dim=0)
 
 
+class Router(nn.Module):
+    """The gate's (E, C) matrix, applied in float32 with autocast off: a bf16 score rounds close experts together and
+    the choice flips between ranks and runs. A module of its own so that ZeRO-3 gathers its weight for its forward."""
+
+    def __init__(self, n_embd: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, n_embd))  # (E, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())  # (N, E) float32
+
+
 class Experts(nn.Module):
     """num_experts GELU MLPs C -> H -> C stored as two stacked tensors, so one expert is a slice (and expert
     parallelism keeps a contiguous block of them). Biases are left out, as in Mixtral, OLMoE and DeepSeek."""
@@ -161,7 +174,7 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         E = config.num_experts
-        self.router = nn.Linear(n_embd, E, bias=False)
+        self.router = Router(n_embd, E)
         self.experts = Experts(E, n_embd, config.hidden(n_embd))
         # DeepSeek-V3's per-expert bias on the choice, saved with the weights (balance "bias" only: no dead state)
         self.register_buffer("expert_bias", torch.zeros(E) if config.balance == "bias" else None)
@@ -177,7 +190,7 @@ class MoE(nn.Module):
         """x (N, C) -> (expert ids (N, k), gates (N, k) float32, stats). Scores in float32: a bf16 softmax over
         experts rounds close scores together and the choice flips between ranks and runs."""
         cfg = self.config
-        logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
+        logits = self.router(x)  # (N, E) float32
         if cfg.router == "softmax":
             scores = logits.softmax(dim=-1)  # (N, E)
             probs = scores

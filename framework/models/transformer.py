@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from framework.errors import UserError
-from framework.models.moe import Experts, MoE, MoEConfig
+from framework.models.moe import Experts, MoE, MoEConfig, Router
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -353,6 +353,10 @@ def init_weights(model: nn.Module, config: TransformerConfig, skip: tuple[nn.Mod
             with gathered(module, gather):
                 nn.init.normal_(module.w_fc, mean=0.0, std=INIT_STD)
                 nn.init.normal_(module.w_proj, mean=0.0, std=residual_std)
+            continue
+        if isinstance(module, Router):
+            with gathered(module, gather):
+                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
             continue
         if any(module is s for s in skip) or not isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
             continue
