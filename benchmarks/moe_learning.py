@@ -11,7 +11,8 @@ process, the same seed, data order, schedule and steps:
 - dense-12L:  gpt-small-cpu with 12 layers, about the same total parameters  (2.41M)
 For each: the final val loss (20 val batches), wall time, and for the MoE runs the expert load (max/mean of tokens
 per expert, per layer) over the last 20% of the steps, read back from the run's W&B offline log.
-Prints a Markdown table; the figures in benchmarks/results/moe.md come from it.
+Prints a Markdown table; the figures in benchmarks/results/moe.md come from it (one process per run, started
+together with OMP_NUM_THREADS=1 on a 2-core machine: `--runs NAME` picks one).
 """
 
 from __future__ import annotations

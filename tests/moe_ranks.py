@@ -35,7 +35,9 @@ class Holder(nn.Module):
         return with_balance(lm, aux, z, self.model.config.moe)
 
 
-def run_case(rank: int, world: int, top_k: int, accum: int, steps: int, max_norm: float) -> dict:
+def setup_case(world: int, top_k: int, accum: int, steps: int) -> dict:
+    """Two copies of the same MoE GPT (the reference and the parallel one) and `steps` x `accum` global micro-batches
+    of 2 windows per rank."""
     cfg = GPTConfig.from_preset("gpt-moe-test", moe=dict(num_experts=4, top_k=top_k, aux_loss_coeff=0.1,
                                                          z_loss_coeff=0.01))
     data = torch.randint(0, 256, (steps, accum, 2 * world, 17), generator=torch.Generator().manual_seed(top_k))
@@ -50,7 +52,7 @@ def main(rank: int, world: int, port: int, out: str) -> None:
     result: dict = {"rank": rank, "cases": []}
     try:
         cases = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (top_k, accumulation)
-        setups = [run_case(rank, world, k, a, steps=3, max_norm=0.05) | {"top_k": k, "accum": a} for k, a in cases]
+        setups = [setup_case(world, k, a, steps=3) | {"top_k": k, "accum": a} for k, a in cases]
         # the single-process runs on the global batch, before any process group exists
         ref_runs = [train(s["ref"], s["data"], s["accum"], lambda m, b: b, ddp=None) for s in setups]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
