@@ -86,8 +86,6 @@ def test_resume_across_expert_parallel_sizes(shards, tmp_path):
      "does not divide moe.num_experts=3"),
     (["--distributed.expert_parallel", "2", "--model.init_args.preset", "gpt-tiny", "--model.init_args.config",
       "{}"], "the model has no MoE layers"),
-    (["--distributed.expert_parallel", "1", "--trainer.strategy", "deepspeed_stage_3"],
-     "not supported under deepspeed_stage_3 yet"),
 ])
 def test_expert_parallel_bad_layouts_are_one_line(args, message, shards, tmp_path):
     """Refused before any rank starts (in this process: the checks run when the strategy is built)."""

@@ -131,8 +131,8 @@ class PretrainCLI(LightningCLI):
         name = cfg.trainer.strategy
         if not isinstance(name, str) or (name not in STRATEGIES and name in StrategyRegistry):
             return name
-        if cfg.distributed.expert_parallel != 1 or name.startswith("deepspeed_stage_3"):
-            self._check_expert_parallel(cfg, name)
+        if cfg.distributed.expert_parallel != 1:
+            self._check_expert_parallel(cfg)
         return make_strategy(name, precision=str(cfg.trainer.precision), accelerator=str(cfg.trainer.accelerator),
                              micro_batch_size=self.datamodule.batch_size,
                              accumulate_grad_batches=cfg.trainer.accumulate_grad_batches or 1,
@@ -141,10 +141,9 @@ class PretrainCLI(LightningCLI):
                              offload_params=cfg.distributed.offload_params,
                              expert_parallel=cfg.distributed.expert_parallel)
 
-    def _check_expert_parallel(self, cfg: Any, strategy: str) -> None:
-        """The expert-parallel layout's and MoE's one-line errors before any rank starts (configure_model checks
-        again)."""
-        from framework.distributed.expert_parallel import check_expert_parallel, check_moe_strategy
+    def _check_expert_parallel(self, cfg: Any) -> None:
+        """The expert-parallel layout's one-line errors before any rank starts (configure_model checks again)."""
+        from framework.distributed.expert_parallel import check_expert_parallel
 
         size, devices = cfg.distributed.expert_parallel, cfg.trainer.devices
         devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
@@ -152,7 +151,6 @@ class PretrainCLI(LightningCLI):
         if hasattr(self.model, "model_class") and getattr(self.model, "preset", None):
             config = self.model.model_class.config_class.from_preset(self.model.preset, **self.model.overrides)
             moe = getattr(config, "moe", None)
-        check_moe_strategy(moe is not None, strategy)
         if isinstance(size, int) and size > 1:
             world = devices * (cfg.trainer.num_nodes or 1) if isinstance(devices, int) else size
             check_expert_parallel(size, world, moe.num_experts if moe is not None else None)

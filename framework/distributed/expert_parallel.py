@@ -62,23 +62,12 @@ def check_expert_parallel(size: int, world: int, num_experts: int | None) -> Non
                         f"divisor of {num_experts}")
 
 
-def check_moe_strategy(has_moe: bool, strategy: str) -> None:
-    """MoE models train under ddp, fsdp and ZeRO-1/2 (matching one process); under ZeRO-3 the balancing terms came
-    out different from the other strategies' (the language-model loss matches), so it is refused until that is
-    understood."""
-    if has_moe and strategy.startswith("deepspeed_stage_3"):
-        raise UserError(f"Mixture-of-Experts models are not supported under {strategy} yet: use deepspeed_stage_2, "
-                        "fsdp (which shards the experts too) or ddp with --distributed.expert_parallel")
-
-
 def apply_expert_parallel(task: nn.Module, model: nn.Module, strategy: Any) -> None:
     """Keep this rank's experts of every MoE layer of `model` (a submodule of `task`, the module DDP wraps) and
     keep them out of DDP's all-reduce. Call once, after the full weights are in place (init_from included), on every
     rank. Nothing to do for expert_parallel 1."""
     size = expert_parallel_size(strategy)
     layers = [m for m in model.modules() if isinstance(m, MoE)]
-    if getattr(strategy, "zero_stage_3", False):
-        check_moe_strategy(bool(layers), "deepspeed_stage_3")
     if size == 1 or (layers and layers[0].ep_size == size):
         return
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
