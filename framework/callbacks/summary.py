@@ -18,7 +18,7 @@ class RunSummary(L.Callback):
     """Prints a one-screen summary when fit ends (rank 0) and logs the data's baseline (`baseline()`) next to val/loss.
 
     prompt / sample_tokens: the text the sample continues, and its length in tokens (0: no sample; sampling needs the
-    whole model on rank 0, so it is skipped for strategies that shard parameters). For a masked-LM encoder the
+    whole model on rank 0, so it is skipped for strategies that shard parameters or split experts). For a masked-LM encoder the
     prompt is a text with `<|mask|>` tokens, and the sample is its top guesses for each (as `pretrain fill-mask`).
     """
 
@@ -88,7 +88,7 @@ class RunSummary(L.Callback):
             return None
         model, text = pl_module.model, pl_module.tokenizer_json
         shards_params = type(trainer.strategy).__name__.lower()
-        if not self.sample_tokens or text is None or \
+        if not self.sample_tokens or text is None or getattr(trainer.strategy, "expert_parallel", 1) > 1 or \
                 any(k in shards_params for k in ("fsdp", "deepspeed", "modelparallel")):
             return None
         from framework.data.tokenizer import Tokenizer

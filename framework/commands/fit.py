@@ -56,10 +56,12 @@ class DistributedOptions:
 
     deepspeed_config: a DeepSpeed JSON file merged over the one generated from the run (its keys win).
     offload_params: keep parameters in CPU memory between uses (fsdp, deepspeed_stage_3_offload).
+    expert_parallel: split the experts of MoE layers over groups of this many data-parallel ranks (strategy ddp).
     """
 
     deepspeed_config: str | None = None
     offload_params: bool = False
+    expert_parallel: int = 1
 
 
 class PretrainCLI(LightningCLI):
@@ -129,12 +131,29 @@ class PretrainCLI(LightningCLI):
         name = cfg.trainer.strategy
         if not isinstance(name, str) or (name not in STRATEGIES and name in StrategyRegistry):
             return name
+        if cfg.distributed.expert_parallel != 1:
+            self._check_expert_parallel(cfg)
         return make_strategy(name, precision=str(cfg.trainer.precision), accelerator=str(cfg.trainer.accelerator),
                              micro_batch_size=self.datamodule.batch_size,
                              accumulate_grad_batches=cfg.trainer.accumulate_grad_batches or 1,
                              gradient_clip_val=getattr(self.model, "grad_clip", None) or None,
                              deepspeed_config=cfg.distributed.deepspeed_config,
-                             offload_params=cfg.distributed.offload_params)
+                             offload_params=cfg.distributed.offload_params,
+                             expert_parallel=cfg.distributed.expert_parallel)
+
+    def _check_expert_parallel(self, cfg: Any) -> None:
+        """The expert-parallel layout's one-line errors before any rank starts (configure_model checks again)."""
+        from framework.distributed.expert_parallel import check_expert_parallel
+
+        size, devices = cfg.distributed.expert_parallel, cfg.trainer.devices
+        devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
+        moe = None
+        if hasattr(self.model, "model_class") and getattr(self.model, "preset", None):
+            config = self.model.model_class.config_class.from_preset(self.model.preset, **self.model.overrides)
+            moe = getattr(config, "moe", None)
+        if isinstance(size, int) and size > 1:
+            world = devices * (cfg.trainer.num_nodes or 1) if isinstance(devices, int) else size
+            check_expert_parallel(size, world, moe.num_experts if moe is not None else None)
 
 
 VERBOSE_ENV = "PRETRAIN_VERBOSE"

@@ -61,6 +61,9 @@ class Model:
     vocab: int  # padded vocabulary (the logits' width)
     flops_per_token: int  # training FLOPs (forward + backward) per token at the sequence length
     aux_params: int = 0  # parameters of the task's auxiliary frozen models (a teacher): weights only
+    # parameters one token uses (a Mixture-of-Experts model: its top_k experts of num_experts); 0: all of them. Memory
+    # counts every parameter; the step time counts the active ones' FLOPs (flops_per_token)
+    active_params: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,9 @@ def describe_model(preset: str, family: str = "gpt", seq_len: int | None = None,
     embedding = model.transformer.wte.weight.numel()
     T = seq_len or config.seq_len
     fpt = model.flops_per_token(T) if hasattr(model, "flops_per_token") else model.flops(1, T, T) // T
+    active = model.num_active_params(non_embedding=False) if getattr(config, "moe", None) is not None else 0
     return Model(params, max(block, embedding), block, config.n_layer, config.n_embd, config.padded_vocab_size, fpt,
-                 aux_params)
+                 aux_params, active)
 
 
 def estimate(model: Model, strategy: str, *, seq_len: int, micro_batch: int, gpus: int, nodes: int = 1,
@@ -265,6 +269,8 @@ def main(argv: list[str]) -> None:
                       mfu=args.mfu)
     n = args.gpus * args.nodes
     aux = f" (+ {model.aux_params / 1e9:.2f}B frozen auxiliary)" if model.aux_params else ""
+    if model.active_params:
+        aux = f" ({model.active_params / 1e9:.2f}B active per token){aux}"
     print(f"{preset}: {model.params / 1e9:.2f}B parameters{aux}, seq {seq_len}, micro-batch {micro_batch}, "
           f"{precision}, "
           f"{args.nodes} node(s) x {args.gpus} {args.gpu} ({args.gpu_memory}, host {args.host_memory}), MFU "

@@ -54,6 +54,7 @@ def make_strategy(
     gradient_clip_val: float | None = None,
     deepspeed_config: Mapping[str, Any] | str | Path | None = None,
     offload_params: bool = False,
+    expert_parallel: int = 1,
 ) -> Strategy | str:
     """The Lightning strategy for `name`; pass it and the same precision/accumulation/clipping to the Trainer.
 
@@ -61,6 +62,7 @@ def make_strategy(
     Trainer sets it up. `micro_batch_size`, `accumulate_grad_batches`, `gradient_clip_val` and `precision` feed the
     generated DeepSpeed JSON; `deepspeed_config` (a dict or a JSON path) is merged over it (user wins). `offload_params`
     keeps parameters in CPU memory between uses (`fsdp`: FSDP2 CPUOffloadPolicy; `deepspeed_stage_3_offload`).
+    `expert_parallel` > 1 splits MoE experts over groups of that many ranks (framework.distributed.expert_parallel).
     Raises UserError for an unknown name or a combination that cannot work.
     """
     if name not in STRATEGIES:
@@ -74,10 +76,20 @@ def make_strategy(
     if deepspeed_config is not None and not name.startswith("deepspeed"):
         raise UserError(f"deepspeed_config is set but strategy is '{name}'; use a deepspeed_* strategy or drop it")
 
+    if isinstance(expert_parallel, bool) or not isinstance(expert_parallel, int) or expert_parallel < 1:
+        raise UserError(f"distributed.expert_parallel={expert_parallel!r} must be a positive integer")
+    if expert_parallel > 1 and name == "auto":
+        name = "ddp"  # the one strategy that holds experts split over ranks
+    if expert_parallel > 1 and name != "ddp":
+        raise UserError(f"distributed.expert_parallel={expert_parallel} needs --trainer.strategy ddp, not '{name}': "
+                        "fsdp and deepspeed shard or all-reduce every parameter over all ranks and cannot hold experts "
+                        "split across them")
     if name == "auto":
         return "auto"
     if name == "ddp":
-        return DDPStrategy()
+        strategy = DDPStrategy()
+        strategy.expert_parallel = expert_parallel  # read by parallelize's expert_parallel step (configure_model)
+        return strategy
     if name == "fsdp":
         if precision not in _FSDP_PRECISIONS:
             choices = ", ".join(_FSDP_PRECISIONS)

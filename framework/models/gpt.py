@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from framework.models.moe import MoE, MoEConfig
 from framework.models.transformer import (
     TransformerConfig,
     block_flops,
@@ -46,6 +47,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-1.5b": dict(vocab_size=50304, seq_len=1024, n_layer=48, n_head=25, n_embd=1600),
     "gpt-2.7b": dict(vocab_size=50304, seq_len=2048, n_layer=32, n_head=32, n_embd=2560),
     "gpt-6.7b": dict(vocab_size=50304, seq_len=2048, n_layer=32, n_head=32, n_embd=4096),
+    # Mixture-of-Experts (framework.models.moe). Expert hidden size 4*C/top_k: a token's active MLP is the dense one's.
+    "gpt-moe-test": dict(vocab_size=256, seq_len=64, n_layer=2, n_head=2, n_embd=64,
+                         moe=dict(num_experts=4, top_k=2)),
+    # gpt-small-cpu with 8 experts, top-2, in every block: the same active parameters (0.83M), 2.9x the total (2.4M)
+    "gpt-moe-cpu": dict(vocab_size=256, seq_len=256, n_layer=4, n_head=4, n_embd=128,
+                        moe=dict(num_experts=8, top_k=2)),
+    # OLMoE-1B-7B's shape (Muennighoff et al. 2024: 16 layers, d 2048, 64 experts of 1024, top-8, RoPE, no biases)
+    # with GELU experts (OLMoE's are SwiGLU): ~4.7B parameters, ~0.9B active
+    "gpt-moe-olmoe": dict(vocab_size=50304, seq_len=4096, n_layer=16, n_head=16, n_embd=2048, bias=False,
+                          pos_embedding="rope", moe=dict(num_experts=64, top_k=8, expert_hidden=1024)),
 }
 
 
@@ -53,6 +64,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 class GPTConfig(TransformerConfig):
     model_type: ClassVar[str] = "gpt"
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+    # sparse MLPs: {num_experts, top_k, every_n_layers, shared_experts, router, balance, ...} (MoEConfig); null: dense
+    moe: MoEConfig | dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.moe = MoEConfig.from_value(self.moe)
 
 
 class GPT(Pretrained):
@@ -93,6 +110,19 @@ class GPT(Pretrained):
         """Parameter count, the tied embedding once. non_embedding drops the position table (a lookup, no FLOPs) but
         keeps the token table, which is also the output projection, as nanoGPT and the FLOP estimate count it."""
         return num_params(self, exclude=("wpe.weight",) if non_embedding else ())
+
+    def moe_layers(self) -> list[MoE]:
+        """The blocks' sparse MLPs, in depth order (empty for a dense model)."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def num_active_params(self, non_embedding: bool = True) -> int:
+        """Parameters one token uses: all of them but the experts its router does not pick (top_k of num_experts)."""
+        total = self.num_params(non_embedding)
+        moe = self.config.moe
+        if moe is None:
+            return total
+        per_expert = 2 * self.config.n_embd * moe.hidden(self.config.n_embd)
+        return total - len(self.moe_layers()) * (moe.num_experts - moe.top_k) * per_expert
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward, matrix multiplies): the blocks (see block_flops) plus the

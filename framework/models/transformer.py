@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from framework.errors import UserError
+from framework.models.moe import Experts, MoE, MoEConfig, Router
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -276,13 +277,17 @@ class Block(nn.Module):
     one, arrives per batch as the (attn_mask, is_causal) pair made by `attention_bias`.
     """
 
-    def __init__(self, config: TransformerConfig, causal: bool, lora: LoRA | None = None) -> None:
+    def __init__(self, config: TransformerConfig, causal: bool, lora: LoRA | None = None, layer: int = 0) -> None:
         super().__init__()
         self.causal = causal
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = SelfAttention(config.n_embd, config.n_head, config.bias, config.dropout, lora)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config.n_embd, config.bias, config.dropout, lora)
+        moe: MoEConfig | None = getattr(config, "moe", None)  # a family with a `moe` field may have sparse MLPs
+        if moe is not None and moe.is_moe_layer(layer):
+            self.mlp: nn.Module = MoE(config.n_embd, moe, config.dropout)
+        else:
+            self.mlp = MLP(config.n_embd, config.bias, config.dropout, lora)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attn_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
@@ -299,7 +304,7 @@ def make_trunk(config: TransformerConfig, causal: bool, lora: LoRA | None = None
     if config.pos_embedding == "learned":
         layers["wpe"] = nn.Embedding(config.seq_len, config.n_embd)
     layers["drop"] = nn.Dropout(config.dropout)
-    layers["h"] = nn.ModuleList(Block(config, causal, lora) for _ in range(config.n_layer))
+    layers["h"] = nn.ModuleList(Block(config, causal, lora, layer=i) for i in range(config.n_layer))
     layers["ln_f"] = nn.LayerNorm(config.n_embd, bias=config.bias)
     return nn.ModuleDict(layers)
 
@@ -341,9 +346,18 @@ def init_weights(model: nn.Module, config: TransformerConfig, skip: tuple[nn.Mod
     alone (a tied output matrix is initialized as the embedding it is). `gather(module)` is entered around each
     module's own parameters (e.g. DeepSpeed's GatheredParameters under ZeRO-3)."""
     blocks = [m for m in model.modules() if isinstance(m, Block)]
-    residual = {id(b.attn.c_proj) for b in blocks} | {id(b.mlp.c_proj) for b in blocks}
+    residual = {id(b.attn.c_proj) for b in blocks} | {id(b.mlp.c_proj) for b in blocks if isinstance(b.mlp, MLP)}
     residual_std = INIT_STD / math.sqrt(2 * config.n_layer)
     for module in model.modules():
+        if isinstance(module, Experts):  # each expert as a dense MLP: c_fc-like, then a residual projection
+            with gathered(module, gather):
+                nn.init.normal_(module.w_fc, mean=0.0, std=INIT_STD)
+                nn.init.normal_(module.w_proj, mean=0.0, std=residual_std)
+            continue
+        if isinstance(module, Router):
+            with gathered(module, gather):
+                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+            continue
         if any(module is s for s in skip) or not isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
             continue
         with gathered(module, gather):
@@ -367,6 +381,11 @@ def block_flops(config: TransformerConfig, tokens: int, seq_len: int) -> int:
     """
     c = config
     forward = c.n_layer * (2 * 12 * c.n_embd * c.n_embd + 4 * seq_len * c.n_embd)
+    moe: MoEConfig | None = getattr(c, "moe", None)
+    if moe is not None:  # a sparse layer's token runs top_k + shared experts of 2*C*H weights and the router
+        sparse = sum(moe.is_moe_layer(i) for i in range(c.n_layer))
+        active = 2 * c.n_embd * moe.hidden(c.n_embd) * (moe.top_k + moe.shared_experts) + c.n_embd * moe.num_experts
+        forward += sparse * 2 * (active - 8 * c.n_embd * c.n_embd)
     return 3 * forward * tokens
 
 

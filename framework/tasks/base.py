@@ -198,6 +198,9 @@ class PretrainTask(L.LightningModule):
                                      activation_checkpointing=self.activation_checkpointing)
             if self.init_from is not None and not self.trainer.ckpt_path:
                 self._load_init_weights()
+            from framework.distributed.expert_parallel import apply_expert_parallel
+
+            apply_expert_parallel(self, self.model, self.trainer.strategy)  # with the full weights in place
         if self.compile and self._forward is None:
             # object.__setattr__: as a plain attribute, not a submodule (its parameters would be saved twice)
             object.__setattr__(self, "_forward", torch.compile(self.model))
@@ -292,11 +295,13 @@ class PretrainTask(L.LightningModule):
         norm after its step. Lightning calls callbacks' on_before_optimizer_step before this hook, before clipping,
         hence this call."""
         from framework.distributed import is_deepspeed
+        from framework.distributed.expert_parallel import clip_grad_norm, sync_expert_grads
 
         norm = None
         if not is_deepspeed(self.trainer.strategy):
+            sync_expert_grads(self.parameters())  # experts split over ranks are outside DDP (expert_parallel)
             max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], max_norm)
+            norm = clip_grad_norm(self.parameters(), max_norm)
             self.log("grad_norm", norm)
         losses, self._step_losses = self._step_losses, []
         for callback in self.trainer.callbacks:
@@ -326,6 +331,9 @@ class PretrainTask(L.LightningModule):
         if self.tokenizer_json is not None:
             checkpoint["tokenizer_json"] = self.tokenizer_json
         checkpoint["rng_states"] = extras.rng_states(self.device)  # a collective: every rank saves
+        from framework.distributed.expert_parallel import gather_experts
+
+        gather_experts(checkpoint, self, self.trainer.optimizers)  # a collective too: each expert once, at full size
         if self.frozen_from_init() and self._single_file():
             assert self.model is not None and self.init_from is not None
             self._frozen = extras.leave_out_frozen(checkpoint, self.model, self.init_from, self.init_prefix(),
@@ -340,6 +348,9 @@ class PretrainTask(L.LightningModule):
         from framework.checkpoint import extras
 
         self._frozen = extras.restore_frozen(checkpoint, self.init_from, str(self.trainer.ckpt_path)) or self._frozen
+        from framework.distributed.expert_parallel import slice_experts
+
+        slice_experts(checkpoint, self)  # full expert tensors -> this rank's, under expert parallelism
         check_family(checkpoint.get("model_config"), self.model_class.config_class.model_type, type(self).__name__)
         for name, saved in (checkpoint.get(extras.AUX_KEY) or {}).items():
             if name in self.aux:
@@ -349,6 +360,9 @@ class PretrainTask(L.LightningModule):
         self._rng_states = checkpoint.get("rng_states")  # applied at fit start: Lightning seeds again after loading
 
     def on_train_start(self) -> None:
+        from framework.distributed.expert_parallel import slice_optimizer_states
+
+        slice_optimizer_states(self, self.trainer.optimizers)  # restored at full size after on_load_checkpoint
         if self._rng_states is not None:
             from framework.checkpoint.extras import restore_rng
 
