@@ -305,25 +305,46 @@ def test_masked_atom_accuracy_is_far_above_the_most_frequent_atom(nci, tmp_path,
 
 # ---------------------------------------------------------------------------------------------------- strategies
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_stage_2"])
-def test_graph_tasks_train_on_two_processes(nci, tpsa, tmp_path, strategy):
-    """Attribute masking, then fine-tuning from its checkpoint (any strategy's), 3 steps each on 2 ranks."""
+@pytest.mark.parametrize("pre,fine", [("fsdp", "ddp"), ("deepspeed_stage_2", None)])
+def test_graph_tasks_train_on_two_processes(nci, tpsa, tmp_path, pre, fine):
+    """Attribute masking for 3 steps on 2 ranks under FSDP2 (its checkpoint a sharded directory) and ZeRO-2;
+    fine-tuning under DDP from the FSDP2 checkpoint, each rank on its own molecules."""
     from dist_fit import cli
 
-    if strategy.startswith("deepspeed"):
+    if pre.startswith("deepspeed"):
         from dist_fit import build_deepspeed_ops
 
         build_deepspeed_ops()
-    pre, fine = tmp_path / "pre", tmp_path / "fine"
-    pre.mkdir(), fine.mkdir()
-    common = dict(steps=3, strategy=strategy, devices=2, val_check_interval=3)
-    r = cli("fit", "--config", str(write_config(pre, nci, **common)), cwd=pre)
+    (tmp_path / "pre").mkdir()
+    common = dict(steps=3, devices=2, val_check_interval=3)
+    r = cli("fit", "--config", str(write_config(tmp_path / "pre", nci, strategy=pre, **common)), cwd=tmp_path / "pre")
     assert r.returncode == 0, r.stderr[-4000:]
-    ckpt = pre / "run" / "checkpoints" / "last.ckpt"
-    assert ckpt.exists()
-    r = cli("fit", "--config", str(write_config(fine, tpsa, task="framework.tasks.graph.PropertyTask",
-                                                model={"init_from": str(ckpt)}, data_args={}, **common)), cwd=fine)
+    ckpt = tmp_path / "pre" / "run" / "checkpoints" / "last.ckpt"
+    assert ckpt.exists() and "val/accuracy" in r.stdout
+    if fine is None:
+        return
+    (tmp_path / "fine").mkdir()
+    config = write_config(tmp_path / "fine", tpsa, task="framework.tasks.graph.PropertyTask", strategy=fine,
+                          model={"init_from": str(ckpt)}, data_args={}, **common)
+    r = cli("fit", "--config", str(config), cwd=tmp_path / "fine")
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "loaded" in r.stdout and (fine / "run" / "checkpoints" / "last.ckpt").exists()
-    ranks = {json.loads(line)["sample_ids"] for line in (fine / "steps.jsonl").read_text().splitlines()}
-    assert len(ranks) == 6  # 3 steps x 2 ranks, every batch a different set of molecules
+    assert "loaded" in r.stdout and "val/rmse" in r.stdout
+    batches = {json.loads(line)["sample_ids"] for line in (tmp_path / "fine" / "steps.jsonl").read_text().splitlines()}
+    assert len(batches) == 6  # 3 steps x 2 ranks, every batch a different set of molecules
+
+
+@pytest.mark.slow
+def test_the_transfer_report_compares_rmse_of_both_arms_on_graphs(tpsa, pretrained, tmp_path):
+    ckpt = pretrained / "run" / "checkpoints" / "last.ckpt"
+    r = run_main("transfer-report", "--pretrained", str(ckpt), "--data", str(tpsa), "--output",
+                 str(tmp_path / "report"), "--fractions", "0.1,1", "--seeds", "1", "--lrs", "1e-3", "--steps", "3",
+                 "--batch-size", "32", "--pooling", "sum", "--accelerator", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["metric"] == "RMSE" and report["lower_is_better"] and report["unit"] == "molecules"
+    assert len(report["runs"]) == 2 * 2 and all(run["score"] > 0 for run in report["runs"])
+    for row in report["rows"]:  # positive gain = pre-training lowered the RMSE; negative = it hurt
+        assert math.isclose(row["gain"], row["scratch"]["score_mean"] - row["pretrained"]["score_mean"])
+        assert row["pretrained"]["train_docs"] == row["scratch"]["train_docs"]  # the same subsets
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "val RMSE" in table and "Lower is better" in table and "the train mean scores RMSE" in table

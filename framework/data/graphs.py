@@ -116,7 +116,8 @@ class GraphStream(SampleStream):
             batch["bond_index"] = torch.from_numpy(pairs[bond_index].reshape(-1, 2))
             batch["bond_targets"] = torch.from_numpy(bond_attr[bond_index, 0].copy())
             x[atom_index] = self.atom_mask
-            bond_attr[bond_index] = self.bond_mask
+            if self.bond_mask is not None:
+                bond_attr[bond_index] = self.bond_mask
         edge_index = np.concatenate([pairs, pairs[:, ::-1]]).T  # (2, E): both directions
         graph_of = np.repeat(np.arange(len(real)), n_atoms)
         y = np.full((len(ids), ix.y.shape[1]), np.nan, np.float32)
