@@ -270,6 +270,15 @@ def test_attribute_masking_resumes_exactly(nci, pretrained, tmp_path):
     assert a["model_config"]["model_type"] == "gin" and a["model_config"]["masking_head"]
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
+    # `pretrain export` writes the family's files; the registry builds the GIN back from them alone
+    from framework.models.registry import from_pretrained
+
+    exported = run_main("export", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "export"))
+    assert exported.returncode == 0, exported.stderr
+    model = from_pretrained(tmp_path / "export")
+    assert isinstance(model, GIN) and model.config.masking_head
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, b["state_dict"]["model." + name]), name
 
 
 def test_fine_tuning_starts_from_the_pre_trained_layers_with_a_new_head(tpsa, pretrained, tmp_path, capsys):
@@ -291,16 +300,22 @@ def test_fine_tuning_starts_from_the_pre_trained_layers_with_a_new_head(tpsa, pr
 # ---------------------------------------------------------------------------------------------------- learning
 @pytest.mark.slow
 def test_masked_atom_accuracy_is_far_above_the_most_frequent_atom(nci, tmp_path, capsys):
-    """Attribute masking of gin-test-sized GIN for 150 steps: the masked atoms' types are predicted far better
-    than by always guessing the most frequent atom (carbon), both measured on the same val molecules."""
-    fit(["--config", str(write_config(tmp_path, nci, steps=150, model={"preset": "gin-test",
+    """Attribute masking (atoms and their bonds masked) of a small GIN for 200 steps: the masked atoms' types are
+    predicted far better than by always guessing the most frequent atom (carbon), and the loss is far below the
+    train split's type priors', both measured on the same val molecules."""
+    fit(["--config", str(write_config(tmp_path, nci, steps=200, model={"preset": "gin-test",
                                                                        "config": {"hidden": 64, "num_layers": 3}},
-                                      val_check_interval=150, limit_val_batches=None))])
+                                      data_args={"mask_rate": 0.15, "batch_size": 32}, val_check_interval=200,
+                                      limit_val_batches=None))])
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("val/accuracy:"))
     accuracy, baseline = (float(v.rstrip("%")) / 100 for v in (line.split()[1], line.split()[-1]))
-    assert 0.5 < baseline < 0.85  # carbon's share of the val atoms
-    assert accuracy > baseline + 0.5 * (1 - baseline), (accuracy, baseline)  # half the remaining error gone
+    assert 0.6 < baseline < 0.85  # carbon's share of the val atoms
+    # a quarter of the most-frequent guess's errors gone (a 400-step gin-cpu run removes ~40%, README)
+    assert accuracy > baseline + 0.25 * (1 - baseline), (accuracy, baseline)
+    loss_line = next(line for line in out.splitlines() if line.startswith("val/loss:"))
+    loss, prior = float(loss_line.split()[1]), float(loss_line.split("baseline:")[1].split()[0])
+    assert loss < 0.6 * prior, (loss, prior)
 
 
 # ---------------------------------------------------------------------------------------------------- strategies

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from framework.models.transformer import (ConfigError, PresetConfig, Pretrained, check_bool, check_choice,
-                                          check_positive_ints)
+                                          check_positive_ints, num_params)
 
 POOLINGS = ("mean", "sum")
 # The vocabularies of framework.data.molecules' features (each with its mask index); the data sets them at run time
@@ -173,6 +173,9 @@ class GIN(Pretrained):
             return total
         counts = torch.bincount(batch, minlength=num_graphs).clamp(min=1).to(h.dtype)  # (B,)
         return total / counts[:, None]
+
+    def num_params(self) -> int:
+        return num_params(self)
 
     def flops(self, atoms: int, edges: int) -> int:
         """Training FLOPs (3x forward, 2 per multiply-add) of a batch: each layer's MLP (H -> 2H -> H) on every
