@@ -343,7 +343,8 @@ def test_graph_tasks_train_on_two_processes(nci, tpsa, tmp_path, pre, fine):
                           model={"init_from": str(ckpt)}, data_args={}, **common)
     r = cli("fit", "--config", str(config), cwd=tmp_path / "fine")
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "loaded" in r.stdout and "val/rmse" in r.stdout
+    assert "loaded" in r.stdout and "new (fresh init): head.bias, head.weight\n" in r.stdout, r.stdout
+    assert "val RMSE" in r.stdout, r.stdout
     batches = {json.loads(line)["sample_ids"] for line in (tmp_path / "fine" / "steps.jsonl").read_text().splitlines()}
     assert len(batches) == 6  # 3 steps x 2 ranks, every batch a different set of molecules
 

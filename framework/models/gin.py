@@ -117,14 +117,18 @@ class GINLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(H, 2 * H), nn.ReLU(), nn.Linear(2 * H, H))
         self.norm = nn.BatchNorm1d(H)
         self.last, self.dropout = last, config.dropout
-        loop = [config.self_loop_bond_type] + [0] * (len(config.bond_vocab) - 1)  # (BF,): the self-loop's bond
-        self.register_buffer("self_loop", torch.tensor(loop), persistent=False)
+        self.self_loop_bond_type = config.self_loop_bond_type
 
     def forward(self, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
         src, dst = edge_index  # (E,), (E,)
         messages = h[src] + self.edges(edge_attr)  # (E, H)
-        # the self-loop of every atom: its own representation plus the self-loop bond's embedding
-        aggregated = (h + self.edges(self.self_loop)).index_add(0, dst, messages)  # (N, H): sum over in-edges
+        # the self-loop of every atom: its own representation plus the embedding of a bond of type "self" (other
+        # bond features 0), read from the tables directly (a constant index tensor would be a buffer to checkpoint)
+        tables = self.edges.tables
+        loop = tables[0].weight[self.self_loop_bond_type]
+        for table in tables[1:]:
+            loop = loop + table.weight[0]
+        aggregated = (h + loop).index_add(0, dst, messages)  # (N, H): sum over in-edges
         out = self.norm(self.mlp(aggregated))
         if not self.last:
             out = F.relu(out)
