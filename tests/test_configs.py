@@ -8,11 +8,13 @@ import torch
 from framework.data.base import StreamDataModule
 from framework.data.datamodule import MaskedLMDataModule, ShardDataModule
 from framework.data.documents import ClassificationDataModule
+from framework.data.graphs import GraphDataModule
 from framework.data.images import ImageDataModule
 from framework.models.registry import family
 from framework.tasks.base import PretrainTask
 from framework.tasks.classification import ClassificationTask
 from framework.tasks.clip import CLIPTask
+from framework.tasks.graph import AttributeMaskingTask, GraphTask
 from framework.tasks.vision import ImageClassificationTask
 from framework.commands.fit import PretrainCLI
 
@@ -53,6 +55,12 @@ def test_config_parses_and_builds(path, tmp_path):
         with torch.device("meta"):
             assert task.model_class(config).num_params() > 0
         assert cli.trainer.max_steps > task.warmup_steps
+        return
+    if isinstance(task, GraphTask):  # molecule graphs: the feature vocabularies come from the data's manifest
+        assert isinstance(data, GraphDataModule) and data.batch_size >= 1
+        assert (data.mask_rate > 0) == isinstance(task, AttributeMaskingTask)
+        config = task.model_class.config_class.from_preset(task.preset, **task.overrides)
+        assert task.model_class(config).num_params() > 0 and cli.trainer.max_steps > task.warmup_steps
         return
     if isinstance(task, ClassificationTask):
         assert isinstance(data, ClassificationDataModule)

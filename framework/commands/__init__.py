@@ -5,6 +5,7 @@ script enter through `main`.
     pretrain prepare ...   corpus -> tokenized webdataset shards (prepare.py)
     pretrain prepare-images ...  a folder per class (or the synthetic set) -> image shards
                            (prepare_images.py)
+    pretrain prepare-molecules ...  SMILES, CSV or SD files (or an embedded set) -> graph shards (prepare_molecules.py)
     pretrain fit ...       train (fit.py)
     pretrain validate ...  validation loss of a checkpoint (fit.py)
     pretrain generate ...  sample from a GPT checkpoint (generate.py)
@@ -29,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("framework.commands.prepare:main", "tokenize a corpus into webdataset shards with a manifest"),
     "prepare-images": ("framework.commands.prepare_images:main",
                        "a folder per class (or --synthetic N) -> image shards with a manifest"),
+    "prepare-molecules": ("framework.commands.prepare_molecules:main",
+                          "SMILES / CSV / SDF (or --embedded nci) -> molecule graph shards with a manifest"),
     "fit": ("framework.commands.fit:fit", "train a model (LightningCLI: --config FILE.yaml, --model.* --data.* --trainer.*; "
                                       "--verbose shows third-party output)"),
     "validate": ("framework.commands.fit:validate", "compute the validation loss of a checkpoint (--ckpt_path)"),

@@ -10,6 +10,11 @@ Writes OUTPUT/report.md (the table: mean ± std val accuracy per fraction and mo
 OUTPUT/report.json (every run) and OUTPUT/transfer.png (accuracy vs label fraction, log x-axis, error bars), each
 atomically. For each (fraction, mode, arm) the LR with the best mean val accuracy over the seeds is reported (the same
 grid and rule for both arms); the seed picks the label subset (shared by both arms), the head's init and the order.
+
+Molecule graph shards (`pretrain prepare-molecules` with labels) are measured by their task's metric instead: val
+RMSE for regression (lower is better: the best LR is the lowest, and the gain is scratch minus pre-trained, so a
+negative gain is pre-training that hurt, Hu et al.'s "negative transfer") or the mean ROC-AUC over tasks for
+classification; the GIN is fine-tuned in full (`--modes full`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Run:
     macro_f1: float
     train_docs: int
     seconds: float
+    score: float = math.nan  # the reported metric: accuracy, or a graph task's RMSE / ROC-AUC
 
 
 def train_one(pretrained: str, data: str, fraction: float, mode: str, arm: str, lr: float, seed: int,
@@ -52,10 +58,16 @@ def train_one(pretrained: str, data: str, fraction: float, mode: str, arm: str, 
     dm = datamodule(data, args, seed=seed, label_fraction=fraction)
     common = dict(init_from=pretrained, random_init=arm == "scratch", mode=mode, lr=lr, head_lr=lr * args.head_lr_ratio,
                   warmup_steps=max(1, args.steps // 10), weight_decay=0.01, betas=(0.9, 0.98), min_lr_ratio=0.1)
-    if is_images(data):
+    graphs = modality(data) == "graphs"
+    if graphs:
+        from framework.tasks.graph import PropertyTask
+
+        del common["mode"], common["betas"]
+        task: Any = PropertyTask(config={"pooling": args.pooling} if args.pooling else None, **common)
+    elif is_images(data):
         from framework.tasks.vision import ImageClassificationTask
 
-        task: Any = ImageClassificationTask(**common)
+        task = ImageClassificationTask(**common)
     else:
         from framework.tasks.classification import ClassificationTask
 
@@ -68,8 +80,13 @@ def train_one(pretrained: str, data: str, fraction: float, mode: str, arm: str, 
                         num_sanity_val_steps=0, check_val_every_n_epoch=None, val_check_interval=args.steps)
     trainer.fit(task, datamodule=dm)  # validates once, after the last step
     metrics = trainer.callback_metrics
-    return Run(fraction, mode, arm, lr, seed, float(metrics["val/accuracy"]), float(metrics["val/macro_f1"]),
-               len(dm.train_labels()), time.perf_counter() - started)
+    if graphs:
+        score = float(metrics["val/rmse"] if task.kind == "regression" else metrics["val/roc_auc"])
+        return Run(fraction, mode, arm, lr, seed, math.nan, math.nan, len(dm.train_y()),
+                   time.perf_counter() - started, score)
+    accuracy = float(metrics["val/accuracy"])
+    return Run(fraction, mode, arm, lr, seed, accuracy, float(metrics["val/macro_f1"]), len(dm.train_labels()),
+               time.perf_counter() - started, accuracy)
 
 
 def is_images(data: str) -> bool:
@@ -81,8 +98,22 @@ def is_images(data: str) -> bool:
         return False  # the datamodule reports a missing or broken manifest with its fix
 
 
+def modality(data: str) -> str:
+    """The manifest's modality ("" when it cannot be read: the datamodule reports that with its fix)."""
+    try:
+        with open(os.path.join(data, "manifest.json")) as f:
+            return json.load(f).get("modality", "")
+    except (OSError, ValueError):
+        return ""
+
+
 def datamodule(data: str, args: argparse.Namespace, seed: int = 0, label_fraction: float = 1.0) -> Any:
-    """The labelled data's datamodule: images or documents."""
+    """The labelled data's datamodule: molecule graphs, images or documents."""
+    if modality(data) == "graphs":
+        from framework.data.graphs import GraphDataModule
+
+        return GraphDataModule(path=data, batch_size=args.batch_size, num_workers=0, seed=seed,
+                               label_fraction=label_fraction)
     if is_images(data):
         from framework.data.images import ImageDataModule
 
@@ -94,8 +125,10 @@ def datamodule(data: str, args: argparse.Namespace, seed: int = 0, label_fractio
                                     seed=seed, label_fraction=label_fraction)
 
 
-def summarize(runs: list[Run]) -> list[dict[str, Any]]:
-    """Per (fraction, mode): for each arm the best LR by mean val accuracy over seeds, its mean and std; the gain."""
+def summarize(runs: list[Run], lower_is_better: bool = False) -> list[dict[str, Any]]:
+    """Per (fraction, mode): for each arm the best LR by mean val score over seeds (accuracy; RMSE: the lowest), its
+    mean and std; the gain (positive: pre-training helped)."""
+    sign = -1 if lower_is_better else 1
     rows = []
     for fraction in sorted({r.fraction for r in runs}):
         for mode in sorted({r.mode for r in runs}, key=lambda m: ("full", "linear", "lora").index(m)):
@@ -107,13 +140,16 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
                         by_lr.setdefault(r.lr, []).append(r)
                 if not by_lr:
                     continue
-                lr, best = max(by_lr.items(), key=lambda kv: mean([r.accuracy for r in kv[1]]))
-                row[arm] = {"lr": lr, "accuracy_mean": mean([r.accuracy for r in best]),
-                            "accuracy_std": std([r.accuracy for r in best]),
-                            "macro_f1_mean": mean([r.macro_f1 for r in best]), "seeds": len(best),
+                lr, best = max(by_lr.items(), key=lambda kv: sign * mean([r.score for r in kv[1]]))
+                row[arm] = {"lr": lr, "score_mean": mean([r.score for r in best]),
+                            "score_std": std([r.score for r in best]), "seeds": len(best),
                             "train_docs": best[0].train_docs}
+                if not math.isnan(best[0].accuracy):
+                    row[arm].update(accuracy_mean=mean([r.accuracy for r in best]),
+                                    accuracy_std=std([r.accuracy for r in best]),
+                                    macro_f1_mean=mean([r.macro_f1 for r in best]))
             if all(a in row for a in ARMS):
-                row["gain"] = row["pretrained"]["accuracy_mean"] - row["scratch"]["accuracy_mean"]
+                row["gain"] = sign * (row["pretrained"]["score_mean"] - row["scratch"]["score_mean"])
             rows.append(row)
     return rows
 
@@ -131,26 +167,38 @@ def std(xs: list[float]) -> float:
 
 
 def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    metric = header.get("metric", "accuracy")
+    if metric == "accuracy":
+        about = f"{header['classes']} classes; majority class {header['majority']:.1%}"
+    else:
+        about = header["about"]
     lines = [f"# Transfer report: {header['data']}", "",
              f"Pre-trained: `{header['pretrained']}`. Scratch: the same architecture, randomly initialised. "
-             f"Each cell: mean ± std val accuracy over {header['seeds']} seeds, on the whole val split "
-             f"({header['val_docs']} {header['unit']}, {header['classes']} classes; majority class "
-             f"{header['majority']:.1%}), with the best LR of {header['lrs']} for that cell; "
-             f"{header['steps']} steps of batch {header['batch_size']}, {header['shape']}.", "",
+             f"Each cell: mean ± std val {metric} over {header['seeds']} seeds, on the whole val split "
+             f"({header['val_docs']} {header['unit']}, {about}), with the best LR of {header['lrs']} for that cell; "
+             f"{header['steps']} steps of batch {header['batch_size']}, {header['shape']}."
+             + (" Lower is better; the gain is scratch minus pre-trained (negative: pre-training hurt)."
+                if header.get("lower_is_better") else ""), "",
              f"| label fraction | train {header['unit']} | mode | pre-trained | scratch | gain |",
              "|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         cells = []
         for arm in ARMS:
             a = r.get(arm)
-            cells.append(f"{a['accuracy_mean']:.1%} ± {a['accuracy_std']:.1%} (lr {a['lr']:g})" if a else "-")
-        gain = f"{r['gain'] * 100:+.1f} pts" if "gain" in r else "-"
+            if a and metric == "accuracy":
+                cells.append(f"{a['score_mean']:.1%} ± {a['score_std']:.1%} (lr {a['lr']:g})")
+            else:
+                cells.append(f"{a['score_mean']:.4g} ± {a['score_std']:.2g} (lr {a['lr']:g})" if a else "-")
+        if "gain" not in r:
+            gain = "-"
+        else:
+            gain = f"{r['gain'] * 100:+.1f} pts" if metric in ("accuracy", "ROC-AUC") else f"{r['gain']:+.4g}"
         docs = (r.get("pretrained") or r.get("scratch") or {}).get("train_docs", "")
         lines.append(f"| {r['fraction']:g} | {docs} | {r['mode']} | {cells[0]} | {cells[1]} | {gain} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, metric: str = "accuracy", lower_is_better: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -161,11 +209,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for arm, style in (("pretrained", "-o"), ("scratch", "--s")):
             pts = [(r["fraction"], r[arm]) for r in rows if r["mode"] == mode and arm in r]
             if pts:
-                ax.errorbar([f for f, _ in pts], [a["accuracy_mean"] for _, a in pts], color=f"C{i}",
-                            yerr=[a["accuracy_std"] for _, a in pts], fmt=style, capsize=3, label=f"{arm} ({mode})")
+                ax.errorbar([f for f, _ in pts], [a["score_mean"] for _, a in pts], color=f"C{i}",
+                            yerr=[a["score_std"] for _, a in pts], fmt=style, capsize=3, label=f"{arm} ({mode})")
     ax.set_xscale("log")
     ax.set_xlabel("label fraction (log scale)")
-    ax.set_ylabel("val accuracy")
+    ax.set_ylabel(f"val {metric}" + (" (lower is better)" if lower_is_better else ""))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("pre-trained vs scratch")
@@ -198,8 +246,9 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pretrain transfer-report", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", required=True, help="a checkpoint of `pretrain fit` (any strategy) or an export")
-    p.add_argument("--data", required=True, help="labelled shards (`pretrain prepare --label-field` or --task) or "
-                                                 "image shards (`pretrain prepare-images`)")
+    p.add_argument("--data", required=True, help="labelled shards (`pretrain prepare --label-field` or --task), "
+                                                 "image shards (`pretrain prepare-images`) or labelled molecule "
+                                                 "graphs (`pretrain prepare-molecules --label-column`)")
     p.add_argument("--output", required=True, help="directory for report.md, report.json and transfer.png")
     p.add_argument("--fractions", default="0.01,0.1,1.0", help="label fractions (default 0.01,0.1,1.0)")
     p.add_argument("--modes", default="full", help="any of full,linear,lora (default full)")
@@ -209,7 +258,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default 100)")
     p.add_argument("--batch-size", type=int, default=16, help="documents per batch (default 16)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per document after framing (default 128)")
-    p.add_argument("--pooling", default="", help="cls or mean (encoder), last or mean (GPT); default cls / last")
+    p.add_argument("--pooling", default="",
+                   help="cls or mean (encoder), last or mean (GPT), mean or sum (GIN); default cls / last / "
+                        "the checkpoint's")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels, for image shards (default 64)")
     p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default auto)")
     return p
@@ -217,8 +268,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
-    images = is_images(args.data)
-    if images:
+    images, graphs = is_images(args.data), modality(args.data) == "graphs"
+    if graphs:
+        MODES = ("full",)  # noqa: N806  # a GIN is fine-tuned in full
+    elif images:
         from framework.tasks.vision import MODES
     else:
         from framework.tasks.classification import MODES
@@ -243,13 +296,13 @@ def main(argv: list[str]) -> None:
     val_labels = probe.val_labels()
     if not len(val_labels):
         raise UserError(f"'{args.data}' has no val split; prepare it with a --val-fraction > 0")
-    counts = [int((val_labels == k).sum()) for k in range(probe.num_classes)]
-    header = {"pretrained": args.pretrained, "data": args.data, "seeds": args.seeds, "lrs": lrs, "steps": args.steps,
-              "batch_size": args.batch_size, "val_docs": len(val_labels), "unit": "images" if images else "docs",
-              "shape": f"{args.image_size} px images" if images else f"sequences of {args.seq_len} tokens",
-              **({} if images else {"seq_len": args.seq_len}),
-              "classes": probe.num_classes, "majority": max(counts) / len(val_labels), "modes": modes,
-              "fractions": fractions}
+    if graphs:
+        header = graph_header(probe, args)
+    else:
+        header = text_or_image_header(probe, val_labels, images, args)
+    header.update({"pretrained": args.pretrained, "data": args.data, "seeds": args.seeds, "lrs": lrs,
+                   "steps": args.steps, "batch_size": args.batch_size, "modes": modes, "fractions": fractions})
+    lower = bool(header.get("lower_is_better"))
     plan = [(f, m, a, lr, s) for f in fractions for m in modes for a in ARMS for lr in lrs for s in range(args.seeds)]
     runs: list[Run] = []
     started = time.perf_counter()
@@ -260,19 +313,48 @@ def main(argv: list[str]) -> None:
         runs.append(run)
         elapsed = time.perf_counter() - started
         eta = elapsed / i * (len(plan) - i)
+        result = (f"val {header['metric']} {run.score:.4g}" if graphs else
+                  f"val accuracy {run.accuracy:.1%}  macro-F1 {run.macro_f1:.1%}")
         print(f"[{i}/{len(plan)}] fraction {f:g} ({run.train_docs} {header['unit']}) {m:<6} {a:<10} lr {lr:g} seed {s}: "
-              f"val accuracy {run.accuracy:.1%}  macro-F1 {run.macro_f1:.1%}  ({run.seconds:.1f} s, "
-              f"eta {eta / 60:.1f} min)", flush=True)
-    rows = summarize(runs)
+              f"{result}  ({run.seconds:.1f} s, eta {eta / 60:.1f} min)", flush=True)
+    rows = summarize(runs, lower)
     header["seconds"] = round(time.perf_counter() - started, 1)
     _write(out / "report.json", json.dumps({**header, "rows": rows, "runs": [asdict(r) for r in runs]}, indent=2)
            + "\n")
     table = markdown(rows, header)
-    plot(rows, out / "transfer.png")
-    _write(out / "report.md", table + "\n![accuracy vs label fraction](transfer.png)\n")
+    plot(rows, out / "transfer.png", header["metric"], lower)
+    _write(out / "report.md", table + f"\n![{header['metric']} vs label fraction](transfer.png)\n")
     print("\n" + table, flush=True)
     print(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'transfer.png'} "
           f"({header['seconds'] / 60:.1f} min)", flush=True)
+
+
+def text_or_image_header(probe: Any, val_labels: Any, images: bool, args: argparse.Namespace) -> dict[str, Any]:
+    counts = [int((val_labels == k).sum()) for k in range(probe.num_classes)]
+    return {"val_docs": len(val_labels), "unit": "images" if images else "docs", "metric": "accuracy",
+            "shape": f"{args.image_size} px images" if images else f"sequences of {args.seq_len} tokens",
+            **({} if images else {"seq_len": args.seq_len}),
+            "classes": probe.num_classes, "majority": max(counts) / len(val_labels)}
+
+
+def graph_header(probe: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """What the report says about molecule graph data: its metric and what predicting the train mean (regression)
+    would score."""
+    import numpy as np
+
+    targets = probe.require_targets()
+    regression = targets["task"] == "regression"
+    header: dict[str, Any] = {"val_docs": int(len(probe.val_labels())), "unit": "molecules", "shape": "molecule graphs",
+                              "metric": "RMSE" if regression else "ROC-AUC", "lower_is_better": regression,
+                              "targets": targets["names"], "task": targets["task"]}
+    if regression:
+        val, train = probe._indexes["val"].y, probe.train_y()
+        rmse = float(np.sqrt(np.nanmean((val - np.nanmean(train, 0)) ** 2)))
+        header["about"] = (f"{len(targets['names'])} target(s) {', '.join(targets['names'])}; the train mean scores "
+                           f"RMSE {rmse:.4g}")
+    else:
+        header["about"] = f"{len(targets['names'])} classification task(s); chance ROC-AUC 0.5"
+    return header
 
 
 def _quiet() -> None:

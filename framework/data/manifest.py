@@ -19,7 +19,7 @@ from framework.errors import UserError
 MANIFEST, TOKENIZER = "manifest.json", "tokenizer.json"
 FORMAT, VERSION = "framework-shards", 1
 SPLITS = ("train", "val")
-PREPARE = {"text": "pretrain prepare", "images": "pretrain prepare-images"}  # how each modality's shards are made
+PREPARE = {"text": "pretrain prepare", "images": "pretrain prepare-images", "graphs": "pretrain prepare-molecules"}  # how each modality's shards are made
 
 
 def header(modality: str) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from framework.models.classifier import ClassifierConfig, SequenceClassifier
 from framework.models.clip import CLIP, CLIPConfig
 from framework.models.encoder import Encoder, EncoderConfig
+from framework.models.gin import GIN, GINConfig
 from framework.models.gpt import GPT, GPTConfig
 from framework.models.registry import (Family, build_model, config_from_dict, family, from_pretrained, model_type_of,
                                        register)
@@ -22,7 +23,8 @@ register(Family(SequenceClassifier, adapters=True))
 register(Family(ViT, image=True))
 register(Family(ResNet, image=True))
 register(Family(CLIP, image_tower=("image", "visual.")))  # `pretrain zero-shot` needs data too: no one-line hint
+register(Family(GIN))  # molecule graphs (framework.data.graphs)
 
 __all__ = ["GPT", "GPTConfig", "Encoder", "EncoderConfig", "ClassifierConfig", "SequenceClassifier", "ViT", "ViTConfig",
-           "ResNet", "ResNetConfig", "CLIP", "CLIPConfig", "Family", "build_model", "config_from_dict", "family",
+           "ResNet", "ResNetConfig", "CLIP", "CLIPConfig", "GIN", "GINConfig", "Family", "build_model", "config_from_dict", "family",
            "from_pretrained", "model_type_of", "register"]
