@@ -106,10 +106,8 @@ def distillation_loss(kl: torch.Tensor, task: torch.Tensor, *, alpha: float, tem
     return alpha * temperature ** 2 * kl + (1 - alpha) * task
 
 
-def masked_mean(values: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_mean(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean of `values` where `keep`, how many were kept); 0 with zero gradient when none is."""
-    if keep is None:
-        return values.mean() if values.numel() else values.sum() * 0.0, torch.tensor(values.numel())
     count = keep.sum()
     return (values * keep).sum() / count.clamp(min=1), count
 
