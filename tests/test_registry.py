@@ -53,7 +53,7 @@ def toy():
 
 
 def test_a_toy_family_is_one_register_call(toy, tmp_path):
-    assert toy.name == "toy" and toy.tied == ("out.weight",) and family("toy") is toy
+    assert toy.name == "toy" and toy.tied_in(None) == ("out.weight",) and family("toy") is toy
     config = config_from_dict({"model_type": "toy", "width": 3})
     assert isinstance(config, ToyConfig) and model_type_of(config.to_dict()) == "toy"
     model = build_model(config)

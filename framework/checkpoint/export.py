@@ -43,7 +43,7 @@ def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool 
         config = config_from_dict(dict(meta["model_config"]))
     except (TypeError, ValueError) as e:
         raise UserError(f"checkpoint '{ckpt}' has a model_config this framework cannot read ({e})") from None
-    sources = [s for s in checkpoint.tensors() if s.name not in family(config.model_type).tied]
+    sources = [s for s in checkpoint.tensors() if s.name not in family(config.model_type).tied_in(config)]
     _check_matches(ckpt, config, sources)
     if family(config.model_type).adapters and config.lora_rank:  # exported as a plain model: adapters merged in
         sources, config = _merge_lora(sources, config)
@@ -77,7 +77,7 @@ def _check_matches(ckpt: str, config: TransformerConfig, sources: list[TensorSou
     """The weights must be exactly the parameters of the model that the checkpoint's model_config describes."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()
-                    if k not in family(config.model_type).tied}
+                    if k not in family(config.model_type).tied_in(config)}
     got = {s.name: s.shape for s in sources}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))

@@ -21,7 +21,7 @@ def load_checkpoint_model(path: str, model_type: str | None = None) -> tuple[tor
     values = checkpoint.model_config  # UserError for a checkpoint that is not one of ours
     _check_type(model_type_of(values), model_type, path)
     config = config_from_dict(values)
-    tied = family(config.model_type).tied
+    tied = family(config.model_type).tied_in(config)
     with torch.device("meta"):
         model = build_model(config)
     state = {k: v for k, v in checkpoint.state_dict().items() if k not in tied}  # tied to transformer.wte

@@ -121,9 +121,9 @@ class Checkpoint:
 
     def weights(self) -> dict[str, TensorSource]:
         """name -> tensor of the model, without the aliases of tied tensors (its family's `tied`)."""
-        from framework.models.registry import family_of
+        from framework.models.registry import config_from_dict, family_of
 
-        tied = family_of(self.model_config).tied
+        tied = family_of(self.model_config).tied_in(config_from_dict(self.model_config))
         return {s.name: s for s in self.tensors() if s.name not in tied}
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from framework.models.moe import MoE, MoEConfig
 from framework.models.transformer import (
     TransformerConfig,
     block_flops,
+    check_bool,
     init_weights,
     make_trunk,
     num_params,
@@ -32,6 +33,11 @@ from framework.models.transformer import (
     Pretrained,
 )
 
+
+LLAMA: dict[str, Any] = dict(norm="rmsnorm", mlp="swiglu", pos_embedding="rope", bias=False)
+LLAMA_3: dict[str, Any] = dict(LLAMA, vocab_size=128256, rope_theta=500000.0, norm_eps=1e-5)
+LLAMA_3_2_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192)
 
 # Sizes from the GPT-2 paper (Radford et al. 2019) and GPT-3 paper (Brown et al. 2020, table 2.1). Vocab 50304 is
 # GPT-2's 50257 padded to a multiple of 64; a run with its own tokenizer overrides vocab_size. The CPU presets use a
@@ -57,6 +63,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # with GELU experts (OLMoE's are SwiGLU): ~4.7B parameters, ~0.9B active
     "gpt-moe-olmoe": dict(vocab_size=50304, seq_len=4096, n_layer=16, n_head=16, n_embd=2048, bias=False,
                           pos_embedding="rope", moe=dict(num_experts=64, top_k=8, expert_hidden=1024)),
+    # The Llama block (Touvron et al. 2023; Meta's Llama 3 model cards): RMSNorm, SwiGLU, RoPE, no biases, grouped-query
+    # attention. llama-test / llama-cpu are gpt-tiny / gpt-small-cpu with it: a block has exactly the GPT-2 block's
+    # weights (GQA's smaller K/V pays for SwiGLU's third matrix), and no position table.
+    "llama-test": dict(LLAMA, vocab_size=256, seq_len=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, mlp_hidden=192),
+    "llama-cpu": dict(LLAMA, vocab_size=256, seq_len=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+                      mlp_hidden=384),
+    # Llama 3.2 1B / 3B and Llama 3 8B shapes (sizes only: the weights come with `init_from hf:DIR`). 1.24B, 3.21B and
+    # 8.03B parameters. seq_len is a training context; the 3.2 models' RoPE scaling serves up to 131072.
+    "llama-3.2-1b": dict(LLAMA_3, seq_len=8192, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, mlp_hidden=8192,
+                         rope_scaling=LLAMA_3_2_ROPE),
+    "llama-3.2-3b": dict(LLAMA_3, seq_len=8192, n_layer=28, n_head=24, n_kv_head=8, n_embd=3072, mlp_hidden=8192,
+                         rope_scaling=LLAMA_3_2_ROPE),
+    "llama-3-8b": dict(LLAMA_3, seq_len=8192, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, mlp_hidden=14336,
+                       tie_embeddings=False),
 }
 
 
@@ -66,36 +86,47 @@ class GPTConfig(TransformerConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
     # sparse MLPs: {num_experts, top_k, every_n_layers, shared_experts, router, balance, ...} (MoEConfig); null: dense
     moe: MoEConfig | dict[str, Any] | None = None
+    # one matrix embeds tokens and scores them (Press & Wolf 2017; GPT-2, Llama 3.2 1B/3B); false: a separate lm_head
+    # (Llama 3 8B)
+    tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_bool(self, "tie_embeddings")
         self.moe = MoEConfig.from_value(self.moe)
 
 
 class GPT(Pretrained):
     config_class = GPTConfig
-    tied_weights = ("lm_head.weight",)  # stored once, as transformer.wte.weight
+    tied_weights = ("lm_head.weight",)  # stored once, as transformer.wte.weight (with tie_embeddings)
     causal = True
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        self.tied_weights = self.tied_in(config)
         self.transformer = make_trunk(config, causal=True)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.tie_weights()
         self.init_weights()
 
+    @classmethod
+    def tied_in(cls, config: GPTConfig) -> tuple[str, ...]:
+        return cls.tied_weights if config.tie_embeddings else ()
+
     def tie_weights(self) -> None:
         """One matrix embeds tokens and scores them (Press & Wolf 2017): fewer parameters, and it trains as well."""
-        self.lm_head.weight = self.transformer.wte.weight
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
 
     def init_weights(self, gather: Callable[[nn.Module], ContextManager[Any]] | None = None) -> None:
         """GPT-2 init (framework.models.transformer.init_weights). Public so that a model built on the meta device and
         materialized with `to_empty`, or built partitioned under ZeRO-3, can be initialized in place. `to_empty`
         gives each module its own new Parameter, which unties lm_head from wte: tie them again first."""
-        if self.lm_head.weight is not self.transformer.wte.weight:
+        if self.config.tie_embeddings and self.lm_head.weight is not self.transformer.wte.weight:
             self.tie_weights()
-        init_weights(self, self.config, skip=(self.lm_head,), gather=gather)  # lm_head is wte
+        # a tied lm_head is wte; an untied one gets the same N(0, 0.02) as every matrix
+        init_weights(self, self.config, skip=(self.lm_head,) if self.config.tie_embeddings else (), gather=gather)
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) [+ padding mask (B, T), 1 = real token] -> logits (B, T, vocab_size) for the next token

@@ -44,10 +44,9 @@ class Family:
     def config_class(self) -> Any:
         return self.model_class.config_class
 
-    @property
-    def tied(self) -> tuple[str, ...]:
-        """What its weights file leaves out because it is tied to another tensor."""
-        return self.model_class.tied_weights
+    def tied_in(self, config: Any) -> tuple[str, ...]:
+        """What the weights file of a model of `config` leaves out because it is tied to another tensor."""
+        return self.model_class.tied_in(config)
 
     @property
     def causal(self) -> bool:

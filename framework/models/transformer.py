@@ -28,7 +28,7 @@ from framework.models.moe import Experts, MoE, MoEConfig, Router
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-ROPE_THETA = 10_000.0  # RoPE base frequency, as in RoFormer / LLaMA
+ROPE_THETA = 10_000.0  # RoPE base frequency, as in RoFormer / LLaMA (Llama 3: 500,000)
 INIT_STD = 0.02  # GPT-2 / BERT init
 
 
@@ -140,24 +140,88 @@ class TransformerConfig(PresetConfig):
     # The embedding table and logits matmul are padded to a multiple of this (nanoGPT: 50257 -> 50304 ran ~25% faster).
     # Padded rows are never predicted: the heads slice the logits back to vocab_size.
     vocab_multiple: int = 64
+    # The block's parts. GPT-2 / BERT: layernorm, gelu, learned positions, biases. Llama (Touvron et al. 2023): rmsnorm
+    # (Zhang & Sennrich 2019), swiglu (Shazeer 2020), rope, no biases, grouped-query attention (Ainslie et al. 2023).
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    # the MLP's hidden size; null: 4 * n_embd for gelu, and for swiglu 8 * n_embd / 3 rounded up to a multiple of 64
+    # (the same parameters as gelu's 4x with its three matrices; Llama rounds to 256 and scales it, so its presets
+    # give the size)
+    mlp_hidden: int | None = None
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); null: n_head (multi-head attention)
+    rope_theta: float = ROPE_THETA  # RoPE base frequency
+    # Llama 3.1's long-context RoPE frequencies: {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"}, as in Hugging Face's configs; null: plain RoPE
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "vocab_multiple")
         check_heads(self)
         check_dropout(self)
         check_choice(self, "pos_embedding", ("learned", "rope"))
+        check_choice(self, "norm", ("layernorm", "rmsnorm"))
+        check_choice(self, "mlp", ("gelu", "swiglu"))
         if self.pos_embedding == "rope" and self.head_size % 2:
             raise ConfigError(f"{type(self).__name__}.pos_embedding='rope' needs an even head size, got "
                               f"n_embd/n_head={self.head_size}: change n_embd or n_head")
         check_bool(self, "bias")
+        if self.mlp_hidden is not None:
+            check_positive_ints(self, "mlp_hidden")
+        if self.n_kv_head is not None:
+            check_positive_ints(self, "n_kv_head")
+            if self.n_head % self.n_kv_head:
+                raise ConfigError(f"{type(self).__name__}.n_kv_head={self.n_kv_head} must divide n_head="
+                                  f"{self.n_head}: each key/value head serves a whole group of query heads")
+        for field in ("norm_eps", "rope_theta"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{type(self).__name__}.{field}={value!r} must be a positive number")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self)
 
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
     @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        return mlp_hidden_size(self)
+
+    @property
     def padded_vocab_size(self) -> int:
         return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+
+LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def check_rope_scaling(config: Any) -> None:
+    value, name = config.rope_scaling, f"{type(config).__name__}.rope_scaling"
+    if not isinstance(value, dict) or value.get("rope_type", value.get("type")) != "llama3":
+        raise ConfigError(f"{name}={value!r} is not supported: only null or Llama 3.1's "
+                          f"{{rope_type: llama3, {', '.join(LLAMA3_SCALING)}}}")
+    missing = [k for k in LLAMA3_SCALING if not isinstance(value.get(k), (int, float)) or value[k] <= 0]
+    if missing:
+        raise ConfigError(f"{name} needs positive numbers for {', '.join(missing)}")
+    if value["high_freq_factor"] <= value["low_freq_factor"]:
+        raise ConfigError(f"{name}: high_freq_factor must be larger than low_freq_factor")
+    if config.pos_embedding != "rope":
+        raise ConfigError(f"{name} is set but pos_embedding is {config.pos_embedding!r}: use pos_embedding=rope")
+
+
+def mlp_hidden_size(config: Any) -> int:
+    """The MLP's hidden size (see TransformerConfig.mlp_hidden); a config without the field (ViT) is GPT-2's 4x."""
+    given = getattr(config, "mlp_hidden", None)
+    if given:
+        return given
+    if getattr(config, "mlp", "gelu") == "swiglu":
+        return math.ceil(8 * config.n_embd / 3 / 64) * 64
+    return 4 * config.n_embd
 
 
 def did_you_mean(name: str, choices: Any) -> str:
@@ -166,13 +230,28 @@ def did_you_mean(name: str, choices: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------- blocks
-def rope_cos_sin(seq_len: int, head_size: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(seq_len: int, head_size: int, device: torch.device | None = None, theta: float = ROPE_THETA,
+                 scaling: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for rotary embeddings, each (T, hs) float32. Computed per forward: it is tiny, needs no buffer
     (so meta-device init, dtype casts and state dicts never touch it) and torch.compile folds it."""
-    inv_freq = ROPE_THETA ** -(torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size)  # (hs/2,)
+    inv_freq = theta ** -(torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size)  # (hs/2,)
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (T, hs/2)
     angles = torch.cat((angles, angles), dim=-1)  # (T, hs): "rotate half" layout (GPT-NeoX, LLaMA)
     return angles.cos(), angles.sin()
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's RoPE for long contexts: frequencies whose wavelength is shorter than the original context divided
+    by high_freq_factor are kept, those longer than it divided by low_freq_factor are divided by `factor`, and the
+    ones between are interpolated smoothly between the two (Meta's Llama 3.1 reference code; Hugging Face's
+    `rope_type: llama3`)."""
+    context = s["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq  # (hs/2,)
+    smooth = ((context / wavelength - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"]))
+    smooth = smooth.clamp(0.0, 1.0)  # 0: a long wavelength (scaled), 1: a short one (kept)
+    return (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -237,41 +316,71 @@ def linear(n_in: int, n_out: int, bias: bool, lora: LoRA | None) -> nn.Linear:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, bias: bool, dropout: float, lora: LoRA | None = None) -> None:
+    """Multi-head attention, or grouped-query attention when n_kv_head < n_head: each key/value head serves
+    n_head / n_kv_head query heads (smaller K/V projections and KV cache; Ainslie et al. 2023)."""
+
+    def __init__(self, n_embd: int, n_head: int, bias: bool, dropout: float, lora: LoRA | None = None,
+                 n_kv_head: int | None = None) -> None:
         super().__init__()
-        self.n_head = n_head
+        self.n_head, self.n_kv_head = n_head, n_kv_head or n_head
+        self.head_size = n_embd // n_head
         self.dropout = dropout
-        self.c_attn = linear(n_embd, 3 * n_embd, bias, lora)  # q, k, v for all heads at once
+        kv = self.n_kv_head * self.head_size
+        self.c_attn = linear(n_embd, n_embd + 2 * kv, bias, lora)  # rows [q of every head; k; v], one matmul
         self.c_proj = linear(n_embd, n_embd, bias, lora)
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        hs, kv = self.head_size, self.n_kv_head * self.head_size
+        q, k, v = self.c_attn(x).split((C, kv, kv), dim=2)  # (B, T, C), (B, T, nkv*hs) x2
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = (t.view(B, T, self.n_kv_head, hs).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        grouped = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}  # SDPA repeats the K/V heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+                                           dropout_p=self.dropout if self.training else 0.0, **grouped)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, bias: bool, dropout: float, lora: LoRA | None = None) -> None:
+    """GPT-2's GELU MLP, C -> H -> C; or with `swiglu`, c_proj(silu(gate) * up), where c_fc computes [gate; up]
+    (2H rows) in one matmul (Shazeer 2020, "GLU Variants Improve Transformer"; Llama's MLP)."""
+
+    def __init__(self, n_embd: int, bias: bool, dropout: float, lora: LoRA | None = None, hidden: int | None = None,
+                 swiglu: bool = False) -> None:
         super().__init__()
-        self.c_fc = linear(n_embd, 4 * n_embd, bias, lora)
+        hidden = hidden or 4 * n_embd
+        self.swiglu = swiglu
+        self.c_fc = linear(n_embd, 2 * hidden if swiglu else hidden, bias, lora)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU, so its weights reproduce its outputs
-        self.c_proj = linear(4 * n_embd, n_embd, bias, lora)
+        self.c_proj = linear(hidden, n_embd, bias, lora)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)  # (B, T, H) or (B, T, 2H)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = self.gelu(h)
+        return self.dropout(self.c_proj(h))
+
+
+def norm(config: Any) -> nn.Module:
+    """The block's normalization: LayerNorm (with a bias when the config has biases) or RMSNorm (weight only). A config
+    without the fields (ViT) gets GPT-2's LayerNorm."""
+    eps = getattr(config, "norm_eps", 1e-5)
+    if getattr(config, "norm", "layernorm") == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=eps)
+    return nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block. The unit that FSDP shards and activation checkpointing recomputes.
+    """Pre-norm transformer block. The unit that FSDP shards and activation checkpointing recomputes.
 
     `causal` is fixed per model (a GPT's blocks are causal, an encoder's are not); the padding mask, when there is
     one, arrives per batch as the (attn_mask, is_causal) pair made by `attention_bias`.
@@ -280,14 +389,16 @@ class Block(nn.Module):
     def __init__(self, config: TransformerConfig, causal: bool, lora: LoRA | None = None, layer: int = 0) -> None:
         super().__init__()
         self.causal = causal
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = SelfAttention(config.n_embd, config.n_head, config.bias, config.dropout, lora)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config)
+        self.attn = SelfAttention(config.n_embd, config.n_head, config.bias, config.dropout, lora,
+                                  getattr(config, "n_kv_head", None))
+        self.ln_2 = norm(config)
         moe: MoEConfig | None = getattr(config, "moe", None)  # a family with a `moe` field may have sparse MLPs
         if moe is not None and moe.is_moe_layer(layer):
             self.mlp: nn.Module = MoE(config.n_embd, moe, config.dropout)
         else:
-            self.mlp = MLP(config.n_embd, config.bias, config.dropout, lora)
+            self.mlp = MLP(config.n_embd, config.bias, config.dropout, lora, mlp_hidden_size(config),
+                           swiglu=getattr(config, "mlp", "gelu") == "swiglu")
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attn_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
@@ -305,7 +416,7 @@ def make_trunk(config: TransformerConfig, causal: bool, lora: LoRA | None = None
         layers["wpe"] = nn.Embedding(config.seq_len, config.n_embd)
     layers["drop"] = nn.Dropout(config.dropout)
     layers["h"] = nn.ModuleList(Block(config, causal, lora, layer=i) for i in range(config.n_layer))
-    layers["ln_f"] = nn.LayerNorm(config.n_embd, bias=config.bias)
+    layers["ln_f"] = norm(config)
     return nn.ModuleDict(layers)
 
 
@@ -325,7 +436,7 @@ def run_trunk(trunk: nn.ModuleDict, config: TransformerConfig, idx: torch.Tensor
     if config.pos_embedding == "learned":
         x = x + trunk.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
     else:
-        rope = rope_cos_sin(T, config.head_size, idx.device)  # (T, hs) each
+        rope = rope_cos_sin(T, config.head_size, idx.device, config.rope_theta, config.rope_scaling)  # (T, hs) each
     attn_mask, is_causal = attention_bias(attention_mask, causal, T)
     x = trunk.drop(x)
     for block in trunk.h:
@@ -358,10 +469,11 @@ def init_weights(model: nn.Module, config: TransformerConfig, skip: tuple[nn.Mod
             with gathered(module, gather):
                 nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
             continue
-        if any(module is s for s in skip) or not isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+        if any(module is s for s in skip) or not isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm,
+                                                                     nn.RMSNorm)):
             continue
         with gathered(module, gather):
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
                 continue
             nn.init.normal_(module.weight, mean=0.0, std=residual_std if id(module) in residual else INIT_STD)
@@ -375,17 +487,21 @@ def block_flops(config: TransformerConfig, tokens: int, seq_len: int) -> int:
     """Training FLOPs (forward + backward) of the blocks for `tokens` tokens in sequences of `seq_len`.
 
     Only matrix multiplies count (elementwise ops, norms and biases are a rounding error at scale and are not what
-    MFU measures). Per token and layer, forward: 2 FLOPs per weight of the 12*C^2 weights (q, k, v, output and the 4x
-    MLP), plus 4*T*C for attention (QK^T and the weighted sum of V over the full T: causal-mask savings are not
-    subtracted, as in the PaLM paper, appendix B). Backward costs twice the forward.
+    MFU measures). Per token and layer, forward: 2 FLOPs per weight of the attention projections (q and output C^2
+    each, k and v C*kv_width each: 4*C^2 without grouped-query attention) and of the MLP (2*C*H, or 3*C*H with
+    swiglu: 8*C^2 for GPT-2's 4x), plus 4*T*C for attention (QK^T and the weighted sum of V over the full T:
+    causal-mask savings are not subtracted, as in the PaLM paper, appendix B). Backward costs twice the forward.
     """
     c = config
-    forward = c.n_layer * (2 * 12 * c.n_embd * c.n_embd + 4 * seq_len * c.n_embd)
+    kv_width = getattr(c, "kv_heads", c.n_head) * (c.n_embd // c.n_head)
+    attention = 2 * c.n_embd * c.n_embd + 2 * c.n_embd * kv_width
+    dense_mlp = (3 if getattr(c, "mlp", "gelu") == "swiglu" else 2) * c.n_embd * mlp_hidden_size(c)
+    forward = c.n_layer * (2 * (attention + dense_mlp) + 4 * seq_len * c.n_embd)
     moe: MoEConfig | None = getattr(c, "moe", None)
     if moe is not None:  # a sparse layer's token runs top_k + shared experts of 2*C*H weights and the router
         sparse = sum(moe.is_moe_layer(i) for i in range(c.n_layer))
         active = 2 * c.n_embd * moe.hidden(c.n_embd) * (moe.top_k + moe.shared_experts) + c.n_embd * moe.num_experts
-        forward += sparse * 2 * (active - 8 * c.n_embd * c.n_embd)
+        forward += sparse * 2 * (active - dense_mlp)
     return 3 * forward * tokens
 
 
@@ -437,7 +553,12 @@ class Pretrained(nn.Module):
     `tied_weights` and `tie_weights`."""
 
     config_class: ClassVar[type]
-    tied_weights: ClassVar[tuple[str, ...]] = ()  # stored once, under the name of the tensor they are tied to
+    tied_weights: tuple[str, ...] = ()  # stored once, under the name of the tensor they are tied to
+
+    @classmethod
+    def tied_in(cls, config: Any) -> tuple[str, ...]:
+        """The tensors a model of `config` ties to another one (a family whose ties depend on its config overrides)."""
+        return cls.tied_weights
 
     def tie_weights(self) -> None:
         """Point tied tensors at the one they share (after a load replaced it); nothing is tied by default."""
@@ -464,7 +585,7 @@ class Pretrained(nn.Module):
             model = cls(config)
         result = model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()  # assign=True replaced the embedding with a new Parameter; point the head at it again
-        missing = [k for k in result.missing_keys if k not in cls.tied_weights]
+        missing = [k for k in result.missing_keys if k not in cls.tied_in(config)]
         if missing or result.unexpected_keys:
             raise ValueError(f"the weights in {where} do not match its config.json: missing {missing}, unexpected "
                              f"{result.unexpected_keys}")
