@@ -7,6 +7,9 @@
 The same files as the models' `save_pretrained`, so `framework.models.from_pretrained(OUT_DIR)` (or
 `GPT.from_pretrained`, `Encoder.from_pretrained`), `pretrain generate --model OUT_DIR` (GPT) and
 `pretrain fill-mask --model OUT_DIR` (encoder) load them.
+With `--format hf` OUT_DIR is instead a directory Hugging Face `transformers` loads with its Auto classes (GPT-2's
+block as GPT2LMHeadModel, the Llama-style block as LlamaForCausalLM; framework.checkpoint.hf describes the files and
+what maps), its weights sharded above `--max-shard-size`.
 CKPT is any checkpoint `pretrain fit` writes: a .ckpt file (DDP, one process), a torch.distributed.checkpoint
 directory (FSDP2) or a DeepSpeed ZeRO-1/2/3 directory, on any number of ranks; `last.ckpt` works too. No process group
 and no GPU are needed, and the weights are streamed tensor by tensor from the (memory-mapped) checkpoint into the
@@ -26,15 +29,26 @@ from typing import Any
 
 import torch
 
+from framework.checkpoint import hf
 from framework.checkpoint.consolidate import TensorSource
 from framework.checkpoint.reader import TOKENIZER_FILE, Checkpoint
 from framework.checkpoint.safetensors_stream import save_safetensors, total_bytes
+from framework.data.tokenizer import SPECIAL_TOKENS
 from framework.errors import UserError
 from framework.models.registry import build_model, config_from_dict, family
 from framework.models.transformer import CONFIG_FILE, WEIGHTS_FILE, TransformerConfig
 
-def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> dict:
-    """Write OUT_DIR from CKPT (see the module docstring); returns a summary. UserError on bad input."""
+FORMATS = ("ours", "hf")
+
+
+def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False, format: str = "ours",
+           max_shard_size: str | int = hf.DEFAULT_MAX_SHARD) -> dict:
+    """Write OUT_DIR from CKPT (see the module docstring); returns a summary. UserError on bad input.
+    `format` "hf": a Hugging Face transformers directory instead (framework.checkpoint.hf), its weights in shards of
+    at most `max_shard_size` ("5GB", "500MB", bytes)."""
+    if format not in FORMATS:
+        raise UserError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
+    shard_bytes = hf.parse_size(max_shard_size)
     ckpt, out = os.fspath(ckpt), Path(out_dir)
     checkpoint = Checkpoint(ckpt, exports=False)  # a missing path or a directory that is no checkpoint -> UserError
     meta = checkpoint.checked_meta()
@@ -47,23 +61,30 @@ def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool 
     _check_matches(ckpt, config, sources)
     if family(config.model_type).adapters and config.lora_rank:  # exported as a plain model: adapters merged in
         sources, config = _merge_lora(sources, config)
+    if format == "hf":
+        hf.architecture_for(config)  # one line now, before anything is read, when transformers has no match
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.export-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_safetensors(tmp / WEIGHTS_FILE, sources, metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         tokenizer = meta.get("tokenizer_json")
-        if tokenizer is not None:
-            (tmp / TOKENIZER_FILE).write_text(tokenizer)
+        if format == "hf":
+            written = hf.write_export(tmp, config, sources, tokenizer, SPECIAL_TOKENS, shard_bytes)
+        else:
+            save_safetensors(tmp / WEIGHTS_FILE, sources, metadata={"format": "pt"})
+            (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            if tokenizer is not None:
+                (tmp / TOKENIZER_FILE).write_text(tokenizer)
+            written = {"architecture": None, "files": [WEIGHTS_FILE], "bytes": total_bytes(sources)}
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"kind": checkpoint.kind, "model_type": config.model_type, "step": meta.get("global_step"), "tensors": len(sources),
-            "parameters": sum(int(torch.Size(s.shape).numel()) for s in sources), "bytes": total_bytes(sources),
-            "tokenizer": tokenizer is not None, "out": str(out)}
+            "parameters": sum(int(torch.Size(s.shape).numel()) for s in sources), "bytes": written["bytes"],
+            "tokenizer": tokenizer is not None, "out": str(out), "format": format,
+            "architecture": written["architecture"], "files": written["files"]}
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:

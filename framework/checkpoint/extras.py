@@ -119,13 +119,13 @@ def restore_frozen(checkpoint: dict[str, Any], init_from: str | None, ckpt_path:
     source that moved is looked for at this run's `init_from`). Returns the record (None: nothing left out), which
     later checkpoints of the run reuse."""
     from framework.checkpoint.consolidate import MODEL_PREFIX
-    from framework.checkpoint.reader import FROZEN_KEY, frozen_sources
+    from framework.checkpoint.reader import FROZEN_KEY, frozen_sources, real_source, source_exists
 
     record, state = checkpoint.get(FROZEN_KEY), checkpoint.get("state_dict")
     if record is None or state is None:
         return None
-    if not os.path.exists(record["path"]) and init_from is not None and os.path.exists(init_from):
-        record = {**record, "path": os.path.realpath(init_from)}  # moved: this run's init_from says where
+    if not source_exists(record["path"]) and init_from is not None and source_exists(init_from):
+        record = {**record, "path": real_source(init_from)}  # moved: this run's init_from says where
     have = {k.removeprefix(MODEL_PREFIX) for k in state}
     for source in frozen_sources(record, have, ckpt_path):
         state[MODEL_PREFIX + source.name] = source.load()
@@ -136,7 +136,7 @@ def restore_frozen(checkpoint: dict[str, Any], init_from: str | None, ckpt_path:
 def aux_record(path: str) -> dict[str, Any]:
     """What a checkpoint keeps of an auxiliary model instead of its weights: the source's real path and each tensor's
     shape, dtype and fingerprint, read from the source itself (no process group, any strategy)."""
-    from framework.checkpoint.reader import fingerprint, open_checkpoint
+    from framework.checkpoint.reader import fingerprint, open_checkpoint, real_source
 
     tensors = open_checkpoint(path).weights()
     out = {}
@@ -144,7 +144,7 @@ def aux_record(path: str) -> dict[str, Any]:
         t = tensors[name].load()
         out[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), **fingerprint(t)}
         del t
-    return {"path": os.path.realpath(path), "tensors": out}
+    return {"path": real_source(path), "tensors": out}
 
 
 def check_aux(saved: dict[str, Any], name: str, current: dict[str, Any], ckpt: str) -> None:

@@ -1,8 +1,9 @@
 """`--model.init_from PATH`: start a run from the weights of a pre-trained model, and nothing else.
 
 PATH is any checkpoint `pretrain fit` writes (a .ckpt file, an FSDP2 directory, a DeepSpeed ZeRO-1/2/3 directory,
-on any number of ranks; `last.ckpt` too) or a directory written by `pretrain export`. Only weights are taken: the
-optimizer, step, LR schedule, data position and W&B run of the new run start fresh.
+on any number of ranks; `last.ckpt` too), a directory written by `pretrain export`, or `hf:DIR`, a Hugging Face
+model directory of an architecture framework.checkpoint.hf maps (GPT-2, Llama), read as our model's tensors.
+Only weights are taken: the optimizer, step, LR schedule, data position and W&B run of the new run start fresh.
 
 The tensors are read one at a time (framework.checkpoint.reader opens any of them: it streams a training checkpoint's
 out of any layout without a process group and reads an export's lazily with safetensors) and copied into the model
@@ -13,7 +14,8 @@ as the strategy has laid it out:
 - ZeRO-3: rank 0 reads the tensor and copies it into the gathered parameter; DeepSpeed re-partitions it on exit.
 Names are matched exactly; a shape or model-family mismatch is one clear error. Tensors the model has and the source
 lacks (e.g. a new head) keep their fresh init and are reported as new; tensors of the source the model lacks (e.g. a
-pre-training head) are reported as dropped.
+pre-training head) are reported as dropped. The token tables alone may have more rows than the source's (a tokenizer
+with added tokens, TOKEN_TABLES): the source fills the first rows, the others keep their fresh init ("grown").
 
 A fine-tune that freezes its backbone (modes `linear` and `lora`) need not save it again: its .ckpt files keep only
 the trained tensors and record where the rest comes from; framework.checkpoint.reader (`frozen_record`,
@@ -22,7 +24,6 @@ the trained tensors and record where the rest comes from; framework.checkpoint.r
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from framework.checkpoint.reader import Checkpoint, open_checkpoint
+from framework.checkpoint.reader import Checkpoint, open_checkpoint, source_exists
 from framework.errors import UserError
 from framework.models.registry import image_tower, model_type_of
 
@@ -41,19 +42,32 @@ class InitReport:
     new: list[str] = field(default_factory=list)  # in the model, not in the source: fresh init kept
     dropped: list[str] = field(default_factory=list)  # in the source, not in the model
     parameters: int = 0  # elements loaded
+    grown: list[str] = field(default_factory=list)  # token tables with more rows than the source's: "name a -> b"
 
     def lines(self, path: str) -> list[str]:
         def names(xs: list[str]) -> str:
             return ", ".join(xs[:6]) + (f", ... ({len(xs)} in all)" if len(xs) > 6 else "") if xs else "none"
 
         return [f"init_from {path}: loaded {len(self.loaded)} tensors ({self.parameters:,} values)",
-                f"  new (fresh init): {names(self.new)}", f"  dropped (not in this model): {names(self.dropped)}"]
+                f"  new (fresh init): {names(self.new)}", f"  dropped (not in this model): {names(self.dropped)}",
+                *([f"  grown (the added token rows keep their fresh init): {names(self.grown)}"] if self.grown else [])]
+
+
+# Token tables, which may have more rows in the model than in the source: a tokenizer with tokens added to the
+# pre-trained one's (this framework's special tokens on a Hugging Face tokenizer) gives a larger vocabulary; the
+# source fills the first rows and the added ones keep their fresh init, as transformers' resize_token_embeddings.
+TOKEN_TABLES = ("transformer.wte.weight", "lm_head.weight")
+
+
+def _fits(name: str, target: tuple[int, ...], source: tuple[int, ...]) -> bool:
+    return target == source or (name in TOKEN_TABLES and len(target) == len(source) == 2
+                                and target[1] == source[1] and target[0] > source[0])
 
 
 def _source(path: str) -> Checkpoint:
-    if not os.path.exists(path):
-        raise UserError(f"model.init_from '{path}' does not exist; pass a checkpoint of `pretrain fit` or a "
-                        "directory of `pretrain export`")
+    if not source_exists(path):
+        raise UserError(f"model.init_from '{path}' does not exist; pass a checkpoint of `pretrain fit`, a "
+                        "directory of `pretrain export` or hf:DIR (a Hugging Face model directory)")
     return open_checkpoint(path)
 
 
@@ -95,7 +109,7 @@ def load_weights(model: nn.Module, path: str, strategy: Any, tied: tuple[str, ..
     targets = {n: p for n, p in [*model.named_parameters(), *model.named_buffers()] if n not in tied}
     report = InitReport(new=sorted(set(targets) - set(source)), dropped=sorted(set(source) - set(targets)) + unmapped)
     wrong = [f"{n} {tuple(_full_shape(targets[n]))} vs {source[n].shape}" for n in sorted(set(targets) & set(source))
-             if tuple(_full_shape(targets[n])) != source[n].shape]
+             if not _fits(n, tuple(_full_shape(targets[n])), source[n].shape)]
     if wrong:
         raise UserError(f"model.init_from '{path}' does not fit this model's shapes ({'; '.join(wrong[:3])}); use "
                         "the same preset and config as the pre-trained model")
@@ -103,23 +117,33 @@ def load_weights(model: nn.Module, path: str, strategy: Any, tied: tuple[str, ..
     rank = strategy.global_rank
     for name in sorted(set(targets) & set(source)):
         target, read = targets[name], source[name].load
+        grown = tuple(_full_shape(target)) != source[name].shape  # a token table with added rows (TOKEN_TABLES)
+        rows = source[name].shape[0] if grown else None  # copy into target[:rows]; None: the whole tensor
+        if grown:
+            report.grown.append(f"{name} {rows} -> {_full_shape(target)[0]} rows")
         with torch.no_grad():
             if zero3 and hasattr(target, "ds_id"):
                 import deepspeed
 
                 with deepspeed.zero.GatheredParameters([target], modifier_rank=0):
                     if rank == 0:
-                        target.copy_(read())
+                        _rows(target, rows).copy_(read())
             elif isinstance(target, DTensor):  # FSDP2: keep this rank's shard only
                 full = read().to(device=target.to_local().device, dtype=target.dtype)
+                if grown:  # the added rows from the fresh init (a collective: every rank is here)
+                    full = torch.cat((full, target.full_tensor()[rows:]))
                 shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
                 target.to_local().copy_(shard.to_local())
                 del full, shard
             else:
-                target.copy_(read())
+                _rows(target, rows).copy_(read())
         report.loaded.append(name)
         report.parameters += int(torch.Size(source[name].shape).numel())
     return report
+
+
+def _rows(t: torch.Tensor, rows: int | None) -> torch.Tensor:
+    return t if rows is None else t[:rows]
 
 
 _BLOCK = re.compile(r"^((?:.+\.)?(?:h|blocks))\.(\d+)\.")  # transformer.h.3.attn... (GPT, encoder), blocks.3. (ViT)

@@ -1,5 +1,6 @@
-"""A model and its tokenizer from a training checkpoint (any strategy's layout) or an exported model directory,
-checked to be of the family a caller needs: what `pretrain generate`, `fill-mask` and `zero-shot` load."""
+"""A model and its tokenizer from a training checkpoint (any strategy's layout), an exported model directory or a
+Hugging Face one (framework.checkpoint.hf), checked to be of the family a caller needs: what `pretrain generate`,
+`fill-mask` and `zero-shot` load."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 
 import torch
 
+from framework.checkpoint.hf import HF_PREFIX
 from framework.checkpoint.reader import Checkpoint, is_export
 from framework.data.tokenizer import Tokenizer
 from framework.errors import UserError
@@ -34,6 +36,25 @@ def load_checkpoint_model(path: str, model_type: str | None = None) -> tuple[tor
     return model, checkpoint.tokenizer_json
 
 
+def hf_model(checkpoint: Checkpoint) -> torch.nn.Module:
+    """Our model holding the weights of a Hugging Face directory (framework.checkpoint.hf maps them)."""
+    with torch.device("meta"):
+        model = build_model(config_from_dict(checkpoint.model_config))
+    state = checkpoint.state_dict()
+    want = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(want[k].shape)}" for k, v in state.items()
+             if k in want and v.shape != want[k].shape]
+    if wrong:
+        raise UserError(f"the weights in '{checkpoint.path}' do not fit its config.json ({'; '.join(wrong[:3])})")
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # assign=True replaced the embedding: point a tied head at it again
+    missing = [k for k in result.missing_keys if k not in model.tied_weights]
+    if missing or result.unexpected_keys:  # framework.checkpoint.hf maps every tensor or refuses
+        raise UserError(f"the weights in '{checkpoint.path}' do not match its config.json (missing {missing[:3]}, "
+                        f"unexpected {result.unexpected_keys[:3]})")
+    return model
+
+
 def _check_type(found: str, expected: str | None, path: str) -> None:
     if expected is not None and found != expected:
         raise UserError(f"'{path}' holds a {found!r} model, but this command works with {expected!r} models; "
@@ -49,11 +70,11 @@ def load_model(ckpt: str | None, model_dir: str | None, tokenizer: str | None,
     if ckpt is not None:
         model, tok_json = load_checkpoint_model(ckpt, model_type)
     else:
-        if not is_export(model_dir):
+        if not model_dir.startswith(HF_PREFIX) and not is_export(model_dir):
             raise UserError(f"'{model_dir}' is not an exported model (no config.json); run `pretrain export` first")
         exported = Checkpoint(model_dir)
         _check_type(model_type_of(exported.model_config), model_type, model_dir)
-        model = from_pretrained(model_dir)
+        model = hf_model(exported) if exported.kind == "hf" else from_pretrained(model_dir)
         tok_json = exported.tokenizer_json
     if tokenizer is not None:
         if not os.path.isfile(tokenizer):

@@ -8,7 +8,10 @@ Kinds (framework.checkpoint.formats describes the three that `pretrain fit` writ
   framework.checkpoint.consolidate without a process group;
 - `export`: a directory of `pretrain export` or save_pretrained (config.json + model.safetensors [+ tokenizer.json]);
   its metadata is {"model_config": config.json, "tokenizer_json": tokenizer.json or None}, its tensors are read
-  lazily with safetensors.
+  lazily with safetensors;
+- `hf`: a Hugging Face model directory (`hf:DIR`, or a directory whose config.json is HF's) of an architecture
+  framework.checkpoint.hf maps: its model_config is our config converted from HF's, its tensors are ours mapped from
+  HF's, read lazily.
 
 A fine-tune that freezes its backbone (modes `linear` and `lora`) need not save it again: its .ckpt files keep only
 the trained tensors (the head, the adapters) and record, under `frozen_from`, where the rest comes from (the real
@@ -30,6 +33,8 @@ from torch import nn
 from framework.checkpoint.consolidate import (MODEL_PREFIX, TensorSource, dcp_tensors, deepspeed_tensors,
                                               file_tensors)
 from framework.checkpoint.formats import checkpoint_kind, read_meta
+from framework.checkpoint import hf
+from framework.checkpoint.hf import HF_PREFIX, hf_directory
 from framework.errors import UserError
 from framework.models.transformer import CONFIG_FILE, WEIGHTS_FILE
 
@@ -52,15 +57,22 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike, exports: bool = True) -> None:
         self.path = os.fspath(path)
-        # a missing path, or a directory that is no checkpoint: UserError (an export counts only with `exports`)
-        self.kind = "export" if exports and is_export(self.path) else checkpoint_kind(self.path)
+        directory = hf_directory(self.path) if exports else None
+        if directory is not None:
+            self.path, self.kind = directory, "hf"
+        else:
+            # a missing path, or a directory that is no checkpoint: UserError (an export counts only with `exports`)
+            self.kind = "export" if exports and is_export(self.path) else checkpoint_kind(self.path)
         self._meta: dict[str, Any] | None = None
 
     @property
     def meta(self) -> dict[str, Any]:
         """Every entry but the tensors (formats.read_meta); for an export, its config and tokenizer."""
         if self._meta is None:
-            if self.kind == "export":
+            if self.kind == "hf":
+                self._meta = {"model_config": hf.config_from_hf(self.path),
+                              "tokenizer_json": hf.tokenizer_json(self.path)}
+            elif self.kind == "export":
                 with open(os.path.join(self.path, CONFIG_FILE)) as f:
                     config = json.load(f)
                 file = os.path.join(self.path, TOKENIZER_FILE)
@@ -99,6 +111,8 @@ class Checkpoint:
     def tensors(self) -> list[TensorSource]:
         """Every tensor of the model as stored (tied aliases too, where the layout keeps them), named as in the model
         (the task's `model.` prefix dropped), with the frozen tensors a fine-tune left out read from its source."""
+        if self.kind == "hf":
+            return hf.import_tensors(self.path, self.model_config)
         if self.kind == "export":
             return _export_tensors(self.path)
         if self.kind == "file":
@@ -133,8 +147,20 @@ class Checkpoint:
 
 def open_checkpoint(path: str | os.PathLike, exports: bool = True) -> Checkpoint:
     """The checkpoint at `path` (a .ckpt file, an FSDP2 or DeepSpeed directory, or with `exports` an export
-    directory); UserError when it is none of those."""
+    directory or a Hugging Face one, `hf:DIR`); UserError when it is none of those."""
     return Checkpoint(path, exports)
+
+
+def source_exists(path: str) -> bool:
+    """Whether a model source path (a checkpoint, an export, `hf:DIR`) names something that exists."""
+    return os.path.exists(path.removeprefix(HF_PREFIX))
+
+
+def real_source(path: str) -> str:
+    """The source path with its directory resolved (`last.ckpt` is a link that moves on), `hf:` kept."""
+    if path.startswith(HF_PREFIX):
+        return HF_PREFIX + os.path.realpath(path[len(HF_PREFIX):])
+    return os.path.realpath(path)
 
 
 def _export_tensors(path: str) -> list[TensorSource]:
@@ -175,7 +201,7 @@ def frozen_record(model: nn.Module, path: str, prefix: str = "") -> dict[str, An
     """What a checkpoint without `model`'s frozen parameters (which came from init_from `path`, named there with
     `prefix`) keeps to get them back: the source's real path (`last.ckpt` is a link that moves on) and each tensor's
     shape, dtype and fingerprint. Full (unsharded) tensors only: the single-file strategies."""
-    return {"path": os.path.realpath(path), "prefix": prefix,
+    return {"path": real_source(path), "prefix": prefix,
             "tensors": {name: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."),
                                **fingerprint(p)}
                         for name, p in model.named_parameters() if not p.requires_grad}}
@@ -185,7 +211,7 @@ def frozen_sources(record: dict[str, Any], have: set[str], ckpt: str) -> list[Te
     """The frozen tensors a checkpoint (`ckpt`) left out, read from the source it records; each is checked against
     its fingerprint when it is read. `have`: the names the checkpoint holds itself."""
     path = record["path"]
-    if not os.path.exists(path):
+    if not source_exists(path):
         raise UserError(f"checkpoint '{ckpt}' keeps only the tensors its fine-tune trained; the frozen rest comes "
                         f"from '{path}', which no longer exists: put that checkpoint or export back there "
                         "(or pass it as --model.init_from when resuming)")

@@ -21,7 +21,8 @@ from framework.errors import UserError
 
 def main(argv: list[str]) -> None:
     from framework.checkpoint.extras import aux_record
-    from framework.checkpoint.load import load_checkpoint_model
+    from framework.checkpoint.hf import HF_PREFIX
+    from framework.checkpoint.load import hf_model, load_checkpoint_model
     from framework.checkpoint.reader import Checkpoint, is_export
     from framework.data.datamodule import ShardDataModule
     from framework.data.teacher_cache import write_cache
@@ -29,7 +30,8 @@ def main(argv: list[str]) -> None:
 
     p = argparse.ArgumentParser(prog="pretrain distill-cache", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="a GPT checkpoint of `pretrain fit` or a `pretrain export` dir")
+    p.add_argument("--teacher", required=True,
+                   help="a GPT checkpoint of `pretrain fit`, a `pretrain export` dir or hf:DIR (GPT-2, Llama)")
     p.add_argument("--data", required=True, help="the prepared shards the student trains on (data.path)")
     p.add_argument("--output", required=True, help="a new directory for the cache")
     p.add_argument("--seq-len", type=int, default=256, help="data.seq_len of the fit")
@@ -45,8 +47,10 @@ def main(argv: list[str]) -> None:
     trust_checkpoint(args.trust_checkpoint)
     if args.seq_len < 1 or args.batch_size < 1:
         raise UserError("--seq-len and --batch-size must be >= 1")
-    if is_export(args.teacher):
-        teacher, family = from_pretrained(args.teacher), Checkpoint(args.teacher).model_config.get("model_type")
+    if is_export(args.teacher) or args.teacher.startswith(HF_PREFIX):  # ours, or a Hugging Face directory
+        source = Checkpoint(args.teacher)
+        teacher = hf_model(source) if source.kind == "hf" else from_pretrained(args.teacher)
+        family = source.model_config.get("model_type")
     else:
         teacher, _ = load_checkpoint_model(args.teacher, "gpt")
         family = "gpt"

@@ -214,7 +214,8 @@ def _aux_parameters(task: str, init_args: dict[str, Any]) -> int:
     import importlib
     import os
 
-    if not any(isinstance(v, str) and k != "init_from" and os.path.exists(v) for k, v in init_args.items()):
+    if not any(isinstance(v, str) and k != "init_from" and os.path.exists(v.removeprefix("hf:"))  # hf:DIR too
+               for k, v in init_args.items()):
         return 0
     from framework.tasks.aux import aux_parameters
 

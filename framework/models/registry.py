@@ -13,6 +13,7 @@ toy family the same way, then `unregister` it.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from framework.models.transformer import ConfigError, load_pretrained_files
+from framework.models.transformer import CONFIG_FILE, ConfigError, load_pretrained_files
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,24 @@ def build_model(config: Any) -> nn.Module:
 def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
     """Load a directory written by save_pretrained or `pretrain export`, whatever its family. overrides replace
     config fields that do not change shapes, e.g. dropout=0.1 for fine-tuning."""
+    if is_hf_directory(path):  # the mapping lives in framework.checkpoint.hf, which models/ does not import
+        raise ConfigError(f"'{path}' is a Hugging Face transformers directory, not one of this framework's: load it "
+                          f"with framework.checkpoint.load.load_model(None, '{path}', None) (what `pretrain generate "
+                          f"--model {path}` does), or start a run from it with --model.init_from hf:{path}")
     values, state = load_pretrained_files(path, map_location)
     config = config_from_dict({**values, **overrides})
     return family(config.model_type).model_class.from_state(config, state, path)
+
+
+def is_hf_directory(path: str | os.PathLike) -> bool:
+    """A directory whose config.json is Hugging Face's: it names its `architectures`, which ours never does."""
+    file = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(file) as f:
+            values = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and "architectures" in values
 
 
 def image_tower(values: dict[str, Any]) -> tuple[dict[str, Any], str]:

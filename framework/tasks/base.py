@@ -83,9 +83,9 @@ class PretrainTask(L.LightningModule):
         self.weight_decay, self.betas, self.eps = weight_decay, tuple(betas), eps
         self.grad_clip, self.compile, self.peak_tflops = grad_clip, compile, peak_tflops
         self.activation_checkpointing = activation_checkpointing
-        if init_from is not None and not os.path.exists(init_from):
-            raise UserError(f"model.init_from '{init_from}' does not exist; pass a checkpoint of `pretrain fit` or a "
-                            "directory of `pretrain export`")
+        if init_from is not None and not _source_exists(init_from):
+            raise UserError(f"model.init_from '{init_from}' does not exist; pass a checkpoint of `pretrain fit`, a "
+                            "directory of `pretrain export` or hf:DIR (a Hugging Face model directory)")
         if init_layers is not None and init_from is None:
             raise UserError("model.init_layers maps blocks of model.init_from: set model.init_from too")
         self.init_from, self.init_layers = init_from, None if init_layers is None else list(init_layers)
@@ -184,9 +184,9 @@ class PretrainTask(L.LightningModule):
 
     def _aux_path(self, name: str) -> str | None:
         path = getattr(self, self.aux_models[name])
-        if path is not None and not os.path.exists(path):
+        if path is not None and not _source_exists(path):
             raise UserError(f"model.{self.aux_models[name]} '{path}' does not exist; pass a checkpoint of "
-                            "`pretrain fit` or a directory of `pretrain export`")
+                            "`pretrain fit`, a directory of `pretrain export` or hf:DIR (a Hugging Face model)")
         return path
 
     def configure_model(self) -> None:
@@ -395,3 +395,10 @@ def check_family(model_config: dict[str, Any] | None, expected: str, user: str) 
     if found != expected:
         raise UserError(f"the checkpoint holds a {found!r} model but {user} needs a {expected!r} one; pass a "
                         f"checkpoint of a {expected!r} model (or a config whose model.class_path trains {found!r})")
+
+
+def _source_exists(path: str) -> bool:
+    """Whether a model source (a checkpoint, an export, a Hugging Face directory `hf:DIR`) exists."""
+    from framework.checkpoint.reader import source_exists
+
+    return source_exists(path)
