@@ -4,6 +4,7 @@ negative-keeping gradient accumulation and its caption pooling. Tiny presets onl
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -80,6 +81,8 @@ def test_resnet50_matches_torchvisions_parameter_count_and_macs():
     (ViTConfig, dict(num_classes=-1), "ViTConfig.num_classes=-1 must be an integer >= 0"),
     (ViTConfig, dict(pooling="avg"), "ViTConfig.pooling='avg' is not one of 'cls', 'mean'"),
     (ViTConfig, dict(n_embed=64), "unknown ViTConfig field 'n_embed' (did you mean 'n_embd'?)"),
+    (ViTConfig, dict(ln_pre="yes"), "ViTConfig.ln_pre='yes' must be true or false"),
+    (ViTConfig, dict(patch_bias=None), "ViTConfig.patch_bias=None must be true or false"),
     (ResNetConfig, dict(layers=[2, 2, 2]), "ResNetConfig.layers=[2, 2, 2] must be 4 positive integers"),
     (ResNetConfig, dict(block="bottleneckk"), "ResNetConfig.block='bottleneckk' is not one of 'basic', 'bottleneck' "
                                               "(did you mean 'bottleneck'?)"),
@@ -138,6 +141,43 @@ def test_forward_and_features_shapes(family, overrides):
     if family == "resnet":
         assert [type(s) for s in model.stages] == [Stage] * 4
         assert model.feature_dim == 8 * 8 * (4 if overrides.get("block") == "bottleneck" else 1)
+
+
+def test_vit_ln_pre_normalizes_the_embeddings_before_the_first_block_and_patch_bias_can_go():
+    plain, clip_like = tiny("vit"), tiny("vit", ln_pre=True, patch_bias=False)
+    names = set(plain.state_dict())
+    assert "patch_embed.bias" in names and not any(n.startswith("ln_pre.") for n in names)
+    assert set(clip_like.state_dict()) == names - {"patch_embed.bias"} | {"ln_pre.weight", "ln_pre.bias"}
+    assert plain.num_params() - clip_like.num_params() == 64 - 2 * 64  # less a patch bias, plus a LayerNorm
+    for model, invariant in ((clip_like, True), (tiny("vit", ln_pre=True, patch_bias=False, bias=False), True),
+                             (plain, False)):
+        model.eval()
+        embeddings = [model.patch_embed.weight, model.cls_token, model.pos_embed]
+        embeddings += [model.patch_embed.bias] if model.patch_embed.bias is not None else []
+        outputs = []
+        for scale in (100, 10):  # every embedding x 100 (far above LayerNorm's eps), then x 10 more
+            with torch.no_grad():
+                for p in embeddings:
+                    p.mul_(scale)
+                outputs.append(model.tokens(images(2)))
+        # only a LayerNorm before the first block makes the second scaling invisible
+        assert torch.allclose(*outputs, atol=1e-5) == invariant
+
+
+@pytest.mark.parametrize("family", ["vit", "clip"])
+def test_files_written_before_ln_pre_and_patch_bias_existed_still_load(tmp_path, family):
+    model = tiny(family).eval()
+    model.save_pretrained(tmp_path)
+    values = json.loads((tmp_path / "config.json").read_text())
+    vit = values["image"] if family == "clip" else values
+    for key in ("ln_pre", "patch_bias"):  # what an older config.json lacks
+        del vit[key]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    loaded = from_pretrained(tmp_path).eval()
+    assert loaded.config == model.config
+    inputs = (images(2), *captions(2)) if family == "clip" else (images(2),)
+    out, ref = loaded(*inputs), model(*inputs)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref)) if family == "clip" else torch.equal(out, ref)
 
 
 def test_vit_refuses_images_of_another_size():

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from framework.checkpoint.consolidate import TensorSource
+from framework.checkpoint import hf_vision
 from framework.checkpoint.safetensors_stream import DTYPES, save_safetensors
 from framework.errors import UserError
 from framework.models.registry import build_model, config_from_dict, family, is_hf_directory
@@ -288,8 +289,12 @@ def _tied(config: Any) -> tuple[str, ...]:
     return family(config.model_type).tied_in(config)
 
 
-def architecture_for(config: Any) -> Architecture:
-    """The HF architecture that computes our model of `config`; UserError saying what does not map otherwise."""
+def architecture_for(config: Any) -> Architecture | None:
+    """The HF architecture that computes our model of `config`; UserError saying what does not map otherwise. The
+    image families (ViT, CLIP) are mapped by framework.checkpoint.hf_vision: None for them."""
+    if config.model_type in hf_vision.HF_CLASS:
+        hf_vision.check_exportable(config)
+        return None
     candidates = [a for a in ARCHITECTURES.values() if a.family == config.model_type]
     if not candidates:
         why = NO_MATCH.get(config.model_type, "no Hugging Face architecture is mapped for it")
@@ -433,6 +438,8 @@ def write_export(out: Path, config: Any, sources: list[TensorSource], tokenizer_
     """Write the HF directory into `out` (an empty directory); returns {architecture, files, tensors, bytes}.
     `specials`: our special tokens by name (eod, pad, mask, cls, sep)."""
     arch = architecture_for(config)
+    if arch is None:  # an image model
+        return _write_image_export(out, config, sources, tokenizer_json, specials, max_shard_size)
     hf_sources = export_tensors(arch, config, sources)
     files = write_weights(out, hf_sources, max_shard_size)
     tokens = write_tokenizer(out, tokenizer_json, specials, config.seq_len) if tokenizer_json is not None else {}
@@ -444,6 +451,20 @@ def write_export(out: Path, config: Any, sources: list[TensorSource], tokenizer_
                   if hf_config.get(k) is not None}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return {"architecture": arch.name, "files": files, "tensors": len(hf_sources),
+            "bytes": sum(s.nbytes for s in hf_sources)}
+
+
+def _write_image_export(out: Path, config: Any, sources: list[TensorSource], tokenizer_json: str | None,
+                        specials: dict[str, str], max_shard_size: int) -> dict[str, Any]:
+    """A ViTForImageClassification or CLIPModel directory (framework.checkpoint.hf_vision); a CLIP's caption
+    tokenizer beside it."""
+    hf_sources = hf_vision.export_tensors(config, sources)
+    files = write_weights(out, hf_sources, max_shard_size)
+    if tokenizer_json is not None and config.model_type == "clip":  # appends eod to a caption, as ours frames it
+        write_tokenizer(out, hf_vision.caption_tokenizer_json(tokenizer_json, specials["eod"]), specials,
+                        config.text["seq_len"])
+    (out / CONFIG_FILE).write_text(json.dumps(hf_vision.hf_config(config), indent=2) + "\n")
+    return {"architecture": hf_vision.HF_CLASS[config.model_type], "files": files, "tensors": len(hf_sources),
             "bytes": sum(s.nbytes for s in hf_sources)}
 
 
@@ -471,6 +492,11 @@ def read_hf_config(directory: str) -> dict[str, Any]:
 def config_from_hf(directory: str) -> dict[str, Any]:
     """Our model config dict (a GPT's) of the HF model in `directory`; UserError when it does not map."""
     hf_config = read_hf_config(directory)
+    if hf_config.get("model_type") in hf_vision.HF_CLASS:  # an image model
+        try:
+            return hf_vision.our_config(hf_config)
+        except UserError as e:
+            raise UserError(f"'{directory}': {e}") from None
     arch = architecture_of(hf_config, directory)
     try:
         values = arch.from_hf(hf_config)
@@ -520,7 +546,10 @@ def hf_files(directory: str) -> dict[str, TensorSource]:
 def import_tensors(directory: str, values: dict[str, Any]) -> list[TensorSource]:
     """Our tensors (tied aliases left out) of the HF model in `directory`, whose our config is `values`: renamed,
     transposed, q/k/v and gate/up fused, the vocabulary padded with zero rows; each read when it is asked for."""
-    arch = architecture_of(read_hf_config(directory), directory)
+    hf_config = read_hf_config(directory)
+    if hf_config.get("model_type") in hf_vision.HF_CLASS:  # an image model
+        return hf_vision.import_tensors(hf_config, list(hf_files(directory).values()))
+    arch = architecture_of(hf_config, directory)
     config = config_from_dict(values)
     theirs = hf_files(directory)
     if not any(n.startswith(arch.prefix) for n in theirs):  # a base-model save: names without the prefix

@@ -72,11 +72,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         image=ViTConfig.from_preset("vit-cpu", num_classes=0).to_dict(),
         text=GPTConfig(vocab_size=BYTE_VOCAB, seq_len=64, n_layer=3, n_head=4, n_embd=128).to_dict(),
         embed_dim=128, special_ids=BYTE_SPECIALS),
-    # OpenAI's ViT-B/16 CLIP: ViT-B/16 image tower, a 12-layer 512-wide 8-head causal text transformer over 77 BPE
-    # tokens (vocab 49408), embeddings of 512: 149.62M parameters, as OpenAI's (ours has a patch-embedding bias and
-    # no LayerNorm before the first block: 768 fewer).
+    # OpenAI's ViT-B/16 CLIP: ViT-B/16 image tower with a LayerNorm before the first block and no patch bias (as
+    # OpenAI's), a 12-layer 512-wide 8-head causal text transformer over 77 BPE tokens (vocab 49408), embeddings of
+    # 512: 149,620,737 parameters, exactly OpenAI's (and Hugging Face's CLIPModel of these sizes).
     "clip-vit-b-16": dict(
-        image=ViTConfig.from_preset("vit-base/16", num_classes=0).to_dict(),
+        image=ViTConfig.from_preset("vit-base/16", num_classes=0, ln_pre=True, patch_bias=False).to_dict(),
         text=GPTConfig(vocab_size=49408, seq_len=77, n_layer=12, n_head=8, n_embd=512).to_dict(),
         embed_dim=512, special_ids=OPENAI_SPECIALS),
 }

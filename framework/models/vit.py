@@ -3,7 +3,8 @@
 An image is cut into non-overlapping patch x patch squares, each projected to n_embd (a Conv2d with kernel = stride =
 patch is exactly that linear map, applied to every square at once); a learned `cls` token is prepended, learned
 position embeddings are added, and the sequence runs through framework.models.transformer's Blocks with causal=False
-(the same pre-LN blocks as the GPT and the encoder: every patch attends to every other). The pooled feature is the
+(the same pre-LN blocks as the GPT and the encoder: every patch attends to every other); with `ln_pre`, a LayerNorm
+normalizes the embeddings before the first block, as OpenAI's CLIP image tower does. The pooled feature is the
 final-LayerNorm'd cls token ("cls", ViT/DeiT) or the mean of the patch tokens ("mean", as MAE and big_vision's later
 recipes); `head` maps it to class logits. With num_classes=0 the model is a feature tower (CLIP's image encoder).
 
@@ -74,12 +75,19 @@ class ViTConfig(PresetConfig):
     bias: bool = True
     num_classes: int = 1000  # 0: no head, `forward` returns the pooled features (a feature tower)
     pooling: str = "cls"  # "cls" token or "mean" of the patch tokens
+    # A LayerNorm on the embeddings (patches + positions) before the first block: OpenAI's CLIP image tower has it
+    # (`ln_pre`; Hugging Face's CLIPVisionModel: `pre_layrnorm`), the original ViT does not
+    ln_pre: bool = False
+    # A bias on the patch projection (only with `bias`). OpenAI's CLIP has none: its position rows already add a
+    # learned vector to every patch, so the bias is redundant there
+    patch_bias: bool = True
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "image_size", "patch_size", "channels", "n_layer", "n_head", "n_embd")
         check_heads(self)
         check_dropout(self)
-        check_bool(self, "bias")
+        for name in ("bias", "ln_pre", "patch_bias"):
+            check_bool(self, name)
         check_choice(self, "pooling", POOLINGS)
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ConfigError(f"ViTConfig.num_classes={self.num_classes!r} must be an integer >= 0 (0: no head)")
@@ -102,9 +110,12 @@ class ViT(Pretrained):
         super().__init__()
         self.config = config
         c = config
-        self.patch_embed = nn.Conv2d(c.channels, c.n_embd, kernel_size=c.patch_size, stride=c.patch_size, bias=c.bias)
+        self.patch_embed = nn.Conv2d(c.channels, c.n_embd, kernel_size=c.patch_size, stride=c.patch_size,
+                                     bias=c.bias and c.patch_bias)
         self.cls_token = nn.Parameter(torch.empty(1, 1, c.n_embd))
         self.pos_embed = nn.Parameter(torch.empty(1, 1 + c.num_patches, c.n_embd))  # row 0 is the cls token's
+        if c.ln_pre:  # only then a module: checkpoints written without it keep their exact set of tensors
+            self.ln_pre = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.drop = nn.Dropout(c.dropout)
         # the transformer's Blocks read only n_embd, n_head, bias and dropout from a config: a ViTConfig has them all
         self.blocks = nn.ModuleList(Block(c, causal=False) for _ in range(c.n_layer))
@@ -127,7 +138,7 @@ class ViT(Pretrained):
         (as big_vision's ViT): the first logits are all 0, the loss starts at exactly log K, and the first updates do
         not fight a random projection of features that are themselves random.
         """
-        init_weights(self, self.config, gather=gather)  # blocks, ln_f, and the head as a Linear (zeroed next)
+        init_weights(self, self.config, gather=gather)  # blocks, ln_pre, ln_f, the head as a Linear (zeroed next)
         with torch.no_grad():
             with gathered(self, gather):  # cls_token and pos_embed are this module's own parameters
                 nn.init.normal_(self.cls_token, std=INIT_STD)
@@ -154,7 +165,10 @@ class ViT(Pretrained):
         x = self.patch_embed(images)  # (B, C, H/P, W/P)
         x = x.flatten(2).transpose(1, 2)  # (B, N, C), patches in row-major order
         x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1)  # (B, T, C)
-        x = self.drop(x + self.pos_embed)
+        x = x + self.pos_embed
+        if self.config.ln_pre:
+            x = self.ln_pre(x)
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
