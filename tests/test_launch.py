@@ -123,25 +123,6 @@ def test_torchrun_runs_two_ranks_and_checkpoints(reference):
 
 
 @pytest.mark.slow
-def test_torchrun_sigusr1_checkpoints_stops_and_resumes_exactly(shards, reference, tmp_path):
-    write_config(tmp_path, shards)
-    proc = torchrun(tmp_path)
-    wait_for_steps(tmp_path, 2 * 3, lambda: proc.poll() is None)
-    proc.send_signal(signal.SIGUSR1)  # to the script, which passes it to the training processes
-    finish(proc, tmp_path)
-    last = load(tmp_path / "root" / "checkpoints" / "last.ckpt")
-    stopped = last["global_step"]
-    assert 3 <= stopped < STEPS, stopped
-    assert (tmp_path / "root" / "checkpoints" / f"step{stopped:07d}.ckpt").exists()
-    assert max(step for step, _, _ in records(tmp_path)) == stopped - 1  # stopped right after that step
-
-    finish(torchrun(tmp_path, "--ckpt_path", "last"), tmp_path)
-    assert records(tmp_path) == records(reference)  # same batches, same losses, on both ranks, each step once
-    first, second = wandb_ids(tmp_path)
-    assert first == second == load(tmp_path / "root" / "checkpoints" / "last.ckpt")["wandb_run_id"]
-
-
-@pytest.mark.slow
 def test_torchrun_sigterm_checkpoints_stops_and_resumes_exactly(shards, reference, tmp_path):
     """SIGTERM to the launcher (scancel, Kubernetes): torchrun passes it to the training processes, which finish the
     step, checkpoint it and exit 75 before torchrun's grace period ends; the resumed run equals the uninterrupted one."""

@@ -185,4 +185,5 @@ def test_console_is_one_line_per_n_steps_and_ends_with_our_summary(shards, tmp_p
 def test_verbose_shows_third_party_output(shards, tmp_path):
     r = run_fit(shards, tmp_path, "--verbose", "--trainer.max_steps", "1", "--wandb.mode", "disabled")
     out = r.stdout + r.stderr
-    assert "litlogger" in out and "Total Flops" in out and "GPU available" in out
+    # Lightning's info lines and its model summary (a rich table when rich is installed: transformers brings it)
+    assert "GPU available" in out and ("Total Flops" in out or "FLOPs" in out)
