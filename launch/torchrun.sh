@@ -11,6 +11,10 @@
 #   MASTER_PORT   a free port on it (default 29500)    } with its own NODE_RANK
 #   RDZV_ENDPOINT host:port of a c10d rendezvous (instead of MASTER_*; ranks are assigned, NODE_RANK is not needed)
 #   RDZV_ID       the job's rendezvous id (default "pretrain"; unique per job when the endpoint is shared)
+#   LOCAL_ADDR    the address the other nodes reach this node at (default: its hostname, which must then resolve to
+#                 such an address on every node); the first node's becomes the training processes' MASTER_ADDR
+#   RDZV_TIMEOUT  seconds to wait for the rendezvous: for every node to join, and to reach its store (default:
+#                 torchrun's, 600 s to join and 60 s to connect); a node that waits longer exits 2 saying why
 #   PYTHON        the interpreter that has the framework installed (default: python)
 # On one node without MASTER_PORT or RDZV_ENDPOINT, torchrun's --standalone picks a free port itself.
 #
@@ -33,18 +37,30 @@ if [[ -z ${NPROC:-} ]]; then
 fi
 
 rdzv=()
+if [[ -n ${RDZV_TIMEOUT:-} ]]; then
+    if ! [[ $RDZV_TIMEOUT =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: RDZV_TIMEOUT='$RDZV_TIMEOUT' is not a whole number of seconds >= 1" >&2
+        exit 2
+    fi
+    # c10d rendezvous: join_timeout (all nodes in), read_timeout (its store); static (MASTER_*): timeout
+    rdzv=("--rdzv-conf=join_timeout=$RDZV_TIMEOUT,read_timeout=$RDZV_TIMEOUT,timeout=$RDZV_TIMEOUT")
+fi
+if [[ -n ${LOCAL_ADDR:-} ]]; then
+    rdzv+=("--local-addr=$LOCAL_ADDR")
+fi
 if [[ -n ${RDZV_ENDPOINT:-} ]]; then
-    rdzv=(--rdzv-backend=c10d "--rdzv-endpoint=$RDZV_ENDPOINT" "--rdzv-id=${RDZV_ID:-pretrain}")
+    rdzv+=(--rdzv-backend=c10d "--rdzv-endpoint=$RDZV_ENDPOINT" "--rdzv-id=${RDZV_ID:-pretrain}")
 elif [[ $NNODES == 1 && -z ${MASTER_PORT:-} ]]; then
-    rdzv=(--standalone)
+    rdzv+=(--standalone)
 else
-    rdzv=("--node-rank=${NODE_RANK:-0}" "--master-addr=${MASTER_ADDR:-127.0.0.1}" "--master-port=${MASTER_PORT:-29500}")
+    rdzv+=("--node-rank=${NODE_RANK:-0}" "--master-addr=${MASTER_ADDR:-127.0.0.1}" "--master-port=${MASTER_PORT:-29500}")
 fi
 
+# framework.torchrun is torchrun (torch.distributed.run) that says a failed rendezvous in one line (exit 2).
 # Signals: SIGUSR1 (preemption warning) goes to the training processes, which checkpoint after the current step and
 # stop (framework/callbacks/preemption.py); torchrun itself would die of it. SIGTERM/SIGINT go to torchrun, which
 # forwards them to the training processes.
-"$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC" "${rdzv[@]}" \
+"$PYTHON" -m framework.torchrun --nnodes="$NNODES" --nproc-per-node="$NPROC" "${rdzv[@]}" \
     -m framework fit "$@" --trainer.devices "$NPROC" --trainer.num_nodes "$NNODES" &
 agent=$!
 woke=0

@@ -128,6 +128,23 @@ class RankRecorder(L.Callback):
             trainer.should_stop = True
 
 
+class PlaceRecorder(L.Callback):
+    """Where this rank runs, as the training sees it, written as training starts to `{path}.rank{R}.json`: its global,
+    local and node rank, the world and node count, the host name and the launcher's variables."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        import socket
+
+        record = {"global_rank": trainer.global_rank, "local_rank": trainer.local_rank, "node_rank": trainer.node_rank,
+                  "world": trainer.world_size, "num_nodes": trainer.num_nodes, "hostname": socket.gethostname(),
+                  "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE",
+                                                         "LOCAL_WORLD_SIZE", "MASTER_ADDR", "GLOO_SOCKET_IFNAME")}}
+        Path(f"{self.path}.rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
 class RngProbe(L.Callback):
     """Gives each rank its own random stream on a fresh start (ranks' streams differ, as they do once anything
     rank-dependent draws from them), draws from it every step, and appends a digest of each rank's CPU RNG state after

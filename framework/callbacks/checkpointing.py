@@ -23,12 +23,19 @@ from framework.errors import UserError
 class StepCheckpoint(ModelCheckpoint):
     """ModelCheckpoint keyed on the step: `step0000100.ckpt` ..., the K newest kept, `last.ckpt` a link to the newest."""
 
-    def __init__(self, dirpath: str, every_n_steps: int, keep: int):
+    def __init__(self, dirpath: str, every_n_steps: int, keep: int, resume: str | None = None):
+        """resume: the checkpoint this fit resumes (find_checkpoint's answer on this rank), or None."""
         if every_n_steps < 1 or keep < 1:
             raise UserError("checkpoint.every_n_steps and checkpoint.keep must be >= 1")
         super().__init__(dirpath=dirpath, filename="step{step:07d}", auto_insert_metric_name=False,
                          every_n_train_steps=every_n_steps, save_top_k=keep, monitor="step", mode="max",
                          save_last="link", enable_version_counter=False, save_on_train_epoch_end=False)
+        self.resume = resume
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            same_checkpoint_everywhere(self.resume, self.dirpath)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -66,6 +73,32 @@ class StepCheckpoint(ModelCheckpoint):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
+
+
+def same_checkpoint_everywhere(resume: str | None, dirpath: str) -> None:
+    """Every rank resolved `--ckpt_path` (find_checkpoint, before the processes could talk) to the same checkpoint,
+    or all of them to none; otherwise a UserError on every rank. A node that does not see the run directory of the
+    others (a node-local disk at the same path) would start afresh, or from an older checkpoint, while the others
+    resume: ranks at different steps and data positions, training on without an error. Called once the process
+    group is up, before the checkpoint is restored."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    mine = (os.path.realpath(resume) if resume else None, socket.gethostname())
+    views: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(views, mine)
+    differ = [rank for rank, (path, _) in enumerate(views) if path != views[0][0]]
+    if differ:
+        def where(rank: int) -> str:
+            path, host = views[rank]
+            return f"rank {rank} (on {host}) {f'resumes {path}' if path else 'finds none'}"
+
+        raise UserError(f"the ranks do not see the same checkpoints in '{dirpath}': {where(0)}, {where(differ[0])}; "
+                        "trainer.default_root_dir must be one directory shared by every node (a shared file system, "
+                        "at the same path on each)")
 
 
 def find_checkpoint(ckpt_path: str | None, dirpath: str) -> str | None:

@@ -107,7 +107,8 @@ class PretrainCLI(LightningCLI):
         callbacks = [Throughput(), WandbRunId(), cfg.summary, Guard(cfg.guard, resume=self.restart_after)]
         if self.subcommand in ("fit", None):
             # SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: stop after this step; StepCheckpoint saves it
-            callbacks += [Preemption(), StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep)]
+            callbacks += [Preemption(), StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep,
+                                                         resume=ckpt)]
         trainer_config = {**cfg.trainer, **kwargs, "logger": logger if logger is not None else False,
                           "strategy": self._strategy(cfg)}
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
