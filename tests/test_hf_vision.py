@@ -30,20 +30,12 @@ from framework.models.classifier import frame_documents
 from framework.data.tokenizer import Tokenizer, bytes_tokenizer
 
 transformers = pytest.importorskip("transformers")
+from test_hf import perturbed  # noqa: E402 - every weight moved off its init, so a misplaced tensor shows
 transformers.logging.set_verbosity_error()  # its "some weights were not used" would hide nothing here: checked below
 
 ATOL = 1e-5
 VIT = dict(image_size=32, patch_size=8, n_layer=2, n_head=2, n_embd=64, num_classes=5)
 BYTE_IDS = {"eod": 256, "pad": 257, "cls": 259, "sep": 260}
-
-
-def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every weight moved off its init (LayerNorm weights off one, biases and the zero head off zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
 
 
 def images(B: int = 3, seed: int = 0) -> torch.Tensor:

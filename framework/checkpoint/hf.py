@@ -135,18 +135,16 @@ def _ids(tokens: dict[str, int | None]) -> dict[str, int | None]:
 
 
 # ---------------------------------------------------------------- GPT-2
+def _needs(c: Any, **required: Any) -> list[str]:
+    """The fields of config `c` that differ from what an architecture requires, said as the fix; a dense MLP always."""
+    why = [f"{k}={v!r}" for k, v in required.items() if getattr(c, k) != v]
+    return why + (["a dense MLP (no moe)"] if c.moe is not None else [])
+
+
 def _gpt2_unfit(c: Any) -> list[str]:
-    why = []
-    if c.pos_embedding != "learned":
-        why.append("pos_embedding='learned'")
-    if c.norm != "layernorm":
-        why.append("norm='layernorm'")
-    if c.mlp != "gelu":
-        why.append("mlp='gelu'")
+    why = _needs(c, pos_embedding="learned", norm="layernorm", mlp="gelu")
     if c.kv_heads != c.n_head:
-        why.append("n_kv_head=n_head (no grouped-query attention)")
-    if c.moe is not None:
-        why.append("a dense MLP (no moe)")
+        why.insert(3, "n_kv_head=n_head (no grouped-query attention)")
     return why
 
 
@@ -198,16 +196,7 @@ GPT2 = register_architecture(Architecture(
 
 # ---------------------------------------------------------------- Llama
 def _llama_unfit(c: Any) -> list[str]:
-    why = []
-    if c.pos_embedding != "rope":
-        why.append("pos_embedding='rope'")
-    if c.norm != "rmsnorm":
-        why.append("norm='rmsnorm'")
-    if c.mlp != "swiglu":
-        why.append("mlp='swiglu'")
-    if c.moe is not None:
-        why.append("a dense MLP (no moe)")
-    return why
+    return _needs(c, pos_embedding="rope", norm="rmsnorm", mlp="swiglu")
 
 
 def _llama_to_hf(c: Any, tokens: dict[str, int | None]) -> dict[str, Any]:
