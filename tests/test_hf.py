@@ -37,6 +37,7 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 OURS = {
     "gpt2": ("GPT2LMHeadModel", dict(preset="gpt-tiny")),
     "gpt2-nobias": ("GPT2LMHeadModel", dict(preset="gpt-tiny", bias=False)),  # HF's biases are zeros
+    "gpt2-erf-gelu": ("GPT2LMHeadModel", dict(preset="gpt-tiny", mlp="gelu_exact")),  # activation_function "gelu"
     "llama-gqa-untied": ("LlamaForCausalLM", dict(preset="llama-test", rope_theta=50_000.0, tie_embeddings=False,
                                                   bias=True)),
     "llama-tied-llama3": ("LlamaForCausalLM", dict(preset="llama-test", rope_scaling=LLAMA3, norm_eps=1e-6)),
@@ -183,6 +184,7 @@ def hf_llama(**kw):
 
 HF_MODELS = {
     "gpt2": lambda: hf_gpt2(),
+    "gpt2-quick-gelu": lambda: hf_gpt2(activation_function="quick_gelu"),
     "llama-gqa-untied-bias": lambda: hf_llama(tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
                                               rope_parameters={"rope_type": "default", "rope_theta": 50_000.0}),
     "llama-tied-llama3": lambda: hf_llama(tie_word_embeddings=True,

@@ -98,14 +98,16 @@ def our_clip_outputs(model: CLIP, pixels: torch.Tensor, tokens: torch.Tensor, le
 
 
 # ------------------------------------------------------------------------------------------------------------ export
-@pytest.mark.parametrize("overrides", [{}, {"bias": False}, {"patch_bias": False, "dropout": 0.1}])
+@pytest.mark.parametrize("overrides", [{}, {"bias": False}, {"patch_bias": False, "dropout": 0.1},
+                                       {"mlp": "gelu_exact", "norm_eps": 1e-12}])  # Google's ViT's activation, eps
 def test_vit_export_loads_in_transformers_and_gives_our_logits(tmp_path, overrides):
     torch.manual_seed(0)
     model = perturbed(ViT(ViTConfig(**VIT, **overrides)))
     config = hf_config(model.config, labels=list("abcde"))
     out = write_hf(tmp_path / "hf", config, export_tensors(model.config, sources(model)))
     hf = hf_load(transformers.ViTForImageClassification, out)
-    assert hf.config.id2label[4] == "e" and hf.config.hidden_act == "gelu_pytorch_tanh"
+    assert hf.config.id2label[4] == "e"
+    assert hf.config.hidden_act == {"gelu_exact": "gelu"}.get(overrides.get("mlp"), "gelu_pytorch_tanh")
     with torch.no_grad():
         torch.testing.assert_close(hf(pixel_values=images()).logits, model(images()), atol=ATOL, rtol=0)
     if not overrides:  # the config round trip is exact (without biases, HF's are zeros: ours comes back with them)
@@ -171,10 +173,14 @@ def hf_vit_config(**overrides) -> "transformers.ViTConfig":
     return transformers.ViTConfig(**{**values, **overrides})
 
 
-@pytest.mark.parametrize("qkv_bias, num_labels", [(True, 4), (False, 0)])  # 0: no classifier, the cls features
-def test_a_transformers_vit_imports_and_gives_its_logits(tmp_path, monkeypatch, qkv_bias, num_labels):
+@pytest.mark.parametrize("qkv_bias, num_labels, public", [(True, 4, False), (False, 0, False), (True, 3, True)])
+def test_a_transformers_vit_imports_and_gives_its_logits(tmp_path, monkeypatch, qkv_bias, num_labels, public):
+    """num_labels 0: no classifier, the cls features. public: ViTConfig's own activation and eps (the erf GELU, 1e-12),
+    those of Google's checkpoints."""
     torch.manual_seed(0)
-    hf = perturbed(transformers.ViTForImageClassification(hf_vit_config(qkv_bias=qkv_bias, num_labels=num_labels)))
+    layout = dict(hidden_act="gelu", layer_norm_eps=1e-12) if public else {}
+    hf = perturbed(transformers.ViTForImageClassification(hf_vit_config(qkv_bias=qkv_bias, num_labels=num_labels,
+                                                                        **layout)))
     hf.save_pretrained(tmp_path)
     config, tensors = read_hf(tmp_path)
     with monkeypatch.context() as m:  # no model is built (under ZeRO-3's zero.Init that would partition it)
@@ -211,9 +217,12 @@ def hf_clip_config(**text) -> "transformers.CLIPConfig":
         projection_dim=16)
 
 
-def test_a_transformers_clip_imports_and_gives_its_embeddings_and_logits(tmp_path):
+@pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "quick_gelu"])  # ours; OpenAI's CLIP's (the default)
+def test_a_transformers_clip_imports_and_gives_its_embeddings_and_logits(tmp_path, activation):
     torch.manual_seed(0)
-    hf = perturbed(transformers.CLIPModel(hf_clip_config()))
+    config = hf_clip_config(hidden_act=activation)
+    config.vision_config.hidden_act = activation
+    hf = perturbed(transformers.CLIPModel(config))
     hf.save_pretrained(tmp_path)
     config, tensors = read_hf(tmp_path)
     values = our_config(config)
@@ -286,9 +295,7 @@ def test_export_refuses_a_checkpoint_that_lacks_a_tensor():
 
 
 @pytest.mark.parametrize("config, message", [
-    (transformers.CLIPConfig(), "vision_config.hidden_act='quick_gelu' \\(x \\* sigmoid\\(1.702 x\\), OpenAI's CLIP "
-                                "activation\\) is not our GELU.*text_config.hidden_act='quick_gelu'"),
-    (transformers.ViTConfig(), "hidden_act='gelu' \\(the exact erf GELU\\) is not our GELU.*layer_norm_eps=1e-12"),
+    (hf_vit_config(hidden_act="relu"), "hidden_act='relu' is none of the activations our blocks compute"),
     (hf_vit_config(intermediate_size=100), "intermediate_size=100 \\(our ViT's MLP is 4 x hidden_size = 256\\)"),
     (hf_clip_config(eos_token_id=2), "text_config.eos_token_id=2 \\(an old CLIP config"),
     (hf_clip_config(eos_token_id=500), "special_ids\\['eod'\\]=500 is not a token id"),
@@ -371,8 +378,7 @@ def test_vit_and_clip_export_and_import_through_the_core(tmp_path):
     with pytest.raises(UserError, match="image.ln_pre=false"):
         export(ckpt_of(perturbed(CLIP(CLIPConfig.from_preset("clip-test"))), tmp_path / "c2.ckpt"), tmp_path / "x",
                format="hf")
-    hf = transformers.CLIPModel(transformers.CLIPConfig())
-    (tmp_path / "openai").mkdir()
-    hf.config.save_pretrained(tmp_path / "openai")
-    with pytest.raises(UserError, match="openai'.*quick_gelu"):
-        source_config(f"hf:{tmp_path / 'openai'}")
+    (tmp_path / "odd").mkdir()
+    hf_vit_config(hidden_act="relu").save_pretrained(tmp_path / "odd")
+    with pytest.raises(UserError, match="odd'.*hidden_act='relu'"):
+        source_config(f"hf:{tmp_path / 'odd'}")

@@ -133,7 +133,7 @@ def test_causal_and_learns():
 @pytest.mark.parametrize("overrides, message", [
     (dict(n_kv_head=3), "n_kv_head=3 must divide n_head=4"),
     (dict(norm="rms"), "norm='rms' is not one of"),
-    (dict(mlp="geglu"), "mlp='geglu' is not one of"),
+    (dict(mlp="geglu"), "mlp=.geglu. is not one of .gelu., .gelu_exact., .quick_gelu., .swiglu."),
     (dict(rope_theta=0), "rope_theta=0 must be a positive number"),
     (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), "rope_scaling=.* is not supported"),
     (dict(rope_scaling=dict(rope_type="llama3", factor=8.0)), "rope_scaling needs positive numbers for low_freq_factor"),
@@ -145,3 +145,14 @@ def test_causal_and_learns():
 def test_bad_options_are_one_clear_error(overrides, message):
     with pytest.raises(UserError, match=f"GPTConfig.{message}"):
         GPTConfig.from_preset("llama-test", **overrides)
+
+
+@pytest.mark.parametrize("mlp, act", [("gelu", lambda x: F.gelu(x, approximate="tanh")), ("gelu_exact", F.gelu),
+                                      ("quick_gelu", lambda x: x * torch.sigmoid(1.702 * x))])
+def test_mlp_activations_are_the_public_checkpoints_own(mlp, act):
+    """GPT-2's tanh GELU (every preset), the erf GELU (BERT, Google's ViT) and OpenAI CLIP's quick GELU."""
+    torch.manual_seed(0)
+    block = GPT(GPTConfig.from_preset("gpt-tiny", mlp=mlp)).transformer.h[0]
+    x = torch.randn(2, 5, 64)
+    expected = act(x @ block.mlp.c_fc.weight.T + block.mlp.c_fc.bias) @ block.mlp.c_proj.weight.T + block.mlp.c_proj.bias
+    torch.testing.assert_close(block.mlp(x), expected)

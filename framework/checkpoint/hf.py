@@ -142,17 +142,24 @@ def _needs(c: Any, **required: Any) -> list[str]:
 
 
 def _gpt2_unfit(c: Any) -> list[str]:
-    why = _needs(c, pos_embedding="learned", norm="layernorm", mlp="gelu")
+    why = _needs(c, pos_embedding="learned", norm="layernorm")
+    if c.mlp not in GPT2_ACT:
+        why.append(f"mlp one of {', '.join(GPT2_ACT)}")
     if c.kv_heads != c.n_head:
         why.insert(3, "n_kv_head=n_head (no grouped-query attention)")
     return why
+
+
+# our `mlp` -> GPT-2's activation_function (gelu_new: GELU's tanh form, ours by default; HF also reads
+# gelu_pytorch_tanh as it)
+GPT2_ACT = {"gelu": "gelu_new", "gelu_exact": "gelu", "quick_gelu": "quick_gelu"}
 
 
 def _gpt2_to_hf(c: Any, tokens: dict[str, int | None]) -> dict[str, Any]:
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
             "n_positions": c.seq_len, "n_ctx": c.seq_len, "n_embd": c.n_embd, "n_layer": c.n_layer,
             "n_head": c.n_head, "n_inner": None if c.mlp_hidden_size == 4 * c.n_embd else c.mlp_hidden_size,
-            "activation_function": "gelu_new",  # GELU's tanh approximation, as ours
+            "activation_function": GPT2_ACT[c.mlp],
             "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
             "layer_norm_epsilon": c.norm_eps, "initializer_range": 0.02,
             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
@@ -160,9 +167,9 @@ def _gpt2_to_hf(c: Any, tokens: dict[str, int | None]) -> dict[str, Any]:
 
 
 def _gpt2_from_hf(h: dict[str, Any]) -> dict[str, Any]:
-    act = h.get("activation_function", "gelu_new")
-    _need(act in ("gelu_new", "gelu_pytorch_tanh"), f"activation_function={act!r} (ours is GELU's tanh "
-          "approximation: gelu_new)")
+    act = {"gelu_pytorch_tanh": "gelu_new"}.get(h.get("activation_function", "gelu_new"), h.get("activation_function"))
+    mlps = {v: k for k, v in GPT2_ACT.items()}
+    _need(act in mlps, f"activation_function={act!r} (our blocks compute {', '.join(mlps)})")
     _need(h.get("scale_attn_weights", True), "scale_attn_weights=false (ours scales by 1/sqrt(head size))")
     _need(not h.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx=true")
     _need(not h.get("add_cross_attention", False), "add_cross_attention=true (a decoder of an encoder-decoder)")
@@ -171,6 +178,7 @@ def _gpt2_from_hf(h: dict[str, Any]) -> dict[str, Any]:
             "n_layer": h.get("n_layer", 12), "n_head": h.get("n_head", 12), "n_embd": C,
             "dropout": h.get("resid_pdrop", 0.1), "bias": True, "pos_embedding": "learned",
             "norm_eps": h.get("layer_norm_epsilon", 1e-5), "mlp_hidden": None if inner in (None, 4 * C) else inner,
+            "mlp": mlps[act],
             "tie_embeddings": h.get("tie_word_embeddings", True)}
 
 

@@ -9,16 +9,17 @@ What maps, exactly (the same function in fp32, checked against transformers in t
 - a CLIP whose image tower is such a ViT with `ln_pre` (CLIPModel's `pre_layrnorm`) and whose text tower is a GPT
   (causal, learned positions, LayerNorm, GELU MLP): CLIPModel pools the text at the first `eos_token_id`, ours at the
   eod that ends the caption (caption tokens, then eod, then padding).
-- Our GELU is the tanh approximation: `gelu_pytorch_tanh` in HF's configs. Where our model has no bias, HF's
+- The MLP activation and LayerNorm eps are config fields on both sides (`mlp`: our tanh GELU is HF's
+  `gelu_pytorch_tanh`, `gelu_exact` its `gelu`, `quick_gelu` OpenAI's CLIP's), so public checkpoints (Google's ViT:
+  erf GELU, eps 1e-12; OpenAI's CLIP: quick_gelu) import as they are. Where our model has no bias, HF's
   (always present) are zeros; our patch-projection bias, which CLIPModel lacks, is added to position rows 1..N (the
   same sum); our vocabulary-padded token table is cut to vocab_size rows (padded with zero rows on import); CLIP's
   logit scale is exported capped at log(max_logit_scale), the value our forward uses.
 
 What does not map is refused in one line that says why (`UserError`): mean pooling (both HF classes pool the cls
 token), a ViT without a head (ViTForImageClassification has one), a ViT with ln_pre, a ResNet image tower, an encoder
-(bidirectional) or rope/RMSNorm/SwiGLU/GQA/MoE text tower; on import, an activation other than tanh-GELU
-(`quick_gelu`, CLIPConfig's default and OpenAI's CLIP's, and `gelu`, ViTConfig's default: the exact erf GELU),
-LayerNorm eps other than our image towers' 1e-5, and an MLP width other than 4x in a ViT.
+(bidirectional) or rope/RMSNorm/SwiGLU/GQA/MoE text tower; on import, an activation our blocks do not compute and an
+MLP width other than 4x in a ViT.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from framework.errors import UserError
 from framework.models.registry import config_from_dict
 
 HF_CLASS = {"vit": "ViTForImageClassification", "clip": "CLIPModel"}  # our model_type -> HF's architecture
-HF_ACT = "gelu_pytorch_tanh"  # F.gelu(approximate="tanh"): our MLP's activation
-TANH_GELUS = (HF_ACT, "gelu_new")  # HF's names for the same function
-IMAGE_LN_EPS = 1e-5  # our ViT's LayerNorms (nn.LayerNorm's default)
+# our `mlp` activation <-> HF's `hidden_act` (HF's "gelu_new" is the tanh GELU too)
+TO_HF_ACT = {"gelu": "gelu_pytorch_tanh", "gelu_exact": "gelu", "quick_gelu": "quick_gelu"}
+FROM_HF_ACT = {**{v: k for k, v in TO_HF_ACT.items()}, "gelu_new": "gelu"}
 # transformers' defaults for the fields a config.json may leave out (ViTConfig, CLIPTextConfig, CLIPVisionConfig)
 HF_VIT = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
               hidden_act="gelu", hidden_dropout_prob=0.0, layer_norm_eps=1e-12, image_size=224, patch_size=16,
@@ -192,9 +193,11 @@ def _unfit_clip(c: Any) -> list[str]:
         why.append(f"a {t.model_type!r} text tower (CLIPModel's text tower is causal and pooled at the eos token; "
                    "an encoder reads captions both ways and is pooled at cls)")
         return why
-    wanted = dict(pos_embedding="learned", norm="layernorm", mlp="gelu")
+    wanted = dict(pos_embedding="learned", norm="layernorm")
     why += [f"text.{k}={getattr(t, k)!r} (CLIPModel's text tower has {v})" for k, v in wanted.items()
             if getattr(t, k) != v]
+    if t.mlp == "swiglu":
+        why.append("text.mlp='swiglu' (CLIPModel's text MLP has one activation and two matrices)")
     if t.kv_heads != t.n_head:
         why.append(f"text.n_kv_head={t.n_kv_head} (CLIPModel has no grouped-query attention)")
     if t.moe is not None:
@@ -219,12 +222,12 @@ def check_exportable(config: Any) -> None:
 # ---------------------------------------------------------------- config.json, ours -> HF
 def _block_sizes(c: Any) -> dict[str, Any]:
     return {"hidden_size": c.n_embd, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-            "hidden_act": HF_ACT, "initializer_range": 0.02}
+            "hidden_act": TO_HF_ACT[c.mlp], "layer_norm_eps": c.norm_eps, "initializer_range": 0.02}
 
 
 def _vision_sizes(c: Any) -> dict[str, Any]:
     return {**_block_sizes(c), "intermediate_size": 4 * c.n_embd, "image_size": c.image_size,
-            "patch_size": c.patch_size, "num_channels": c.channels, "layer_norm_eps": IMAGE_LN_EPS}
+            "patch_size": c.patch_size, "num_channels": c.channels}
 
 
 def hf_config(config: Any, labels: list[str] | None = None) -> dict[str, Any]:
@@ -247,7 +250,7 @@ def hf_config(config: Any, labels: list[str] | None = None) -> dict[str, Any]:
                               "attention_dropout": vision.dropout, "projection_dim": E},
             "text_config": {"model_type": "clip_text_model", **_block_sizes(text), "vocab_size": text.vocab_size,
                             "intermediate_size": text.mlp_hidden_size, "max_position_embeddings": text.seq_len,
-                            "layer_norm_eps": text.norm_eps, "attention_dropout": text.dropout, "projection_dim": E,
+                            "attention_dropout": text.dropout, "projection_dim": E,
                             # captions end with eod (pooled there) and are padded with pad; no start token
                             "eos_token_id": ids["eod"], "bos_token_id": ids["eod"], "pad_token_id": ids["pad"]}}
 
@@ -280,28 +283,25 @@ def _square(value: Any, name: str, why: list[str]) -> int:
     return int(value)
 
 
-ACTIVATIONS = {"quick_gelu": "x * sigmoid(1.702 x), OpenAI's CLIP activation", "gelu": "the exact erf GELU"}
-
-
-def _check_act(act: str, where: str, why: list[str]) -> None:
-    if act not in TANH_GELUS:
-        why.append(f"{where}hidden_act={act!r} ({ACTIVATIONS.get(act, 'another activation')}) is not our GELU, "
-                   f"its tanh approximation ({HF_ACT}); converting would change every output")
+def _activation(act: str, where: str, why: list[str]) -> str:
+    """Our `mlp` for HF's hidden_act; what we do not compute is appended to `why`."""
+    if act not in FROM_HF_ACT:
+        why.append(f"{where}hidden_act={act!r} is none of the activations our blocks compute "
+                   f"({', '.join(FROM_HF_ACT)})")
+    return FROM_HF_ACT.get(act, "gelu")
 
 
 def _hf_vision(h: dict[str, Any], defaults: dict[str, Any], where: str, why: list[str]) -> dict[str, Any]:
     """Our ViT fields of an HF ViT / CLIP vision config; what we cannot compute is appended to `why`."""
     get = lambda k: _get(h, defaults, k)  # noqa: E731
-    act, eps, C, inner = get("hidden_act"), get("layer_norm_eps"), get("hidden_size"), get("intermediate_size")
-    _check_act(act, where, why)
-    if eps != IMAGE_LN_EPS:
-        why.append(f"{where}layer_norm_eps={eps} (our image towers' LayerNorms use {IMAGE_LN_EPS})")
+    C, inner = get("hidden_size"), get("intermediate_size")
+    mlp = _activation(get("hidden_act"), where, why)
     if inner != 4 * C:
         why.append(f"{where}intermediate_size={inner} (our ViT's MLP is 4 x hidden_size = {4 * C})")
     return {"model_type": "vit", "image_size": _square(get("image_size"), f"{where}image_size", why),
             "patch_size": _square(get("patch_size"), f"{where}patch_size", why), "channels": get("num_channels"),
             "n_layer": get("num_hidden_layers"), "n_head": get("num_attention_heads"), "n_embd": C,
-            "bias": True, "pooling": "cls"}
+            "bias": True, "pooling": "cls", "mlp": mlp, "norm_eps": get("layer_norm_eps")}
 
 
 def our_config(h: dict[str, Any]) -> dict[str, Any]:
@@ -322,7 +322,7 @@ def our_config(h: dict[str, Any]) -> dict[str, Any]:
                  "dropout": _get(hv, HF_CLIP_VISION, "attention_dropout"), "num_classes": 0, "ln_pre": True,
                  "patch_bias": False}
         get = lambda k: _get(ht, HF_CLIP_TEXT, k)  # noqa: E731
-        _check_act(get("hidden_act"), "text_config.", why)
+        mlp = _activation(get("hidden_act"), "text_config.", why)
         eos = get("eos_token_id")
         if eos == LEGACY_EOS:
             why.append(f"text_config.eos_token_id={LEGACY_EOS} (an old CLIP config: transformers then pools at the "
@@ -330,7 +330,7 @@ def our_config(h: dict[str, Any]) -> dict[str, Any]:
         C, inner = get("hidden_size"), get("intermediate_size")
         text = {"model_type": "gpt", "vocab_size": get("vocab_size"), "seq_len": get("max_position_embeddings"),
                 "n_layer": get("num_hidden_layers"), "n_head": get("num_attention_heads"), "n_embd": C,
-                "dropout": get("attention_dropout"), "bias": True, "norm_eps": get("layer_norm_eps"),
+                "dropout": get("attention_dropout"), "bias": True, "norm_eps": get("layer_norm_eps"), "mlp": mlp,
                 "mlp_hidden": None if inner == 4 * C else inner}
         pad = ht.get("pad_token_id", HF_CLIP_TEXT["pad_token_id"])
         values = {"model_type": "clip", "image": image, "text": text, "embed_dim": h.get("projection_dim", 512),

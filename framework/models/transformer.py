@@ -144,7 +144,9 @@ class TransformerConfig(PresetConfig):
     # (Zhang & Sennrich 2019), swiglu (Shazeer 2020), rope, no biases, grouped-query attention (Ainslie et al. 2023).
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    # "gelu" is GELU's tanh form (GPT-2's, and every CPU preset's); "gelu_exact" the erf GELU (BERT, Google's ViT);
+    # "quick_gelu" x * sigmoid(1.702 x) (OpenAI's CLIP): the public checkpoints' own activations
+    mlp: Literal["gelu", "gelu_exact", "quick_gelu", "swiglu"] = "gelu"
     # the MLP's hidden size; null: 4 * n_embd for gelu, and for swiglu 8 * n_embd / 3 rounded up to a multiple of 64
     # (the same parameters as gelu's 4x with its three matrices; Llama rounds to 256 and scales it, so its presets
     # give the size)
@@ -161,7 +163,7 @@ class TransformerConfig(PresetConfig):
         check_dropout(self)
         check_choice(self, "pos_embedding", ("learned", "rope"))
         check_choice(self, "norm", ("layernorm", "rmsnorm"))
-        check_choice(self, "mlp", ("gelu", "swiglu"))
+        check_choice(self, "mlp", MLPS)
         if self.pos_embedding == "rope" and self.head_size % 2:
             raise ConfigError(f"{type(self).__name__}.pos_embedding='rope' needs an even head size, got "
                               f"n_embd/n_head={self.head_size}: change n_embd or n_head")
@@ -197,6 +199,12 @@ class TransformerConfig(PresetConfig):
         return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
 
 
+MLPS = ("gelu", "gelu_exact", "quick_gelu", "swiglu")
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_exact": F.gelu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
 LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -347,26 +355,27 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2's GELU MLP, C -> H -> C; or with `swiglu`, c_proj(silu(gate) * up), where c_fc computes [gate; up]
-    (2H rows) in one matmul (Shazeer 2020, "GLU Variants Improve Transformer"; Llama's MLP)."""
+    """GPT-2's MLP, C -> H -> C with a GELU (or another of ACTIVATIONS: each public checkpoint's own, so its weights
+    reproduce its outputs); or with `swiglu`, c_proj(silu(gate) * up), where c_fc computes [gate; up] (2H rows) in one
+    matmul (Shazeer 2020, "GLU Variants Improve Transformer"; Llama's MLP)."""
 
     def __init__(self, n_embd: int, bias: bool, dropout: float, lora: LoRA | None = None, hidden: int | None = None,
-                 swiglu: bool = False) -> None:
+                 kind: str = "gelu") -> None:
         super().__init__()
         hidden = hidden or 4 * n_embd
-        self.swiglu = swiglu
-        self.c_fc = linear(n_embd, 2 * hidden if swiglu else hidden, bias, lora)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU, so its weights reproduce its outputs
+        self.swiglu = kind == "swiglu"
+        self.activation = None if self.swiglu else ACTIVATIONS[kind]
+        self.c_fc = linear(n_embd, 2 * hidden if self.swiglu else hidden, bias, lora)
         self.c_proj = linear(hidden, n_embd, bias, lora)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)  # (B, T, H) or (B, T, 2H)
-        if self.swiglu:
+        if self.activation is None:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = self.gelu(h)
+            h = self.activation(h)
         return self.dropout(self.c_proj(h))
 
 
@@ -398,7 +407,7 @@ class Block(nn.Module):
             self.mlp: nn.Module = MoE(config.n_embd, moe, config.dropout)
         else:
             self.mlp = MLP(config.n_embd, config.bias, config.dropout, lora, mlp_hidden_size(config),
-                           swiglu=getattr(config, "mlp", "gelu") == "swiglu")
+                           kind=getattr(config, "mlp", "gelu"))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attn_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:

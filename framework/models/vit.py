@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from framework.models.transformer import (
+    ACTIVATIONS,
     INIT_STD,
     Block,
     ConfigError,
@@ -81,6 +82,10 @@ class ViTConfig(PresetConfig):
     # A bias on the patch projection (only with `bias`). OpenAI's CLIP has none: its position rows already add a
     # learned vector to every patch, so the bias is redundant there
     patch_bias: bool = True
+    # the blocks' MLP activation and the LayerNorms' eps: the tanh GELU and 1e-5 here; Google's ViT checkpoints use
+    # "gelu_exact" and 1e-12, OpenAI's CLIP "quick_gelu" (framework.models.transformer.ACTIVATIONS)
+    mlp: str = "gelu"
+    norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "image_size", "patch_size", "channels", "n_layer", "n_head", "n_embd")
@@ -89,6 +94,9 @@ class ViTConfig(PresetConfig):
         for name in ("bias", "ln_pre", "patch_bias"):
             check_bool(self, name)
         check_choice(self, "pooling", POOLINGS)
+        check_choice(self, "mlp", tuple(ACTIVATIONS))
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise ConfigError(f"ViTConfig.norm_eps={self.norm_eps!r} must be a positive number")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ConfigError(f"ViTConfig.num_classes={self.num_classes!r} must be an integer >= 0 (0: no head)")
         if self.image_size % self.patch_size:
@@ -115,11 +123,11 @@ class ViT(Pretrained):
         self.cls_token = nn.Parameter(torch.empty(1, 1, c.n_embd))
         self.pos_embed = nn.Parameter(torch.empty(1, 1 + c.num_patches, c.n_embd))  # row 0 is the cls token's
         if c.ln_pre:  # only then a module: checkpoints written without it keep their exact set of tensors
-            self.ln_pre = nn.LayerNorm(c.n_embd, bias=c.bias)
+            self.ln_pre = nn.LayerNorm(c.n_embd, eps=c.norm_eps, bias=c.bias)
         self.drop = nn.Dropout(c.dropout)
         # the transformer's Blocks read only n_embd, n_head, bias and dropout from a config: a ViTConfig has them all
         self.blocks = nn.ModuleList(Block(c, causal=False) for _ in range(c.n_layer))
-        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.ln_f = nn.LayerNorm(c.n_embd, eps=c.norm_eps, bias=c.bias)
         self.head = nn.Linear(c.n_embd, c.num_classes) if c.num_classes else nn.Identity()
         self.init_weights()
 
