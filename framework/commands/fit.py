@@ -189,6 +189,8 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # a hint for SLURM users, printed on every machine that has srun even when the run is not a SLURM job
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
+    # on every multi-process validation; the task reduces its val metrics over the ranks itself (on_validation_epoch_end)
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True\)")
     # DeepSpeed's ZeRO-3 calls torch's deprecated collectives on every step
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\._\w+_base` is a private function",
                             category=FutureWarning)
