@@ -16,15 +16,15 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from fit_run import fit_val_loss  # noqa: E402
+
 RUNS = {"gpt2": "configs/gpt/smoke.yaml", "llama": "configs/llama/smoke.yaml"}
 
 
@@ -34,17 +34,8 @@ def fit(name: str, root: Path, steps: int, seed: int) -> dict:
             "--trainer.default_root_dir", str(run), "--trainer.max_steps", str(steps),
             "--trainer.val_check_interval", str(steps), "--trainer.enable_progress_bar", "false",
             "--checkpoint.every_n_steps", str(steps), "--summary.sample_tokens", "0", "--wandb.mode", "disabled"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "framework", "fit", *args], capture_output=True, text=True, env=env,
-                       cwd=ROOT)
-    wall = time.perf_counter() - t0
-    if r.returncode:
-        raise SystemExit(f"{name} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    val = re.findall(r"val/loss:?\s+([0-9.]+)", r.stdout)
-    if not val:
-        raise SystemExit(f"{name}: no val/loss in its output:\n{r.stdout[-2000:]}")
-    return {"name": name, "seed": seed, "val_loss": float(val[-1]), "wall_s": round(wall, 1)}
+    val_loss, wall, _ = fit_val_loss(name, args)
+    return {"name": name, "seed": seed, "val_loss": val_loss, "wall_s": round(wall, 1)}
 
 
 def main() -> None:

@@ -21,16 +21,15 @@ import argparse
 import json
 import os
 import platform
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from fit_run import fit_val_loss  # noqa: E402
 
 RUNS = {
     "moe-aux": ("gpt-moe-cpu", {}),
@@ -51,23 +50,14 @@ def fit(name: str, root: Path, steps: int, seq_len: int, batch: int, seed: int) 
             "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "20",
             "--trainer.log_every_n_steps", "5", "--trainer.enable_progress_bar", "false",
             "--checkpoint.every_n_steps", str(steps), "--summary.sample_tokens", "0", "--wandb.mode", "offline"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "framework", "fit", *args], capture_output=True, text=True, env=env,
-                       cwd=ROOT)
-    wall = time.perf_counter() - t0
-    if r.returncode:
-        raise SystemExit(f"{name} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    val = re.findall(r"val/loss:?\s+([0-9.]+)", r.stdout)
-    if not val:
-        raise SystemExit(f"{name}: no val/loss in its output:\n{r.stdout[-2000:]}")
+    val_loss, wall, _ = fit_val_loss(name, args, {"WANDB_MODE": "offline"})
     import torch
 
     from framework.models.gpt import GPT, GPTConfig
 
     with torch.device("meta"):
         model = GPT(GPTConfig.from_preset(preset, **config))
-    out = {"name": name, "seed": seed, "val_loss": float(val[-1]), "wall_s": wall,
+    out = {"name": name, "seed": seed, "val_loss": val_loss, "wall_s": wall,
            "params": f"{model.num_active_params() / 1e6:.2f}M / {model.num_params() / 1e6:.2f}M"}
     from wandb_records import history
 
