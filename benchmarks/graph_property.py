@@ -1,6 +1,7 @@
 """Molecule property learning check: a GIN fine-tuned on TPSA (RDKit's embedded NCI set, scaffold split) against a
 Morgan-fingerprint + ridge baseline on the same train molecules, and attribute-masking pre-training against training
-from scratch, at label fractions, over seeds, on the same subsets for every arm.
+from scratch, at label fractions, over seeds, on the same subsets for every arm. The ridge arm needs scikit-learn
+(`pip install -e '.[bench]'`).
 
     python benchmarks/graph_property.py --work /tmp/graph-bench --fractions 0.1,1 --seeds 2 \\
         --pretrain-steps 600 --steps 400 --out benchmarks/results/graph_property.md

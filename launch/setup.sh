@@ -23,4 +23,15 @@ if [[ ! -f $stamp || $repo/pyproject.toml -nt $stamp || $repo/launch/constraints
     "$py" -m pip install -q -c "$repo/launch/constraints.txt" -e "$repo[${EXTRAS:-test,deepspeed}]"
     touch "$stamp"
 fi
+# transformers, the reference the Hugging Face interop tests compare against, goes into a directory of its own that only
+# the tests put on sys.path (tests/conftest.py): installed in the venv, it would be imported by every process that
+# imports Lightning (torchmetrics imports it, and SciPy, whenever they are installed), about 1 s of start-up each
+reference=$venv/reference
+if [[ ${EXTRAS:-test,deepspeed} == *test* ]] \
+        && [[ ! -f $reference/.installed || $repo/launch/constraints.txt -nt $reference/.installed ]]; then
+    echo "installing transformers (the interop tests' reference) into $reference"
+    rm -rf "$reference"
+    "$py" -m pip install -q -c "$repo/launch/constraints.txt" --target "$reference" transformers
+    touch "$reference/.installed"
+fi
 export PATH=$venv/bin:$PATH

@@ -25,6 +25,10 @@ import torch
 
 # test helpers (shardkit, worker scripts) live beside the tests
 sys.path.insert(0, str(Path(__file__).parent))
+# the references some tests compare against (transformers), which launch/setup.sh installs beside the venv rather than
+# in it; last on the path, so the venv's own packages come first. The processes the tests start do not see them.
+if (Path(sys.prefix) / "reference").is_dir():
+    sys.path.append(str(Path(sys.prefix) / "reference"))
 
 from corpora import labelled_jsonl, lines_corpus, mlm_corpus  # noqa: E402 - beside the tests
 

@@ -28,7 +28,8 @@ from framework.errors import UserError
 from framework.models import GPT, Encoder, EncoderConfig, GPTConfig, config_from_dict, from_pretrained
 from framework.models.transformer import ConfigError
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed: bash launch/setup.sh puts it in .venv/reference")
 
 VOCAB = 261  # the bytes tokenizer: 256 bytes + 5 specials (our tables pad it to 320)
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -29,7 +29,8 @@ from framework.models import CLIP, CLIPConfig, ViT, ViTConfig, config_from_dict
 from framework.models.classifier import frame_documents
 from framework.data.tokenizer import Tokenizer, bytes_tokenizer
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed: bash launch/setup.sh puts it in .venv/reference")
 from test_hf import perturbed  # noqa: E402 - every weight moved off its init, so a misplaced tensor shows
 transformers.logging.set_verbosity_error()  # its "some weights were not used" would hide nothing here: checked below
 
