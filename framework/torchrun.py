@@ -52,6 +52,11 @@ def explain(error: BaseException, args) -> str | None:
                 f"within {wait} s: start launch/torchrun.sh on every node of the job with the same NNODES, "
                 "RDZV_ENDPOINT and RDZV_ID (and NNODES equal to the nodes you start), or raise RDZV_TIMEOUT when "
                 "the nodes start far apart")
+    if isinstance(error, (RendezvousClosedError, RendezvousConnectionError)) and _raised_in(error,
+                                                                                         "num_nodes_waiting"):
+        # the agent polls the rendezvous while its training processes run: the node hosting the store has left
+        return (f"the rendezvous at {endpoint} ended while this node's training processes ran: another node stopped "
+                "(or the one hosting its store did); that node's error says why")
     if isinstance(error, RendezvousClosedError) or (
             isinstance(error, RendezvousConnectionError) and not _raised_in(error, "_create_tcp_store")):
         return (f"the rendezvous at {endpoint} ended while this node waited for NNODES={args.nnodes} node(s): "
