@@ -37,15 +37,29 @@ def records(path: Path) -> list:
     return out
 
 
+def finished_records(path: Path, timeout: float = 60.0) -> list:
+    """records() once the run's `exit` record is in the file. W&B's service process writes the file: `wandb.finish()`
+    (and the fit with it) can return before the service has written the last records, by seconds on a loaded
+    machine. After `timeout` s, what the file holds (the caller's assertions then show what is missing)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        out = records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in out) or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
 def history(path: Path) -> list[dict]:
-    """The logged rows, in order: key -> value (JSON-decoded)."""
+    """The logged rows of a finished run, in order: key -> value (JSON-decoded)."""
     rows = []
-    for r in records(path):
+    for r in finished_records(path):
         if r.WhichOneof("record_type") == "history":
             rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
     return rows
 
 
 def config_keys(path: Path) -> set[str]:
-    return {i.key or "/".join(i.nested_key) for r in records(path) if r.WhichOneof("record_type") == "config"
+    return {i.key or "/".join(i.nested_key) for r in finished_records(path) if r.WhichOneof("record_type") == "config"
             for i in r.config.update}
