@@ -391,8 +391,8 @@ def test_the_transfer_report_compares_both_arms_on_the_same_subsets(labelled, tm
 
     GPT(GPTConfig.from_preset("gpt-tiny", vocab_size=261)).save_pretrained(tmp_path / "gpt")
     r = run_cli("transfer-report", "--pretrained", str(tmp_path / "gpt"), "--data", str(labelled), "--output",
-                str(tmp_path / "report"), "--fractions", "0.1,1", "--seeds", "2", "--lrs", "1e-3", "--steps", "3",
-                "--batch-size", "4", "--seq-len", "32", "--accelerator", "cpu")
+                str(tmp_path / "report"), "--fractions", "0.1,1", "--seeds", "2", "--lrs", "1e-3", "--max-steps", "3",
+                "--batch-size", "4", "--seq-len", "32", "--accelerator", "cpu", "--no-classical")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert len(report["runs"]) == 2 * 2 * 2  # fractions x arms x seeds
@@ -404,4 +404,4 @@ def test_the_transfer_report_compares_both_arms_on_the_same_subsets(labelled, tm
     assert all("gain" in row for row in report["rows"]) and report["val_docs"] == 60
     assert (tmp_path / "report" / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "report" / "report.md").read_text()
-    assert "| 0.1 | 24 | full |" in table and "| 1 | 240 | full |" in table and "| 0.1 | 24 | full |" in r.stdout
+    assert "| 0.1 | 24 (6) | full |" in table and "| 1 | 240 (48) | full |" in table and "| 0.1 | 24 (6) |" in r.stdout

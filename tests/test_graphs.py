@@ -354,7 +354,7 @@ def test_graph_tasks_train_on_two_processes(nci, tpsa, tmp_path, pre, fine):
 def test_the_transfer_report_compares_rmse_of_both_arms_on_graphs(tpsa, pretrained, tmp_path):
     ckpt = pretrained / "run" / "checkpoints" / "last.ckpt"
     r = run_main("transfer-report", "--pretrained", str(ckpt), "--data", str(tpsa), "--output",
-                 str(tmp_path / "report"), "--fractions", "0.1,1", "--seeds", "1", "--lrs", "1e-3", "--steps", "3",
+                 str(tmp_path / "report"), "--fractions", "0.1,1", "--seeds", "1", "--lrs", "1e-3", "--max-steps", "3",
                  "--batch-size", "32", "--pooling", "sum", "--accelerator", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())

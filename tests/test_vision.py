@@ -268,14 +268,15 @@ def test_the_transfer_report_probes_an_image_tower_against_a_random_one(shapes, 
     randomly initialised (frozen too), on the same label subsets."""
     r = run_main("transfer-report", "--pretrained", str(clip_run[0] / "checkpoints" / "last.ckpt"), "--data",
                  str(shapes), "--output", str(tmp_path / "report"), "--fractions", "0.2,1", "--modes", "linear",
-                 "--seeds", "1", "--lrs", "3e-3", "--steps", "40", "--batch-size", "32", "--image-size", "32",
-                 "--accelerator", "cpu")
+                 "--seeds", "1", "--lrs", "3e-3", "--max-steps", "40", "--batch-size", "32", "--image-size", "32",
+                 "--holdout", "0.1", "--accelerator", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert len(report["runs"]) == 2 * 2 and report["unit"] == "images" and report["classes"] == 36
+    assert len(report["runs"]) == 2 * 2 + 2 and report["unit"] == "images" and report["classes"] == 36  # + classical
     full = next(row for row in report["rows"] if row["fraction"] == 1.0)
     assert full["gain"] > 0.05, f"the pre-trained tower's features are no better than a random one's: {full}"
-    assert "| 1 | 2040 | linear |" in (tmp_path / "report" / "report.md").read_text()
+    assert full["classical"]["score_mean"] > 3 / 36  # logistic regression on pixels: colours are in the pixels
+    assert "| 1 | 2040 (216) | linear |" in (tmp_path / "report" / "report.md").read_text()
 
 
 @pytest.mark.slow

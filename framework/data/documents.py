@@ -123,6 +123,8 @@ class ClassificationDataModule(SampleDataModule):
     Args:
         label_fraction: train on this seeded, stratified share of the train split's documents (1.0: all); at least
             one document per class. Validation always covers the whole val split.
+        holdout: validate on this held-out share of that subset instead of the val split (early stopping without
+            touching the val split; see SampleDataModule).
         seq_len: tokens per example, framing included: each document is cut to seq_len - 2 tokens.
         shuffle_block, tokenizer: as ShardDataModule's, so that one config's data section serves both (documents are
             always read by random access; `tokenizer` is the one `prepare_if_missing` prepares the default corpus

@@ -238,7 +238,8 @@ class GraphDataModule(SampleDataModule):
         targets = self.targets
         if not targets:
             return None
-        train, val = self.train_y().astype(np.float64), self._indexes["val"].y.astype(np.float64)
+        train = self.train_y().astype(np.float64)
+        val = self._indexes["val"].y[self._units["val"]].astype(np.float64)
         if targets["task"] == "regression":
             mean, std = np.nanmean(train, 0), np.where(np.nanstd(train, 0) > 0, np.nanstd(train, 0), 1.0)
             err = (val - mean) / std  # the task's loss is the MSE of standardized targets

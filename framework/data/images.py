@@ -306,6 +306,7 @@ class ImageDataModule(SampleDataModule):
         tokenizer: a tokenizer.json for the captions (or `bytes`); default: the one beside the manifest or the
             shards, else the byte tokenizer.
         label_fraction: train on this seeded, stratified share of the train images (few-label linear probes).
+        holdout: validate on this held-out share of that subset instead of the val split (see SampleDataModule).
         prepare_if_missing: when `path` has no manifest, prepare `synthetic_samples` embedded synthetic shapes there.
     """
 
@@ -317,8 +318,9 @@ class ImageDataModule(SampleDataModule):
                  train_shards: str | list[str] | None = None, val_shards: str | list[str] | None = None,
                  manifest: str | None = None, crop_scale: tuple[float, float] = (0.35, 1.0), hflip: bool = True,
                  captions: bool = False, max_caption_tokens: int = 64, tokenizer: str | None = None,
-                 label_fraction: float = 1.0, prepare_if_missing: bool = False, synthetic_samples: int = 20000):
-        super().__init__(label_fraction=label_fraction, path=path, batch_size=batch_size,
+                 label_fraction: float = 1.0, holdout: float = 0.0, prepare_if_missing: bool = False,
+                 synthetic_samples: int = 20000):
+        super().__init__(label_fraction=label_fraction, holdout=holdout, path=path, batch_size=batch_size,
                          val_batch_size=val_batch_size, num_workers=num_workers, seed=seed, shuffle=shuffle,
                          train_shards=train_shards, val_shards=val_shards, manifest=manifest,
                          prepare_if_missing=prepare_if_missing)

@@ -2,6 +2,7 @@
 
 - `ShardFiles` / `tar_entries`: random access to local tar shards (`pread`), and their members from the headers;
 - `stratified_subset`: the seeded, stratified `label_fraction` of a split (subsets nest across fractions);
+- `holdout_split`: a seeded, stratified share of such a subset set aside for early stopping and model selection;
 - `SampleStream`: batches of whole samples in the global order, exactly once per epoch over ranks x workers, with
   resume on any world size (framework.data.cursor) and validation batches topped up with filler rows; a modality
   says what a batch of its samples is (`_batch`);
@@ -107,6 +108,23 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
     return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, np.int64)
 
 
+def holdout_split(labels: np.ndarray, subset: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(trained on, held out): the ids of `subset` split by class, round(share * n) of each class's n held out (at
+    least one where the class has two or more, never its last one), by seeded random keys of their own, so the
+    held-out slice is not the smallest fraction's subset. Both sorted."""
+    if share <= 0 or not len(subset):
+        return subset, subset[:0]
+    keys = np.random.default_rng([seed, 0x40D0]).random(len(subset))
+    held = []
+    for c in np.unique(labels[subset]):
+        members = np.flatnonzero(labels[subset] == c)
+        k = min(len(members) - 1, max(1, round(share * len(members))))
+        held.append(members[np.argsort(keys[members], kind="stable")[:k]])
+    out = np.zeros(len(subset), bool)
+    out[np.concatenate(held)] = True
+    return subset[~out], subset[out]
+
+
 class SampleStream(IterableDataset):
     """Batches of whole samples: the order, the exactly-once delivery over ranks x workers, resume and the filled
     validation batches; a subclass says what a batch of samples is (`_batch`). `units` are the sample ids this stream
@@ -176,15 +194,21 @@ class SampleDataModule(StreamDataModule):
     """What a datamodule of whole labelled samples shares, whatever the sample: the class names from the manifest,
     the `label_fraction` subset of the train split, the labels trained on and validated, the class-prior baseline,
     and the label fraction in the saved position. Subclasses fill `_indexes` (split -> an index with a `label`
-    array) and `_units` (split -> the sample ids delivered) in `setup`, with `_choose_units`."""
+    array) and `_units` (split -> the sample ids delivered) in `setup`, with `_choose_units`.
+
+    holdout > 0 sets that stratified share of the label-fraction subset aside (`holdout_split`): it is not trained on,
+    and validation reads it instead of the val split, for early stopping and choosing hyper-parameters without
+    touching the val split (`pretrain transfer-report` validates on the val split afterwards, with holdout 0)."""
 
     prepare_hint = "`pretrain prepare --label-field NAME` (or --task stdlib-packages)"  # how to make labelled shards
 
-    def __init__(self, label_fraction: float = 1.0, **kwargs: Any):
+    def __init__(self, label_fraction: float = 1.0, holdout: float = 0.0, **kwargs: Any):
         super().__init__(**kwargs)
         if not 0 < label_fraction <= 1:
             raise UserError(f"data.label_fraction must be in (0, 1], got {label_fraction}")
-        self.label_fraction = label_fraction
+        if not 0 <= holdout < 1:
+            raise UserError(f"data.holdout must be in [0, 1), got {holdout}")
+        self.label_fraction, self.holdout = label_fraction, holdout
         self._indexes: dict[str, Any] = {}
         self._units: dict[str, np.ndarray] = {}
 
@@ -207,8 +231,12 @@ class SampleDataModule(StreamDataModule):
     def _choose_units(self, stage: str | None, unit: str) -> None:
         """Units of both splits: the label-fraction subset of train (refused when it fills no batch on every rank)
         and all of val."""
-        self._units = {"train": stratified_subset(self._indexes["train"].label, self.label_fraction, self.seed),
-                       "val": np.arange(len(self._indexes["val"]))}
+        labels = self._indexes["train"].label
+        subset = stratified_subset(labels, self.label_fraction, self.seed)
+        self._units = {"train": subset, "val": np.arange(len(self._indexes["val"]))}
+        if self.holdout > 0:  # validation reads the held-out slice of the train split instead of the val split
+            self._units["train"], self._units["val"] = holdout_split(labels, subset, self.holdout, self.seed)
+            self._indexes["val"] = self._indexes["train"]
         world = self._world()[1]
         if stage in (None, "fit") and len(self._units["train"]) < world * self.batch_size:
             raise UserError(f"data.label_fraction={self.label_fraction} leaves {len(self._units['train'])} train "
@@ -220,8 +248,8 @@ class SampleDataModule(StreamDataModule):
         return self._indexes["train"].label[self._units["train"]]
 
     def val_labels(self) -> np.ndarray:
-        """Classes of the val split's samples (all of them are validated)."""
-        return self._indexes["val"].label
+        """Classes of the samples validated: the whole val split (or the held-out slice with `holdout`)."""
+        return self._indexes["val"].label[self._units["val"]]
 
     def _baseline(self) -> dict[str, Any]:
         """The best guess without looking at the sample: the train subset's class prior, scored on the val split
@@ -236,6 +264,10 @@ class SampleDataModule(StreamDataModule):
         state = super().state_dict()
         return {**state, "label_fraction": self.label_fraction} if state else state
 
+    def position_settings(self) -> dict[str, Any]:
+        # the held-out slice changes which samples are trained on, as the label fraction does
+        return {**super().position_settings(), **({"holdout": self.holdout} if self.holdout else {})}
+
     def _apply_loaded(self, stream: Any) -> None:
         assert self._loaded is not None
         saved = self._loaded.get("label_fraction", 1.0)
@@ -245,4 +277,5 @@ class SampleDataModule(StreamDataModule):
         super()._apply_loaded(stream)
 
 
-__all__ = ["IGNORE_LABEL", "SampleDataModule", "SampleStream", "ShardFiles", "stratified_subset", "tar_entries"]
+__all__ = ["IGNORE_LABEL", "SampleDataModule", "SampleStream", "ShardFiles", "holdout_split", "stratified_subset",
+           "tar_entries"]
