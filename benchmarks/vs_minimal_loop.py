@@ -175,8 +175,12 @@ def framework_breakdown(events: list, launch: float, exit_: float) -> dict[str, 
             "validation": sum(b - a for a, b in val), "end": exit_ - last, "n_steps": len(starts)}
 
 
-def run_framework(args: argparse.Namespace, size: dict, work: Path, vocab: int, i: int, env: dict) -> dict:
+def run_framework(args: argparse.Namespace, size: dict, work: Path, vocab: int, i: int, env: dict,
+                  src: str | None = None) -> dict:
+    """One `pretrain fit` (of this checkout, or of the framework at `src`) and its phases."""
     marks = work / f"fit{i}.json"
+    if src is not None:
+        env = {**env, "PYTHONPATH": os.pathsep.join([src, str(ROOT / "benchmarks")])}
     config = {
         "seed_everything": SEED,
         "model": {"class_path": "framework.tasks.causal_lm.CausalLMTask",
@@ -264,6 +268,8 @@ def main() -> None:
     p.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "auto"])
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both sides (on a loaded machine, 1: torch's "
                    "threads spin-wait, and 2 threads on 2 busy cores ran this model's steps 9x slower than 1)")
+    p.add_argument("--compare-src", metavar="DIR", help="also run `pretrain fit` from this source tree in every pair "
+                   "(e.g. `git archive` of an earlier commit): before/after figures from one alternating run")
     p.add_argument("--plain", metavar="SPEC", help=argparse.SUPPRESS)
     p.add_argument("fit_args", nargs="*", help="extra `pretrain fit` arguments (after --)")
     args = p.parse_args()
@@ -282,28 +288,45 @@ def main() -> None:
         vocab = prepare_data(work, size, args.val_batches)
         for i in range(args.pairs):
             base = run_plain(args, size, work, vocab, device, env)
+            other = None
+            if args.compare_src and i % 2 == 0:  # the two fits take turns at going first
+                other = run_framework(args, size, work, vocab, i, env, args.compare_src)
             ours = run_framework(args, size, work, vocab, i, env)
-            rows.append((base, ours))
-            print(f"pair {i + 1}: plain {base['wall']:.2f} s (val {base['val_loss']:.4f}), pretrain fit "
-                  f"{ours['wall']:.2f} s (val {ours['val_loss']:.4f}), {ours['wall'] / base['wall']:.3f}x", flush=True)
+            if args.compare_src and i % 2 == 1:
+                other = run_framework(args, size, work, vocab, i, env, args.compare_src)
+            rows.append((base, ours) if other is None else (base, ours, other))
+            line = (f"pair {i + 1}: plain {base['wall']:.2f} s (val {base['val_loss']:.4f}), pretrain fit "
+                    f"{ours['wall']:.2f} s (val {ours['val_loss']:.4f}), {ours['wall'] / base['wall']:.3f}x")
+            if other is not None:
+                line += (f"; --compare-src fit {other['wall']:.2f} s (val {other['val_loss']:.4f}), "
+                         f"{other['wall'] / base['wall']:.3f}x")
+            print(line, flush=True)
     print(f"{args.size}: {size['preset']} at batch {size['batch']} x {size['seq_len']}, {args.steps} steps, "
           f"{args.val_batches} val batches, device {device}, torch {torch.__version__}, {os.cpu_count()} CPU(s), "
           f"W&B {args.wandb}, framework data workers: {'default' if args.workers is None else args.workers}, "
           f"threads: {args.threads or 'default'}")
+    report([(r[0], r[1]) for r in rows], args.steps, "pretrain fit")
+    if args.compare_src:
+        print(f"--- pretrain fit from {args.compare_src}:")
+        report([(r[0], r[2]) for r in rows], args.steps, "compared fit")
+
+
+def report(rows: list, steps: int, name: str) -> None:
+    """Medians over the pairs: wall times, their ratio, val losses, and the phases."""
     med = {side: {k: statistics.median(r[j][k] for r in rows) for k in rows[0][j] if k != "n_steps"}
            for j, side in enumerate(("plain", "fit"))}
     ratios = [o["wall"] / b["wall"] for b, o in rows]
-    print(f"median of {len(rows)} pairs: plain {med['plain']['wall']:.2f} s, pretrain fit {med['fit']['wall']:.2f} s; "
+    print(f"median of {len(rows)} pairs: plain {med['plain']['wall']:.2f} s, {name} {med['fit']['wall']:.2f} s; "
           f"median ratio {statistics.median(ratios):.3f}x (pairs: {', '.join(f'{r:.3f}' for r in ratios)})")
-    print(f"final val loss: plain {med['plain']['val_loss']:.4f}, pretrain fit {med['fit']['val_loss']:.4f} "
+    print(f"final val loss: plain {med['plain']['val_loss']:.4f}, {name} {med['fit']['val_loss']:.4f} "
           f"({med['fit']['val_loss'] - med['plain']['val_loss']:+.4f} nats)")
     print(f"{'phase (median s)':<22}{'plain':>9}{'fit':>9}{'extra':>9}")
     for k in ("startup", "steps", "checkpoint", "validation", "end", "wall"):
         extra = statistics.median(o[k] - b[k] for b, o in rows)
         print(f"{k:<22}{med['plain'][k]:9.2f}{med['fit'][k]:9.2f}{extra:+9.2f}")
-    per_step = statistics.median((o["steps"] - b["steps"]) / args.steps * 1000 for b, o in rows)
-    print(f"per step: plain {1000 * med['plain']['steps'] / args.steps:.2f} ms, pretrain fit "
-          f"{1000 * med['fit']['steps'] / args.steps:.2f} ms, extra {per_step:+.2f} ms")
+    per_step = statistics.median((o["steps"] - b["steps"]) / steps * 1000 for b, o in rows)
+    print(f"per step: plain {1000 * med['plain']['steps'] / steps:.2f} ms, {name} "
+          f"{1000 * med['fit']['steps'] / steps:.2f} ms, extra {per_step:+.2f} ms")
 
 
 if __name__ == "__main__":
