@@ -77,9 +77,10 @@ def default_workers() -> int:
     """data.num_workers when it is not set: 1 when every rank on this node has MIN_CORES_FOR_A_WORKER cores or
     more (the cores this process may run on, over the local ranks a launcher declares: torchrun's
     LOCAL_WORLD_SIZE, SLURM's tasks per node), else 0. With fewer, a worker process takes a core from the model's
-    own threads: on 2 cores nanoGPT's CPU config ran its whole job in 1.30x a plain loop's time with one worker,
-    1.20x without (benchmarks/results/vs_minimal_loop.md). Reading token windows in the training process costs a
-    `pread` per window; a modality whose samples cost real work to decode (images) sets its own default."""
+    own threads: on 2 cores nanoGPT's CPU config took 1.30x a plain loop's whole-job time with the one worker
+    that used to be the default, 1.20x without. Reading token windows in the training process costs a `pread` per
+    window (~3 ms a step of 12 windows profiled on a busy 2-core machine, benchmarks/results/vs_minimal_loop.md);
+    a modality whose samples cost real work to decode (images) sets its own default."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows

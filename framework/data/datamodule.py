@@ -50,7 +50,8 @@ class ShardDataModule(StreamDataModule):
     modality = "text"
 
     def __init__(self, path: str = "data/stdlib", seq_len: int = 256, batch_size: int = 8,
-                 val_batch_size: int | None = None, num_workers: int | None = None, seed: int = 1234, shuffle: bool = True,
+                 val_batch_size: int | None = None, num_workers: int | None = None, seed: int = 1234,
+                 shuffle: bool = True,
                  shuffle_block: int = 1024, train_shards: str | list[str] | None = None,
                  val_shards: str | list[str] | None = None, manifest: str | None = None, skip_corrupt: bool = False,
                  prepare_if_missing: bool = False, tokenizer: str = "bytes", teacher_cache: str | None = None):
