@@ -68,3 +68,17 @@ def test_resume_from_a_checkpoint_taken_at_an_epoch_boundary(data, tmp_path):
     assert len(first) + len(rest) == 12
     for a, b in zip(first + rest, full):
         np.testing.assert_array_equal(a, b)
+
+
+def test_default_workers_leaves_small_machines_their_cores(monkeypatch):
+    """data.num_workers unset: no worker process when a rank has under 4 cores (it would take one from the model's
+    threads), one worker from 4 cores per rank on."""
+    import os
+
+    from framework.data.base import default_workers
+
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    for cores, ranks, expected in ((2, 1, 0), (4, 1, 1), (16, 8, 0), (16, 4, 1)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+        assert default_workers() == expected, (cores, ranks)

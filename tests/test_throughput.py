@@ -124,6 +124,22 @@ def test_tokens_seen_counts_every_micro_batch(shards, tmp_path):
         assert mfu * 1e12 / rate == pytest.approx(flops_per_token, rel=1e-3)
 
 
+def test_step_metrics_are_logged_on_logged_steps_and_the_last(shards, tmp_path):
+    """Step metrics are logged only where Lightning hands them to the loggers (every log_every_n_steps steps), and
+    at the last step, for the run summary: 5 steps logging every 2 give the loggers 2 rows, each with train/loss,
+    lr, grad_norm and tokens_seen, and leave the last step's values in callback_metrics."""
+    throughput, _, log, task = fit(shards, tmp_path, max_steps=5, log_every=2, limit_val_batches=0)
+    rows = [m for _, m in log.rows if "train/loss" in m]
+    assert len(rows) == 2, log.rows
+    for m in rows:
+        assert {"lr", "grad_norm", "tokens_seen"} <= set(m)
+    assert rows[-1]["tokens_seen"] == 4 * ACCUMULATE * BATCH * SEQ
+    last = task.trainer.callback_metrics
+    assert float(last["tokens_seen"]) == throughput.tokens_seen == 5 * ACCUMULATE * BATCH * SEQ
+    assert float(last["lr"]) == pytest.approx(task.lr_at(4))
+    assert float(last["train/loss"]) != pytest.approx(rows[-1]["train/loss"])  # the fifth step's, not the fourth's
+
+
 def test_peak_flops_depend_on_the_precision():
     h100 = "NVIDIA H100 80GB HBM3"
     assert peak_flops(h100, "bf16-mixed") == pytest.approx(989.4e12)

@@ -110,7 +110,10 @@ class Throughput(L.Callback):
         self.tokens_seen += tokens
         self._window_tokens += tokens
         self._window_flops += pl_module.batch_flops(batch)  # this rank's
-        pl_module.log(f"{unit(pl_module)}_seen", float(self.tokens_seen), rank_zero_only=True)
+        from framework.tasks.base import logged_step
+
+        if logged_step(trainer):  # a log call per step costs more than the rest of this hook
+            pl_module.log(f"{unit(pl_module)}_seen", float(self.tokens_seen), rank_zero_only=True)
         if trainer.global_step == self._last_step:  # accumulating: this micro-batch's optimizer step is still to come
             return
         self._last_step = trainer.global_step

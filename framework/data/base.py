@@ -70,6 +70,29 @@ def _ignore_preemption_signal(worker_id: int) -> None:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+MIN_CORES_FOR_A_WORKER = 4
+
+
+def default_workers() -> int:
+    """data.num_workers when it is not set: 1 when every rank on this node has MIN_CORES_FOR_A_WORKER cores or
+    more (the cores this process may run on, over the local ranks a launcher declares: torchrun's
+    LOCAL_WORLD_SIZE, SLURM's tasks per node), else 0. With fewer, a worker process takes a core from the model's
+    own threads: on 2 cores nanoGPT's CPU config took 1.30x a plain loop's whole-job time with the one worker
+    that used to be the default, 1.20x without. Reading token windows in the training process costs a `pread` per
+    window (~3 ms a step of 12 windows profiled on a busy 2-core machine, benchmarks/results/vs_minimal_loop.md);
+    a modality whose samples cost real work to decode (images) sets its own default."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
+    try:
+        ranks = max(1, int(local))
+    except ValueError:
+        ranks = 1
+    return 1 if cores // ranks >= MIN_CORES_FOR_A_WORKER else 0
+
+
 class StreamDataModule(L.LightningDataModule):
     """The shared core of the datamodules (see the module docstring). A subclass implements `setup` (fill `_train`
     and `_val` with shard records) and `_stream` (a BatchStream whose batches carry "position"), and may declare
@@ -79,7 +102,8 @@ class StreamDataModule(L.LightningDataModule):
         path: directory holding `manifest.json` and the `train-*.tar` / `val-*.tar` shards.
         batch_size: samples per batch, per rank (the micro-batch).
         val_batch_size: samples per validation batch, per rank (default: batch_size).
-        num_workers: DataLoader worker processes per rank (0 reads in the training process).
+        num_workers: DataLoader worker processes per rank (0 reads in the training process). Default (None):
+            `default_workers()`, 1 when each rank of this node has at least 4 cores, else 0.
         seed: seeds the order of every epoch (and anything random per sample).
         shuffle: shuffle the train split (validation is always read in order).
         train_shards: shard paths, globs, brace patterns or URLs to read instead of the manifest's train split.
@@ -93,13 +117,15 @@ class StreamDataModule(L.LightningDataModule):
 
     modality = ""  # the manifest's modality this datamodule reads ("text", "images", ...); "": any
 
-    def __init__(self, path: str, batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 1,
+    def __init__(self, path: str, batch_size: int = 8, val_batch_size: int | None = None,
+                 num_workers: int | None = None,
                  seed: int = 1234, shuffle: bool = True, train_shards: str | list[str] | None = None,
                  val_shards: str | list[str] | None = None, manifest: str | None = None, skip_corrupt: bool = False,
                  prepare_if_missing: bool = False):
         super().__init__()
         if batch_size < 1:
             raise UserError(f"data.batch_size must be >= 1, got {batch_size}")
+        num_workers = default_workers() if num_workers is None else num_workers
         if num_workers < 0:
             raise UserError(f"data.num_workers must be >= 0, got {num_workers}")
         self.path, self.batch_size = path, batch_size

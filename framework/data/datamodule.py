@@ -26,7 +26,8 @@ class ShardDataModule(StreamDataModule):
         seq_len: tokens per training example (each window holds seq_len + 1 tokens: inputs and shifted targets).
         batch_size: windows per batch, per rank (the micro-batch).
         val_batch_size: windows per validation batch, per rank (default: batch_size).
-        num_workers: DataLoader worker processes per rank (0 reads in the training process).
+        num_workers: DataLoader worker processes per rank (0 reads in the training process; default: 1 when each
+            rank of the node has 4 cores or more, else 0, framework.data.base.default_workers).
         seed: seeds the shard order and the permutation of the windows of each epoch.
         shuffle: shuffle the train split (validation is always read in order).
         shuffle_block: only for shards that cannot seek (`pipe:`, http): windows shuffled together by each worker,
@@ -49,7 +50,8 @@ class ShardDataModule(StreamDataModule):
     modality = "text"
 
     def __init__(self, path: str = "data/stdlib", seq_len: int = 256, batch_size: int = 8,
-                 val_batch_size: int | None = None, num_workers: int = 1, seed: int = 1234, shuffle: bool = True,
+                 val_batch_size: int | None = None, num_workers: int | None = None, seed: int = 1234,
+                 shuffle: bool = True,
                  shuffle_block: int = 1024, train_shards: str | list[str] | None = None,
                  val_shards: str | list[str] | None = None, manifest: str | None = None, skip_corrupt: bool = False,
                  prepare_if_missing: bool = False, tokenizer: str = "bytes", teacher_cache: str | None = None):

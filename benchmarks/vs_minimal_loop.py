@@ -1,0 +1,333 @@
+"""Whole-job wall time of `pretrain fit` against a minimal hand-written PyTorch loop, on the same configuration.
+
+    python benchmarks/vs_minimal_loop.py                          # nanoGPT's CPU config, 2000 steps, 3 pairs
+    python benchmarks/vs_minimal_loop.py --steps 300 --pairs 1    # a quick look
+    python benchmarks/vs_minimal_loop.py --size small-cpu         # gpt-small-cpu: 16 x 256
+    python benchmarks/vs_minimal_loop.py --size gpt2-124m         # on a GPU (bf16), the same script
+
+Sizes: `nanogpt-cpu` is nanoGPT's CPU example (4 layers, 4 heads, 128 wide, T=64, batch 12, char-level, lr 1e-3
+with 100 warm-up steps, cosine to 1e-4, betas 0.9/0.99, weight decay 0.1, clip 1.0): the gpt-small-cpu preset at
+seq_len 64. `small-cpu` is gpt-small-cpu itself (T=256, batch 16); `gpt2-124m` is for a GPU.
+
+Both sides run as fresh processes, one after the other in alternating pairs, as a user runs them:
+- the plain loop (`--plain`, this file): memory-mapped tokens (train.bin, the train shards' token stream), random
+  windows, the framework's model code (framework.models.gpt.GPT), AdamW with decay on matrices only, the same linear
+  warm-up + cosine schedule, gradient clipping, then the same final evaluation: the first `--val-batches` batches of
+  the val split (the windows the framework's val loader yields, saved to val.bin), a token-weighted mean loss.
+- `python -m framework fit` with the same settings, its defaults otherwise (data workers, checkpoints every 1000
+  steps and at the end, progress lines, the run summary with its text sample); W&B `--wandb` (default disabled: the
+  plain loop logs nothing either). A callback passed with --trainer.callbacks (`Timestamps`, below) records when
+  each step starts and ends, checkpoint saves and validation, so the framework's extra time is split into
+  start-up, steps, checkpoints, validation and end of run; nothing in the framework is changed for it.
+
+The corpus: a few packages of the running Python's standard library (about 3 MB of source), bytes tokenizer, 10%
+held out for validation, prepared once into a temp dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import os
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SIZES = {
+    "nanogpt-cpu": dict(preset="gpt-small-cpu", seq_len=64, batch=12, lr=1e-3, warmup=100, betas=(0.9, 0.99)),
+    "small-cpu": dict(preset="gpt-small-cpu", seq_len=256, batch=16, lr=1e-3, warmup=100, betas=(0.9, 0.99)),
+    "gpt2-124m": dict(preset="gpt2-124m", seq_len=1024, batch=16, lr=6e-4, warmup=100, betas=(0.9, 0.95)),
+}
+MIN_LR_RATIO, WEIGHT_DECAY, CLIP, SEED = 0.1, 0.1, 1.0, 1234
+CORPUS = ("email", "json", "asyncio", "http", "xml", "logging", "unittest")
+
+
+def lr_at(step: int, lr: float, warmup: int, max_steps: int) -> float:
+    """Linear warm-up, then cosine decay to lr * MIN_LR_RATIO at max_steps (the framework's schedule)."""
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    floor = lr * MIN_LR_RATIO
+    return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------- the plain loop (a process of its own)
+def plain(spec: dict) -> None:
+    """nanoGPT's train.py, reduced to what both sides do; writes its timestamps to spec["out"]."""
+    import numpy as np
+    import torch
+
+    from framework.models.gpt import GPT, GPTConfig
+    from framework.objectives.causal_lm import causal_lm_loss
+
+    marks = {"imported": time.time()}
+    device = torch.device(spec["device"])
+    bf16 = device.type == "cuda"
+    T, B, steps = spec["seq_len"], spec["batch"], spec["steps"]
+    train = np.memmap(spec["train_bin"], dtype=np.uint16, mode="r")
+    val = np.fromfile(spec["val_bin"], dtype=np.uint16).reshape(-1, T + 1)
+    torch.manual_seed(SEED)
+    config = GPTConfig.from_preset(spec["preset"], seq_len=T, vocab_size=spec["vocab_size"])
+    model = GPT(config).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}],
+                            lr=spec["lr"], betas=tuple(spec["betas"]), eps=1e-8, fused=device.type == "cuda" or None)
+    g = torch.Generator().manual_seed(SEED)
+    marks["first_step"] = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, spec["lr"], spec["warmup"], steps)
+        ix = torch.randint(len(train) - T - 1, (B,), generator=g).tolist()
+        x = torch.from_numpy(np.stack([train[i:i + T + 1] for i in ix]).astype(np.int64)).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = causal_lm_loss(model(x[:, :-1]), x[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    marks["loop_end"] = time.time()
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for i in range(0, len(val), B):
+            v = torch.from_numpy(val[i:i + B].astype(np.int64)).to(device)
+            total += float(causal_lm_loss(model(v[:, :-1]), v[:, 1:])) * v[:, 1:].numel()
+            count += v[:, 1:].numel()
+    marks["eval_end"] = time.time()
+    marks["val_loss"] = total / count
+    Path(spec["out"]).write_text(json.dumps(marks))
+
+
+# ---------------------------------------------------------------- the framework's timestamps
+try:
+    import lightning as _L
+
+    class Timestamps(_L.Callback):
+        """Wall-clock times (time.time) of the fit's events, written as JSON to `path` at teardown: each step's start
+        and end, each checkpoint save, validation start and end, train end. Callbacks from the config run after the
+        framework's own ones, except checkpointing, which Lightning runs last: a save falls between a step's end
+        here and the next event."""
+
+        def __init__(self, path: str) -> None:
+            self.path, self.events = path, []
+
+        def setup(self, trainer, pl_module, stage) -> None:
+            self.events.append(("setup", time.time()))
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.events.append(("train_start", time.time()))
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.events.append(("batch_start", time.time()))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.events.append(("batch_end", time.time()))
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+            self.events.append(("save", time.time()))
+
+        def on_validation_start(self, trainer, pl_module) -> None:
+            self.events.append(("val_start", time.time()))
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            self.events.append(("val_end", time.time()))
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.events.append(("train_end", time.time()))
+
+        def teardown(self, trainer, pl_module, stage) -> None:
+            self.events.append(("teardown", time.time()))
+            Path(self.path).write_text(json.dumps(self.events))
+except ImportError:  # the parent process needs none of this
+    pass
+
+
+def framework_breakdown(events: list, launch: float, exit_: float) -> dict[str, float]:
+    """Seconds of the fit's phases from its timestamps: start-up (launch to the first step's start), steps (first
+    step's start to the last step's end, without the checkpoint saves), checkpoints (each save's gap over the median
+    gap between steps), validation, end (validation's end, or the last step's, to the process's exit)."""
+    starts = [t for name, t in events if name == "batch_start"]
+    ends = [t for name, t in events if name == "batch_end"]
+    gaps = [b - a for a, b in zip(ends, starts[1:])]
+    typical = statistics.median(gaps) if gaps else 0.0
+    inner = final = 0.0  # saves between steps; the final save, after the last step
+    for s in (t for name, t in events if name == "save"):
+        if s > ends[-1]:
+            final = min(t for name, t in events if t > s and name in ("val_start", "train_end", "teardown")) - ends[-1]
+        else:
+            i = max(j for j, e in enumerate(ends) if e <= s)
+            if i + 1 < len(starts):
+                inner += starts[i + 1] - ends[i] - typical
+    val = [(a, b) for (na, a), (nb, b) in zip(events, events[1:]) if na == "val_start" and nb == "val_end"]
+    last = max(val[-1][1] if val else 0.0, ends[-1] + final)
+    return {"startup": starts[0] - launch, "steps": ends[-1] - starts[0] - inner, "checkpoint": inner + final,
+            "validation": sum(b - a for a, b in val), "end": exit_ - last, "n_steps": len(starts)}
+
+
+def run_framework(args: argparse.Namespace, size: dict, work: Path, vocab: int, i: int, env: dict,
+                  src: str | None = None) -> dict:
+    """One `pretrain fit` (of this checkout, or of the framework at `src`) and its phases."""
+    marks = work / f"fit{i}.json"
+    if src is not None:
+        env = {**env, "PYTHONPATH": os.pathsep.join([src, str(ROOT / "benchmarks")])}
+    config = {
+        "seed_everything": SEED,
+        "model": {"class_path": "framework.tasks.causal_lm.CausalLMTask",
+                  "init_args": {"preset": size["preset"], "config": {"seq_len": size["seq_len"]}, "lr": size["lr"],
+                                "min_lr_ratio": MIN_LR_RATIO, "warmup_steps": size["warmup"],
+                                "weight_decay": WEIGHT_DECAY, "betas": list(size["betas"]), "grad_clip": CLIP}},
+        "data": {"path": str(work / "shards"), "seq_len": size["seq_len"], "batch_size": size["batch"]},
+        "trainer": {"default_root_dir": str(work / f"run{i}"), "devices": 1, "max_steps": args.steps,
+                    "val_check_interval": args.steps, "check_val_every_n_epoch": None,
+                    "limit_val_batches": args.val_batches,
+                    "callbacks": [{"class_path": "vs_minimal_loop.Timestamps", "init_args": {"path": str(marks)}}]},
+        "wandb": {"mode": args.wandb},
+    }
+    if args.workers is not None:
+        config["data"]["num_workers"] = args.workers
+    (work / "fit.json").write_text(json.dumps(config))
+    launch = time.time()
+    r = subprocess.run([sys.executable, "-m", "framework", "fit", "--config", str(work / "fit.json"), *args.fit_args],
+                       env=env, cwd=work, capture_output=True, text=True)
+    exit_ = time.time()
+    if r.returncode:
+        raise SystemExit(f"pretrain fit failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+
+
+    val = re.findall(r"val/loss:?\s+([0-9.]+)", r.stdout)
+    out = framework_breakdown(json.loads(marks.read_text()), launch, exit_)
+    out.update(wall=exit_ - launch, val_loss=float(val[-1]) if val else float("nan"))
+    return out
+
+
+def run_plain(args: argparse.Namespace, size: dict, work: Path, vocab: int, device: str, env: dict) -> dict:
+    spec = {**size, "steps": args.steps, "vocab_size": vocab, "device": device, "train_bin": str(work / "train.bin"),
+            "val_bin": str(work / "val.bin"), "out": str(work / "plain.json")}
+    (work / "plain_spec.json").write_text(json.dumps(spec))
+    launch = time.time()
+    subprocess.run([sys.executable, __file__, "--plain", str(work / "plain_spec.json")], env=env, cwd=work,
+                   check=True)
+    exit_ = time.time()
+    m = json.loads((work / "plain.json").read_text())
+    return {"wall": exit_ - launch, "val_loss": m["val_loss"], "startup": m["first_step"] - launch,
+            "steps": m["loop_end"] - m["first_step"], "checkpoint": 0.0, "validation": m["eval_end"] - m["loop_end"],
+            "end": exit_ - m["eval_end"]}
+
+
+def prepare_data(work: Path, size: dict, val_batches: int) -> int:
+    """Shards of the corpus, train.bin (the train shards' token stream, EODs included) and val.bin (the first
+    `val_batches` batches of windows the framework's val loader yields). Returns the vocabulary size."""
+    import numpy as np
+
+    from framework.data.datamodule import ShardDataModule
+    from framework.data.prepare import prepare
+    from framework.data.shards import LocalShard
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    prepare([str(stdlib / p) for p in CORPUS], work / "shards", tokenizer="bytes", val_fraction=0.1, progress=False)
+    dm = ShardDataModule(path=str(work / "shards"), seq_len=size["seq_len"], batch_size=size["batch"],
+                         num_workers=0)
+    dm.setup("fit")
+    eod = dm.special_ids["eod"]
+    with open(work / "train.bin", "wb") as f:
+        for shard in dm._train:
+            reader = LocalShard(shard)
+            out = np.empty(shard.tokens + shard.samples, dtype=reader.dtype)
+            reader.read(0, out, eod)
+            reader.close()
+            f.write(out.astype(np.uint16).tobytes())
+    stream = dm._stream(dm._val, dm.val_batch_size, shuffle=False, train=False)
+    windows = []
+    for batch in stream:
+        windows.append(batch["tokens"].numpy())
+        if len(windows) == val_batches:
+            break
+    np.concatenate(windows).astype(np.uint16).tofile(work / "val.bin")
+    assert dm.vocab_size < 65536
+    return dm.vocab_size
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="nanogpt-cpu")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--pairs", type=int, default=3, help="alternating pairs (plain loop, then pretrain fit)")
+    p.add_argument("--val-batches", type=int, default=20, help="batches of the final evaluation (nanoGPT: 20)")
+    p.add_argument("--workers", type=int, help="the framework's data.num_workers (default: its own default)")
+    p.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "auto"])
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both sides (on a loaded machine, 1: torch's "
+                   "threads spin-wait, and 2 threads on 2 busy cores ran this model's steps 9x slower than 1)")
+    p.add_argument("--compare-src", metavar="DIR", help="also run `pretrain fit` from this source tree in every pair "
+                   "(e.g. `git archive` of an earlier commit): before/after figures from one alternating run")
+    p.add_argument("--plain", metavar="SPEC", help=argparse.SUPPRESS)
+    p.add_argument("fit_args", nargs="*", help="extra `pretrain fit` arguments (after --)")
+    args = p.parse_args()
+    if args.plain:
+        return plain(json.loads(Path(args.plain).read_text()))
+    import torch
+
+    size = SIZES[args.size]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        vocab = prepare_data(work, size, args.val_batches)
+        for i in range(args.pairs):
+            base = run_plain(args, size, work, vocab, device, env)
+            other = None
+            if args.compare_src and i % 2 == 0:  # the two fits take turns at going first
+                other = run_framework(args, size, work, vocab, i, env, args.compare_src)
+            ours = run_framework(args, size, work, vocab, i, env)
+            if args.compare_src and i % 2 == 1:
+                other = run_framework(args, size, work, vocab, i, env, args.compare_src)
+            rows.append((base, ours) if other is None else (base, ours, other))
+            line = (f"pair {i + 1}: plain {base['wall']:.2f} s (val {base['val_loss']:.4f}), pretrain fit "
+                    f"{ours['wall']:.2f} s (val {ours['val_loss']:.4f}), {ours['wall'] / base['wall']:.3f}x")
+            if other is not None:
+                line += (f"; --compare-src fit {other['wall']:.2f} s (val {other['val_loss']:.4f}), "
+                         f"{other['wall'] / base['wall']:.3f}x")
+            print(line, flush=True)
+    print(f"{args.size}: {size['preset']} at batch {size['batch']} x {size['seq_len']}, {args.steps} steps, "
+          f"{args.val_batches} val batches, device {device}, torch {torch.__version__}, {os.cpu_count()} CPU(s), "
+          f"W&B {args.wandb}, framework data workers: {'default' if args.workers is None else args.workers}, "
+          f"threads: {args.threads or 'default'}")
+    report([(r[0], r[1]) for r in rows], args.steps, "pretrain fit")
+    if args.compare_src:
+        print(f"--- pretrain fit from {args.compare_src}:")
+        report([(r[0], r[2]) for r in rows], args.steps, "compared fit")
+
+
+def report(rows: list, steps: int, name: str) -> None:
+    """Medians over the pairs: wall times, their ratio, val losses, and the phases."""
+    med = {side: {k: statistics.median(r[j][k] for r in rows) for k in rows[0][j] if k != "n_steps"}
+           for j, side in enumerate(("plain", "fit"))}
+    ratios = [o["wall"] / b["wall"] for b, o in rows]
+    print(f"median of {len(rows)} pairs: plain {med['plain']['wall']:.2f} s, {name} {med['fit']['wall']:.2f} s; "
+          f"median ratio {statistics.median(ratios):.3f}x (pairs: {', '.join(f'{r:.3f}' for r in ratios)})")
+    print(f"final val loss: plain {med['plain']['val_loss']:.4f}, {name} {med['fit']['val_loss']:.4f} "
+          f"({med['fit']['val_loss'] - med['plain']['val_loss']:+.4f} nats)")
+    print(f"{'phase (median s)':<22}{'plain':>9}{'fit':>9}{'extra':>9}")
+    for k in ("startup", "steps", "checkpoint", "validation", "end", "wall"):
+        extra = statistics.median(o[k] - b[k] for b, o in rows)
+        print(f"{k:<22}{med['plain'][k]:9.2f}{med['fit'][k]:9.2f}{extra:+9.2f}")
+    per_step = statistics.median((o["steps"] - b["steps"]) / steps * 1000 for b, o in rows)
+    print(f"per step: plain {1000 * med['plain']['steps'] / steps:.2f} ms, {name} "
+          f"{1000 * med['fit']['steps'] / steps:.2f} ms, extra {per_step:+.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
