@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source launch/setup.sh
-# DeepSpeed JIT-builds one small op on CPU (its shared-memory allreduce); keep the build between runs
+# DeepSpeed JIT-builds a C++ op the first time a run uses one (none of the CPU paths does); keep any build
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 set +e
 python -m pytest -q --durations=20 "$@"  # the slowest tests, to keep the suite inside its CI budget

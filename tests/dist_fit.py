@@ -93,15 +93,6 @@ def fit(config: Path, *args: str) -> float:
     return time.perf_counter() - t0
 
 
-def build_deepspeed_ops() -> None:
-    """Build DeepSpeed's CPU shared-memory allreduce op once, before two ranks race to JIT-compile it (~25-50 s cold;
-    then cached under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). See tests/test_strategies.py."""
-    code = ("from deepspeed.accelerator import get_accelerator; "
-            "get_accelerator().create_op_builder('ShareMemCommBuilder').load()")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"building DeepSpeed's shm_comm op failed:\n{r.stderr[-4000:]}"
-
-
 def records(tmp: Path) -> list[dict]:
     """Every rank's step records, in (run, step, rank) order."""
     out = []

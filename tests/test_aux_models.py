@@ -153,10 +153,6 @@ def test_two_ranks_shard_or_replicate_the_teacher(strategy, shards, teacher, tmp
     """FSDP2 shards the teacher over the ranks like the trained model, ZeRO-3 partitions it (an inference engine of
     its own); DDP and ZeRO-2 hold a full copy on each rank, outside the trained model's wrapper. No strategy's
     checkpoint holds it."""
-    if strategy.startswith("deepspeed"):
-        from dist_fit import build_deepspeed_ops
-
-        build_deepspeed_ops()
     probe = {"class_path": "test_aux_models.AuxProbe", "init_args": {"path": str(tmp_path / "aux")}}
     # tensors under DeepSpeed's persistence threshold (1e5 values by default: all of a gpt-tiny's) stay gathered
     # once used; 0 makes every one of them go back to its partition after each forward

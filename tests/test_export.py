@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_fit import build_deepspeed_ops, cli, fit, write_config
+from dist_fit import cli, fit, write_config
 from framework.callbacks.checkpointing import peek
 from framework.checkpoint.consolidate import TensorSource
 from framework.checkpoint.export import export
@@ -47,7 +47,6 @@ def fitted(shards, tmp_path_factory):
             if strategy.startswith("deepspeed"):
                 if not HAS_DEEPSPEED:
                     pytest.skip("deepspeed is not installed (pip install deepspeed)")
-                build_deepspeed_ops()
             tmp = tmp_path_factory.mktemp(f"{strategy}-{family}")
             probe = {"class_path": "dist_fit.LogitsProbe", "init_args": {"path": str(tmp / "logits.pt")}}
             fit(write_config(tmp, shards, strategy=strategy, devices=2, max_steps=4, callbacks=[probe], family=family))

@@ -327,10 +327,6 @@ def test_graph_tasks_train_on_two_processes(nci, tpsa, tmp_path, pre, fine):
     fine-tuning under DDP from the FSDP2 checkpoint, each rank on its own molecules."""
     from dist_fit import cli
 
-    if pre.startswith("deepspeed"):
-        from dist_fit import build_deepspeed_ops
-
-        build_deepspeed_ops()
     (tmp_path / "pre").mkdir()
     common = dict(steps=3, devices=2, val_check_interval=3)
     r = cli("fit", "--config", str(write_config(tmp_path / "pre", nci, strategy=pre, **common)), cwd=tmp_path / "pre")

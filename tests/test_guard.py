@@ -126,10 +126,6 @@ def test_a_spike_on_one_rank_rolls_back_every_rank_alike(strategy, shards, tmp_p
     """Only rank 1's batches 8-10 spike: the decision is on the rank-averaged loss, so both ranks roll back to the
     step-6 checkpoint together, skip the same window, and finish the same steps with the same batches as each other
     (a sharded checkpoint directory is the one rolled back to)."""
-    if strategy.startswith("deepspeed"):
-        from dist_fit import build_deepspeed_ops
-
-        build_deepspeed_ops()
     config = _spike_fit(tmp_path, shards, max_steps=12, poison=[8, 9, 10], strategy=strategy, devices=2, rank=1)
     r = cli("fit", "--config", str(config), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -170,10 +166,8 @@ def test_the_spike_detector_defaults_ignore_noise_and_catch_a_jump():
 def test_a_nan_under_deepspeed_rolls_back(shards, tmp_path):
     """DeepSpeed applies its optimizer step itself, so a NaN loss cannot be skipped: a NaN on rank 1's batch 8 rolls
     both ranks back to the step-6 checkpoint, past batches 6-8, and the run ends with finite weights."""
-    from dist_fit import build_deepspeed_ops
     from framework.checkpoint.reader import load_state_dict
 
-    build_deepspeed_ops()
     config = _spike_fit(tmp_path, shards, max_steps=10, poison=[8], strategy="deepspeed_stage_2", devices=2, rank=1)
     r = cli("fit", "--config", str(config), "--model.init_args.nan", "true", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]

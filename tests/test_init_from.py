@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_fit import build_deepspeed_ops, cli, fit, write_config
+from dist_fit import cli, fit, write_config
 from framework.checkpoint.export import export
 from framework.models import from_pretrained
 
@@ -22,7 +22,6 @@ def pretrained(shards, gpt_checkpoint, tmp_path_factory) -> dict[str, Path]:
     export, and a GPT checkpoint (conftest.py's, for the family check)."""
     if not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed (pip install deepspeed)")
-    build_deepspeed_ops()
     tmp = tmp_path_factory.mktemp("pretrained")
     fit(write_config(tmp, shards, strategy="deepspeed_stage_3", devices=2, max_steps=3, family="bert"))
     ckpt = tmp / "run" / "checkpoints" / "last.ckpt"

@@ -211,9 +211,10 @@ _LAUNCHER_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP
 FIT_ARGS = ["--accumulate", "2", "--clip", "0.5", "--max-steps", "3"]
 
 
-def _fit(out: Path, *args: str, timeout: float = 120) -> float:
-    env = {k: v for k, v in os.environ.items()
-           if k not in _LAUNCHER_VARS and not k.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_"))}
+def _fit(out: Path, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> float:
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in _LAUNCHER_VARS and not k.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_"))},
+           **(env or {})}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, str(TOY), "--out", str(out), *FIT_ARGS, *args],
@@ -231,21 +232,6 @@ def reference(tmp_path_factory):
     return torch.load(out / "rank0.pt")
 
 
-@pytest.fixture(scope="module")
-def deepspeed_ops():
-    """Build DeepSpeed's CPU shared-memory allreduce op once, before the ranks need it.
-
-    DeepSpeed's CPU accelerator JIT-compiles it (deepspeed/comm/torch.py `build_shm_op`, ~25-40 s on 2 cores) the first
-    time a process group starts, then loads it from the torch extensions cache (TORCH_EXTENSIONS_DIR, default
-    ~/.cache/torch_extensions): keep that directory between CI runs. Building it here keeps the cold build out of the
-    per-case timeout and stops two ranks from racing for the build lock.
-    """
-    code = ("from deepspeed.accelerator import get_accelerator; "
-            "get_accelerator().create_op_builder('ShareMemCommBuilder').load()")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"building DeepSpeed's shm_comm op failed:\n{proc.stderr[-4000:]}"
-
-
 CASES = {
     "ddp": [],
     "fsdp": [],
@@ -259,13 +245,17 @@ CASES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_ranks_match_one_process(case, reference, tmp_path, request):
+def test_two_ranks_match_one_process(case, reference, tmp_path):
     strategy = case.split("-")[0]
     if strategy.startswith("deepspeed"):
         if not HAS_DEEPSPEED:
             pytest.skip("deepspeed is not installed (pip install deepspeed)")
-        request.getfixturevalue("deepspeed_ops")
-    seconds = _fit(tmp_path, "--strategy", strategy, "--devices", "2", "--micro-batch", "2", *CASES[case])
+    # an empty extensions cache: DeepSpeed's CPU backend must not JIT-build its shared-memory allreduce op (a
+    # 25-60 s C++ compile that only its inference path uses; framework.distributed.strategy)
+    extensions = tmp_path / "torch_extensions"
+    seconds = _fit(tmp_path, "--strategy", strategy, "--devices", "2", "--micro-batch", "2", *CASES[case],
+                   env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert not list(extensions.glob("**/*shm_comm*")), list(extensions.rglob("*"))
     print(f"{case}: {seconds:.1f} s")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
 

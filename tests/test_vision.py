@@ -226,10 +226,6 @@ def test_both_objectives_train_on_two_processes(shapes, tmp_path, strategy):
     """Each objective fits 3 steps on 2 ranks (FSDP2 shards ResNet stages and transformer blocks; CLIP's loss
     gathers features across the ranks), validates and checkpoints. (DDP: CLIP's gathered loss and gradients equal one
     process's in tests/test_contrastive.py, and both tasks' plumbing is the same under every strategy.)"""
-    if strategy.startswith("deepspeed"):
-        from dist_fit import build_deepspeed_ops
-
-        build_deepspeed_ops()
     for name, task, init, data in (
             ("supervised", SUPERVISED, {"backbone": "resnet", "backbone_preset": "resnet-test"}, {}),
             ("clip", CLIP_TASK, {"preset": "clip-test", "accum_freq": 2, "zero_shot_templates": ["a small {}"]},

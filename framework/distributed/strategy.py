@@ -154,6 +154,7 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
 
         if get_accelerator().device_name() != "cpu":
             set_accelerator(CPU_Accelerator())
+        _skip_shm_allreduce_build()
         assert self.parallel_devices is not None
         self.parallel_devices = [torch.device("cpu", i) for i in range(len(self.parallel_devices))]
         DDPStrategy.setup_environment(self)
@@ -165,6 +166,18 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
 
         return deepspeed_load_checkpoint(self, checkpoint_path, lambda p: super(DeepSpeedStrategy, self)
                                          .load_checkpoint(p, weights_only))
+
+
+def _skip_shm_allreduce_build() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory allreduce op as its process group starts
+    (deepspeed/comm/torch.py `build_shm_op`: a C++ build of 25-60 s on 2 cores the first time, with every rank racing
+    for the build lock). Only its inference tensor-parallel path uses that op (`inference_all_reduce`); training's
+    collectives are torch.distributed's (gloo). DeepSpeed skips the build where its probe found the op incompatible
+    (no compiler), which is what this entry of its probe result says; the probe's dict is cached in the module, so
+    the entry holds for the rest of the process."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 class FSDP2Strategy(ModelParallelStrategy):
