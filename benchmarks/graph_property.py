@@ -126,8 +126,8 @@ def main() -> None:
     print(f"pre-trained: {pre}", flush=True)
     checkpoints = {"masking-pretrained": ckpt, "scratch": ckpt}  # arm -> init_from (scratch: its architecture only)
     if args.contrastive_steps:
-        checkpoints["contrastive-pretrained"], contrastive = pretrain(work, nci, args.contrastive_steps, "contrastive.yaml",
-                                                           "contrastive")
+        checkpoints["contrastive-pretrained"], contrastive = pretrain(work, nci, args.contrastive_steps,
+                                                                      "contrastive.yaml", "contrastive")
         print(f"contrastive pre-training: {contrastive}", flush=True)
         pre = f"attribute masking {pre}; contrastive {contrastive}"
     results: dict[tuple[float, str], list[dict]] = {}
