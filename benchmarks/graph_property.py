@@ -1,16 +1,18 @@
 """Molecule property learning check: a GIN fine-tuned on TPSA (RDKit's embedded NCI set, scaffold split) against a
-Morgan-fingerprint + ridge baseline on the same train molecules, and attribute-masking pre-training against training
-from scratch, at label fractions, over seeds, on the same subsets for every arm. The ridge arm needs scikit-learn
-(`pip install -e '.[bench]'`).
+Morgan-fingerprint + ridge baseline on the same train molecules, and attribute-masking (and, with
+--contrastive-steps, graph contrastive) pre-training against training from scratch, at label fractions, over seeds,
+on the same subsets for every arm. The ridge arm needs scikit-learn (`pip install -e '.[bench]'`).
 
     python benchmarks/graph_property.py --work /tmp/graph-bench --fractions 0.1,1 --seeds 2 \\
         --pretrain-steps 600 --steps 400 --out benchmarks/results/graph_property.md
 
 1. `pretrain prepare-molecules --embedded nci` (pre-training set) and `--embedded nci-tpsa --split scaffold`
    (property set) into --work;
-2. `pretrain fit --config configs/graph/smoke.yaml` for --pretrain-steps (attribute masking, gin-cpu);
+2. `pretrain fit --config configs/graph/smoke.yaml` for --pretrain-steps (attribute masking, gin-cpu), and
+   `--config configs/graph/contrastive.yaml` for --contrastive-steps (GraphCL / MolCLR views, NT-Xent; 0: no such
+   arm);
 3. per fraction and seed: the ridge baseline (2048-bit radius-2 Morgan fingerprints, the ridge penalty chosen by
-   5-fold CV on the train subset), then PropertyTask from the pre-trained checkpoint and from scratch (the same
+   5-fold CV on the train subset), then PropertyTask from each pre-trained checkpoint and from scratch (the same
    architecture, `random_init`), --steps each at batch 64, the configs/graph/finetune.yaml recipe; val RMSE and MAE
    on the whole val split (TPSA units, A^2).
 Writes a markdown table of mean ± std per fraction and arm (lower is better) to --out.
@@ -43,13 +45,13 @@ def prepare(work: Path) -> tuple[Path, Path]:
     return nci, tpsa
 
 
-def pretrain(work: Path, nci: Path, steps: int) -> tuple[Path, str]:
-    ckpt = work / "pretrain" / "checkpoints" / "last.ckpt"
+def pretrain(work: Path, nci: Path, steps: int, config: str = "smoke.yaml", name: str = "pretrain") -> tuple[Path, str]:
+    ckpt = work / name / "checkpoints" / "last.ckpt"
     if ckpt.exists():
         return ckpt, "(reused)"
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "framework", "fit", "--config", str(ROOT / "configs/graph/smoke.yaml"),
-                        "--data.init_args.path", str(nci), "--trainer.default_root_dir", str(work / "pretrain"),
+    r = subprocess.run([sys.executable, "-m", "framework", "fit", "--config", str(ROOT / "configs/graph" / config),
+                        "--data.init_args.path", str(nci), "--trainer.default_root_dir", str(work / name),
                         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
                         "--checkpoint.every_n_steps", str(steps), "--wandb.mode", "disabled"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -111,6 +113,8 @@ def main() -> None:
     p.add_argument("--fractions", default="0.1,1")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--pretrain-steps", type=int, default=600)
+    p.add_argument("--contrastive-steps", type=int, default=0, help="pre-train a contrastive arm too (0: none)")
+    p.add_argument("--no-ridge", action="store_true", help="leave out the Morgan + ridge arm")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--out", default="")
@@ -120,16 +124,23 @@ def main() -> None:
     nci, tpsa = prepare(work)
     ckpt, pre = pretrain(work, nci, args.pretrain_steps)
     print(f"pre-trained: {pre}", flush=True)
+    checkpoints = {"masking-pretrained": ckpt, "scratch": ckpt}  # arm -> init_from (scratch: its architecture only)
+    if args.contrastive_steps:
+        checkpoints["contrastive-pretrained"], contrastive = pretrain(work, nci, args.contrastive_steps,
+                                                                      "contrastive.yaml", "contrastive")
+        print(f"contrastive pre-training: {contrastive}", flush=True)
+        pre = f"attribute masking {pre}; contrastive {contrastive}"
     results: dict[tuple[float, str], list[dict]] = {}
     for fraction in [float(f) for f in args.fractions.split(",")]:
         for seed in range(args.seeds):
-            results.setdefault((fraction, "Morgan + ridge"), []).append(ridge(tpsa, fraction, seed))
-            for arm in ("pretrained", "scratch"):
-                r = finetune(tpsa, ckpt, arm, fraction, seed, args.steps, args.lr)
+            if not args.no_ridge:
+                results.setdefault((fraction, "Morgan + ridge"), []).append(ridge(tpsa, fraction, seed))
+                print(f"fraction {fraction:g} seed {seed} ridge: "
+                      f"{json.dumps(results[(fraction, 'Morgan + ridge')][-1])}", flush=True)
+            for arm, source in checkpoints.items():
+                r = finetune(tpsa, source, arm, fraction, seed, args.steps, args.lr)
                 results.setdefault((fraction, f"GIN {arm}"), []).append(r)
                 print(f"fraction {fraction:g} seed {seed} {arm}: {json.dumps(r)}", flush=True)
-            print(f"fraction {fraction:g} seed {seed} ridge: {json.dumps(results[(fraction, 'Morgan + ridge')][-1])}",
-                  flush=True)
     val = json.loads((tpsa / "manifest.json").read_text())["splits"]["val"]["samples"]
     lines = [f"Val: the whole scaffold-split val set ({val} molecules); pre-training: {pre}", "",
              "| label fraction | train molecules | model | val RMSE (lower is better) | val MAE |", "|---:|---:|---|---:|---:|"]

@@ -14,7 +14,7 @@ from framework.models.registry import family
 from framework.tasks.base import PretrainTask
 from framework.tasks.classification import ClassificationTask
 from framework.tasks.clip import CLIPTask
-from framework.tasks.graph import AttributeMaskingTask, GraphTask
+from framework.tasks.graph import AttributeMaskingTask, ContrastiveTask, GraphTask
 from framework.tasks.vision import ImageClassificationTask
 from framework.commands.fit import PretrainCLI
 
@@ -26,7 +26,7 @@ def test_there_are_configs():
     assert names >= {"gpt/smoke.yaml", "gpt/124m.yaml", "gpt/350m.yaml", "gpt/774m.yaml", "gpt/1.5b.yaml",
                      "bert/smoke.yaml", "bert/base.yaml", "bert/large.yaml", "finetune/smoke.yaml",
                      "vision/smoke.yaml", "vision/resnet50.yaml", "vision/linear-probe.yaml", "clip/smoke.yaml",
-                     "clip/vit-b-16.yaml", "distill/smoke.yaml", "distill/bert.yaml", "distill/vision.yaml"}
+                     "clip/vit-b-16.yaml", "graph/contrastive.yaml", "distill/smoke.yaml", "distill/bert.yaml", "distill/vision.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(p.parents[1])) for p in CONFIGS])
@@ -59,6 +59,7 @@ def test_config_parses_and_builds(path, tmp_path):
     if isinstance(task, GraphTask):  # molecule graphs: the feature vocabularies come from the data's manifest
         assert isinstance(data, GraphDataModule) and data.batch_size >= 1
         assert (data.mask_rate > 0) == isinstance(task, AttributeMaskingTask)
+        assert bool(data.augment) == isinstance(task, ContrastiveTask)
         config = task.model_class.config_class.from_preset(task.preset, **task.overrides)
         assert task.model_class(config).num_params() > 0 and cli.trainer.max_steps > task.warmup_steps
         return

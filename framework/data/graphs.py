@@ -7,6 +7,10 @@
   have every feature replaced by that feature's mask index, and so have the bonds that touch them; a resume or
   another world size masks each molecule as an uninterrupted run does. Order, exactly-once delivery, resume and the
   filled validation batches are samples.SampleStream's;
+- augmented views for graph contrastive learning (You et al. 2020, GraphCL; Wang et al. 2022, MolCLR): `mask_atoms`,
+  `drop_bonds` and `remove_subgraph`, pure functions of one molecule's arrays and a generator; `two_views` draws
+  each of a molecule's two views' augmentation and applies it, seeded by (data seed, epoch, sample id, view), so a
+  resume or another world size sees the views an uninterrupted run does;
 - `GraphDataModule`: the above for Lightning: the vocabularies of the features and the targets come from the
   manifest; the label fraction of the train split; the baselines (the most frequent atom for masking, the train
   mean or prior for properties).
@@ -16,13 +20,16 @@ A batch (B graphs, N atoms, E directed edges: each bond in both directions):
   batch (N,) int64 (the graph of each atom), y (B, T) float32 (NaN: missing or a filler row; T = 0 unlabelled),
   sample_ids (B,) int64 (-1: filler), and with masking atom_index (M,) / atom_targets (M,) (the masked atoms and
   their atom types), bond_index (K, 2) / bond_targets (K,) (the bonds touching them, once each, and their types).
-Filler rows (validation) are graphs without atoms.
+Filler rows (validation) are graphs without atoms. With augmented views (data.augment) a batch of B molecules holds
+2B graphs: graph r is view 1 of row r, graph B + r its view 2 (x, edge_index, edge_attr, batch span both); y and
+sample_ids keep one row per molecule.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections import deque
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +40,12 @@ from framework.data.shards import Shard, ShardError
 from framework.errors import UserError
 
 MASK_SALT = 0x6A5C  # keeps the masking generator's seeds apart from the other per-sample generators
+AUGMENT_SALT = 0x7C3B  # and the augmentations' apart from the masks'
+AUGMENTATIONS = ("mask_atoms", "drop_bonds", "remove_subgraph")
+
+# One molecule: atoms (n, ATOM_FEATURES), bonds (m, 2) local atom indices, each undirected bond once (the stream adds
+# the reverse direction), bond_features (m, BOND_FEATURES); all int64.
+Graph = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class GraphIndex:
@@ -86,13 +99,16 @@ class GraphIndex:
 
 
 class GraphStream(SampleStream):
-    """Batches of whole graphs as one disjoint-union graph (see the module docstring), masked when mask_rate > 0.
-    Validation (fixed_epoch) masks with epoch 0 every time, so its numbers compare across evaluations."""
+    """Batches of whole graphs as one disjoint-union graph (see the module docstring), masked when mask_rate > 0, as
+    two augmented views of each molecule when `augment` names augmentations (AUGMENTATIONS; `augment_ratio` their
+    share of atoms or bonds). Validation masks and augments with epoch 0 every time, so its numbers compare across
+    evaluations."""
 
     def __init__(self, index: GraphIndex, units: np.ndarray, *, mask_rate: float = 0.0,
-                 atom_mask: list[int] | None = None, bond_mask: list[int] | None = None, **kwargs: Any):
+                 atom_mask: list[int] | None = None, bond_mask: list[int] | None = None,
+                 augment: Sequence[str] = (), augment_ratio: float = 0.2, **kwargs: Any):
         super().__init__(index, units, **kwargs)
-        self.mask_rate = mask_rate
+        self.mask_rate, self.augment, self.augment_ratio = mask_rate, tuple(augment), augment_ratio
         self.atom_mask = np.asarray(atom_mask if atom_mask is not None else [0] * ATOM_FEATURES, np.int64)
         self.bond_mask = np.asarray(bond_mask if bond_mask is not None else [0] * BOND_FEATURES, np.int64)
 
@@ -100,6 +116,8 @@ class GraphStream(SampleStream):
         ix = self.index
         ids = np.concatenate([samples, np.full(fill, -1, np.int64)]).astype(np.int64)
         real = samples.astype(np.int64)
+        if self.augment:
+            return self._views_batch(real, ids, epoch)
         n_atoms = ix.atom_ptr[real + 1] - ix.atom_ptr[real]
         n_bonds = ix.bond_ptr[real + 1] - ix.bond_ptr[real]
         atom_rows = _ranges(ix.atom_ptr[real], n_atoms)
@@ -128,6 +146,27 @@ class GraphStream(SampleStream):
                       "sample_ids": torch.from_numpy(ids)})
         return batch
 
+    def _views_batch(self, real: np.ndarray, ids: np.ndarray, epoch: int) -> dict[str, Any]:
+        """The 2B graphs of B rows' two views (filler rows: graphs without atoms in both)."""
+        ix = self.index
+        empty: Graph = (np.zeros((0, ix.atoms.shape[1]), np.int64), np.zeros((0, 2), np.int64),
+                        np.zeros((0, ix.bond_features.shape[1]), np.int64))
+        first, second = [], []
+        for i in real.tolist():
+            a, b = slice(ix.atom_ptr[i], ix.atom_ptr[i + 1]), slice(ix.bond_ptr[i], ix.bond_ptr[i + 1])
+            graph = (ix.atoms[a].astype(np.int64), ix.bonds[b].astype(np.int64), ix.bond_features[b].astype(np.int64))
+            one, two = two_views(graph, self.augment, self.augment_ratio, self.seed, epoch, i, self.atom_mask)
+            first.append(one)
+            second.append(two)
+        fill = [empty] * (len(ids) - len(real))
+        x, pairs, bond_attr, graph_of = _union(first + fill + second + fill)
+        edge_index = np.concatenate([pairs, pairs[:, ::-1]]).T  # (2, E): both directions
+        y = np.full((len(ids), ix.y.shape[1]), np.nan, np.float32)
+        y[:len(real)] = ix.y[real]
+        return {"x": torch.from_numpy(x), "edge_index": torch.from_numpy(np.ascontiguousarray(edge_index)),
+                "edge_attr": torch.from_numpy(np.concatenate([bond_attr, bond_attr])),
+                "batch": torch.from_numpy(graph_of), "y": torch.from_numpy(y), "sample_ids": torch.from_numpy(ids)}
+
     def _masks(self, samples: np.ndarray, n_atoms: np.ndarray, pairs: np.ndarray,
                epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(masked atoms' rows in the batch, rows of `pairs` touching one): max(1, round(rate * atoms)) atoms of
@@ -146,6 +185,88 @@ class GraphStream(SampleStream):
         return atom_index.astype(np.int64), bond_index.astype(np.int64)
 
 
+# ---------------------------------------------------------------- augmentations (graph contrastive learning)
+def mask_atoms(graph: Graph, ratio: float, rng: np.random.Generator, atom_mask: np.ndarray) -> Graph:
+    """max(1, round(ratio * n)) atoms, drawn without replacement, get every feature's mask index (`atom_mask`, the
+    index attribute masking uses); bonds unchanged. MolCLR's atom masking."""
+    atoms, bonds, bond_features = graph
+    n = len(atoms)
+    if n == 0:
+        return graph
+    atoms = atoms.copy()
+    atoms[rng.choice(n, size=min(n, max(1, round(ratio * n))), replace=False)] = atom_mask
+    return atoms, bonds, bond_features
+
+
+def drop_bonds(graph: Graph, ratio: float, rng: np.random.Generator) -> Graph:
+    """round(ratio * m) of the m bonds deleted, each in both directions (a bond is stored once); atoms unchanged."""
+    atoms, bonds, bond_features = graph
+    m = len(bonds)
+    keep = np.ones(m, bool)
+    keep[rng.choice(m, size=min(m, round(ratio * m)), replace=False)] = False
+    return atoms, bonds[keep], bond_features[keep]
+
+
+def remove_subgraph(graph: Graph, ratio: float, rng: np.random.Generator) -> Graph:
+    """A connected subgraph of k = min(n - 1, round(ratio * n)) atoms removed with every bond that touches it, the
+    other atoms renumbered in their order: breadth-first from a random atom, each atom's neighbours in a random order
+    (MolCLR's subgraph removal). When the start atom's fragment (a salt's ion) has k atoms or fewer, that fragment is
+    removed. At least one atom always remains."""
+    atoms, bonds, bond_features = graph
+    n = len(atoms)
+    k = min(n - 1, round(ratio * n))
+    if k < 1:
+        return graph
+    neighbours: list[list[int]] = [[] for _ in range(n)]
+    for u, v in bonds.tolist():
+        neighbours[u].append(v)
+        neighbours[v].append(u)
+    start = int(rng.integers(n))
+    removed, queue = {start}, deque([start])
+    while queue and len(removed) < k:
+        for v in rng.permutation(neighbours[queue.popleft()]).tolist():
+            if v not in removed:
+                removed.add(v)
+                queue.append(v)
+                if len(removed) == k:
+                    break
+    keep = np.ones(n, bool)
+    keep[list(removed)] = False
+    renumber = np.cumsum(keep) - 1  # (n,): an atom's index among those kept
+    kept = keep[bonds[:, 0]] & keep[bonds[:, 1]] if len(bonds) else np.zeros(0, bool)
+    return atoms[keep], renumber[bonds[kept]].reshape(-1, 2), bond_features[kept]
+
+
+def two_views(graph: Graph, augment: Sequence[str], ratio: float, seed: int, epoch: int, sample: int,
+              atom_mask: np.ndarray) -> tuple[Graph, Graph]:
+    """The molecule's two views: view v (0, 1) applies one of `augment`'s augmentations, drawn uniformly, with a
+    generator seeded by (seed, epoch, sample, v): a pure function of those, not of the batch the molecule is in."""
+    views = []
+    for view in (0, 1):
+        rng = np.random.default_rng([seed, epoch, sample, view, AUGMENT_SALT])
+        name = augment[int(rng.integers(len(augment)))]
+        if name == "mask_atoms":
+            views.append(mask_atoms(graph, ratio, rng, atom_mask))
+        elif name == "drop_bonds":
+            views.append(drop_bonds(graph, ratio, rng))
+        elif name == "remove_subgraph":
+            views.append(remove_subgraph(graph, ratio, rng))
+        else:
+            raise ValueError(f"unknown augmentation {name!r}; one of {', '.join(AUGMENTATIONS)}")
+    return views[0], views[1]
+
+
+def _union(graphs: list[Graph]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Graphs -> their disjoint union: x (N, F), bond pairs (Eu, 2) renumbered into it, bond features (Eu, BF),
+    the graph of each atom (N,)."""
+    sizes = np.array([len(g[0]) for g in graphs], np.int64)
+    starts = np.cumsum(sizes) - sizes
+    x = np.concatenate([g[0] for g in graphs])
+    pairs = np.concatenate([g[1] + s for g, s in zip(graphs, starts.tolist())])
+    attr = np.concatenate([g[2] for g in graphs])
+    return x, pairs, attr, np.repeat(np.arange(len(graphs)), sizes)
+
+
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenated arange(start, start + length) for each pair, without a Python loop."""
     total = int(lengths.sum())
@@ -162,6 +283,10 @@ class GraphDataModule(SampleDataModule):
 
         mask_rate: attribute masking: share of each molecule's atoms masked (Hu et al.: 0.15; 0 for fine-tuning);
             validation masks the same atoms every time.
+        augment: graph contrastive learning: each molecule comes as two views, each made by one of these
+            augmentations drawn at random (mask_atoms, drop_bonds, remove_subgraph; [] or null: none).
+        augment_ratio: the share of atoms masked, of bonds deleted or of atoms removed by an augmentation (GraphCL:
+            0.2, MolCLR: 0.25).
         embedded: the set `prepare_if_missing` writes at data.path when it has no manifest: nci (unlabelled,
             random split) or nci-tpsa (TPSA regression, scaffold split).
     """
@@ -169,10 +294,21 @@ class GraphDataModule(SampleDataModule):
     modality = "graphs"
     prepare_hint = "`pretrain prepare-molecules --input FILE.csv --label-column NAME`"
 
-    def __init__(self, mask_rate: float = 0.0, embedded: str = "nci", **kwargs: Any):
+    def __init__(self, mask_rate: float = 0.0, augment: list[str] | None = None, augment_ratio: float = 0.2,
+                 embedded: str = "nci", **kwargs: Any):
         super().__init__(**kwargs)
         if not 0 <= mask_rate < 1:
             raise UserError(f"data.mask_rate must be in [0, 1), got {mask_rate}; Hu et al. masked 0.15")
+        augment = list(augment or [])
+        unknown = [a for a in augment if a not in AUGMENTATIONS]
+        if unknown:
+            raise UserError(f"data.augment names {unknown[0]!r}; the augmentations are {', '.join(AUGMENTATIONS)}")
+        if not 0 < augment_ratio < 1:
+            raise UserError(f"data.augment_ratio must be in (0, 1), got {augment_ratio}; GraphCL used 0.2")
+        if augment and mask_rate > 0:
+            raise UserError("data.mask_rate (attribute masking) and data.augment (contrastive views) feed different "
+                            "tasks; set one of them (use the mask_atoms augmentation to mask atoms in views)")
+        self.augment, self.augment_ratio = augment, augment_ratio
         if embedded not in EMBEDDED:
             raise UserError(f"data.embedded must be one of {', '.join(EMBEDDED)}, got {embedded!r}")
         self.mask_rate, self.embedded = mask_rate, embedded
@@ -217,14 +353,16 @@ class GraphDataModule(SampleDataModule):
         self._choose_units(stage, "molecules")
 
     def position_settings(self) -> dict[str, Any]:
-        return {**super().position_settings(), "mask_rate": self.mask_rate}
+        return {**super().position_settings(), "mask_rate": self.mask_rate, "augment": self.augment,
+                "augment_ratio": self.augment_ratio}
 
     def _stream(self, shards: list[Shard], batch_size: int, shuffle: bool, train: bool) -> GraphStream:
         rank, world = self._world()
         split = "train" if train else "val"
         mask = [v - 1 for v in self.model_fields()["atom_vocab"]], [v - 1 for v in self.model_fields()["bond_vocab"]]
         return GraphStream(self._indexes[split], self._units[split], mask_rate=self.mask_rate, atom_mask=mask[0],
-                           bond_mask=mask[1], batch_size=batch_size, seed=self.seed, shuffle=shuffle, rank=rank,
+                           bond_mask=mask[1], augment=self.augment, augment_ratio=self.augment_ratio,
+                           batch_size=batch_size, seed=self.seed, shuffle=shuffle, rank=rank,
                            world=world, workers=max(1, self.num_workers), fill=not train)
 
     # ---------------------------------------------------------------- baselines
@@ -235,6 +373,10 @@ class GraphDataModule(SampleDataModule):
     def _baseline(self) -> dict[str, Any] | None:
         if self.mask_rate > 0:
             return self._atom_baseline()
+        if self.augment:  # embeddings that ignore the molecule: every candidate alike
+            _, world = self._world()
+            n = world * self.val_batch_size
+            return {"name": "chance", "loss": float(np.log(2 * n - 1)), "accuracy": 1 / n}
         targets = self.targets
         if not targets:
             return None
@@ -269,4 +411,5 @@ def _prior(train: np.ndarray, val: np.ndarray, vocab: int) -> tuple[float, float
     return float(-(v * np.log(p)).sum() / max(1.0, v.sum())), float(v[int(t.argmax())] / max(1.0, v.sum()))
 
 
-__all__ = ["GraphDataModule", "GraphIndex", "GraphStream"]
+__all__ = ["AUGMENTATIONS", "GraphDataModule", "GraphIndex", "GraphStream", "drop_bonds", "mask_atoms",
+           "remove_subgraph", "two_views"]

@@ -16,8 +16,10 @@ source, target; a batch vector), so PyG models can read the same batches.
 
 Heads: `num_tasks` > 0 adds `head`, a linear map of the pooled graph to T property logits or values (fine-tuning);
 `masking_head` adds `atom_head` and `bond_head`, which predict a masked atom's type from its representation and a
-masked bond's type from the sum of its two atoms' (Hu et al.'s attribute masking). A fine-tune from a pre-trained
-checkpoint keeps its layers, gets a new `head` and drops the masking heads.
+masked bond's type from the sum of its two atoms' (Hu et al.'s attribute masking); `projection_dim` > 0 adds
+`projection`, the 2-layer MLP (H -> H -> P) that maps the pooled graph to the space of the contrastive loss (You et
+al. 2020, GraphCL; Wang et al. 2022, MolCLR). A fine-tune from a pre-trained checkpoint keeps its layers, gets a new
+`head` and drops the pre-training heads.
 
 Shapes in comments: N atoms, E directed edges, B graphs, H hidden, F / BF atom / bond features, T tasks.
 """
@@ -60,6 +62,7 @@ class GINConfig(PresetConfig):
     pooling: str = "mean"  # "mean" or "sum" of a graph's atoms
     num_tasks: int = 0  # outputs of the graph-level head (0: no head)
     masking_head: bool = False  # the attribute-masking heads (atom type, bond type)
+    projection_dim: int = 0  # output of the contrastive projection head (0: no head)
     atom_vocab: list[int] = field(default_factory=lambda: list(ATOM_VOCAB))  # per atom feature, mask index included
     bond_vocab: list[int] = field(default_factory=lambda: list(BOND_VOCAB))  # per bond feature, mask index included
     self_loop_bond_type: int = SELF_LOOP_BOND_TYPE  # the bond-type index of the self-loops
@@ -74,8 +77,10 @@ class GINConfig(PresetConfig):
         check_bool(self, "masking_head")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ConfigError(f"GINConfig.dropout={self.dropout!r} must be a number in [0, 1)")
-        if isinstance(self.num_tasks, bool) or not isinstance(self.num_tasks, int) or self.num_tasks < 0:
-            raise ConfigError(f"GINConfig.num_tasks={self.num_tasks!r} must be an integer >= 0 (0: no head)")
+        for name in ("num_tasks", "projection_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"GINConfig.{name}={value!r} must be an integer >= 0 (0: no head)")
         for name in ("atom_vocab", "bond_vocab"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not value or any(
@@ -150,13 +155,16 @@ class GIN(Pretrained):
         if config.masking_head:
             self.atom_head = nn.Linear(H, config.atom_vocab[0] - 1)  # every atom type but the mask
             self.bond_head = nn.Linear(H, config.bond_vocab[0] - 1)
+        if config.projection_dim:
+            self.projection = nn.Sequential(nn.Linear(H, H), nn.ReLU(), nn.Linear(H, config.projection_dim))
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor, batch: torch.Tensor,
                 num_graphs: int, atom_index: torch.Tensor | None = None,
                 bond_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """x (N, F), edge_index (2, E), edge_attr (E, BF), batch (N,) -> {"nodes" (N, H), "graphs" (B, H), and
-        "logits" (B, T) with a head; with the masking heads, "atom_logits" (M, atom types) of the atoms at
-        atom_index (M,) and "bond_logits" (K, bond types) of the bonds bond_index (K, 2)}."""
+        "logits" (B, T) with a head; "projection" (B, P) with the projection head; with the masking heads,
+        "atom_logits" (M, atom types) of the atoms at atom_index (M,) and "bond_logits" (K, bond types) of the bonds
+        bond_index (K, 2)}."""
         h = self.atoms(x)  # (N, H)
         for layer in self.layers:
             h = layer(h, edge_index, edge_attr)
@@ -164,6 +172,8 @@ class GIN(Pretrained):
         out = {"nodes": h, "graphs": graphs}
         if self.config.num_tasks:
             out["logits"] = self.head(graphs)  # (B, T)
+        if self.config.projection_dim:
+            out["projection"] = self.projection(graphs)  # (B, P)
         if self.config.masking_head and atom_index is not None:
             out["atom_logits"] = self.atom_head(h[atom_index])  # (M, atom types)
         if self.config.masking_head and bond_index is not None:

@@ -1,6 +1,7 @@
-"""Contrastive image-text learning (CLIP): the symmetric InfoNCE loss over the global batch, and the retrieval and
-zero-shot measures of the embeddings it learns. Pure functions of tensors; the only communication is the feature
-all-gather, explicit in `gather_with_grad`.
+"""Contrastive learning over the global batch: CLIP's symmetric InfoNCE of image-text pairs, the NT-Xent loss of two
+augmented views (SimCLR; GraphCL and MolCLR for molecule graphs), and the retrieval and zero-shot measures of the
+embeddings they learn. Pure functions of tensors; the only communication is the feature all-gather, explicit in
+`gather_with_grad`.
 
 Shapes in comments: B this rank's pairs, W world size, N = W * B the global batch (or a whole eval split), E embed_dim,
 K classes, T prompt templates.
@@ -110,20 +111,64 @@ def contrastive_logits(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: t
     logits_i2t = scale * images @ all_texts.T  # (B, N): this rank's images against every caption
     logits_t2i = scale * texts @ all_images.T  # (B, N): this rank's captions against every image
     labels = rank * B + torch.arange(B, device=images.device)  # (B,): each pair's own column
+    return _drop_invalid(logits_i2t, logits_t2i, labels, valid)
+
+
+def _drop_invalid(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits (B, C) of this rank's rows against C = k * N gathered candidates (k blocks of the global batch, in rank
+    order each) -> the rows of valid samples only, with the columns of every rank's invalid samples at -inf, their
+    own columns and their count (a tensor)."""
+    B = logits_a.size(0)
     if valid is None:
-        count = torch.tensor(B, device=images.device)
-    else:
-        if valid.shape != (B,):
-            raise ValueError(f"valid must be a bool mask of shape ({B},), got {tuple(valid.shape)}")
-        valid = valid.bool()
-        candidates = _gather(valid)  # (N,)
-        logits_i2t = logits_i2t.masked_fill(~candidates[None, :], float("-inf"))
-        logits_t2i = logits_t2i.masked_fill(~candidates[None, :], float("-inf"))
-        # invalid rows are dropped before the cross-entropy, not zeroed after: their own column is -inf, and
-        # 0 * inf would be NaN. Every kept row has its own (valid) column finite.
-        logits_i2t, logits_t2i, labels = logits_i2t[valid], logits_t2i[valid], labels[valid]
-        count = valid.sum()
-    return logits_i2t, logits_t2i, labels, count
+        return logits_a, logits_b, labels, torch.tensor(B, device=logits_a.device)
+    if valid.shape != (B,):
+        raise ValueError(f"valid must be a bool mask of shape ({B},), got {tuple(valid.shape)}")
+    valid = valid.bool()
+    candidates = _gather(valid)  # (N,)
+    candidates = candidates.repeat(logits_a.size(1) // candidates.numel())  # (C,)
+    logits_a = logits_a.masked_fill(~candidates[None, :], float("-inf"))
+    logits_b = logits_b.masked_fill(~candidates[None, :], float("-inf"))
+    # invalid rows are dropped before the cross-entropy, not zeroed after: their own column is -inf, and
+    # 0 * inf would be NaN. Every kept row has its own (valid) column finite.
+    return logits_a[valid], logits_b[valid], labels[valid], valid.sum()
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, valid: torch.Tensor | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NT-Xent, the normalized temperature-scaled cross-entropy of two views (Chen et al. 2020, SimCLR; the loss of
+    GraphCL and MolCLR) of this rank's samples against the global batch -> (mean loss over this rank's valid
+    samples, their count). See nt_xent_logits for the logits; the loss is infonce's mean of the two views' CEs."""
+    logits_1, logits_2, labels, count = nt_xent_logits(z1, z2, temperature, valid)
+    return infonce(logits_1, logits_2, labels, count), count
+
+
+def nt_xent_logits(z1: torch.Tensor, z2: torch.Tensor, temperature: float, valid: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z1, z2 (B, P): the projections of view 1 and view 2 of this rank's B samples (any scale: L2-normalized here)
+    -> (view 1 of each valid sample against every view 2 then every view 1 of the global batch (M, 2N), view 2
+    against every view 1 then every view 2 (M, 2N), each row's positive column (M,), M as a tensor).
+
+    Cosine similarities divided by the temperature; a view is never its own candidate (its column is -inf), so each
+    of the 2N views has its other view as the positive and the 2N - 2 views of the other samples as negatives, as
+    SimCLR's NT-Xent. The features are gathered with gather_with_grad (as clip_loss does), and the distributed
+    gradient argument of clip_loss holds here unchanged; filler samples (valid False) are neither anchors nor
+    candidates. Computed in float32 (or float64) whatever the projections' dtype."""
+    if z1.dim() != 2 or z1.shape != z2.shape:
+        raise ValueError(f"nt_xent expects two views of the same shape (B, P), got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"nt_xent's temperature must be > 0, got {temperature}")
+    rank, _ = _world()
+    B = z1.size(0)
+    dtype = torch.promote_types(z1.dtype, torch.float32)
+    a, b = F.normalize(z1.to(dtype), dim=-1), F.normalize(z2.to(dtype), dim=-1)
+    all_a, all_b = gather_with_grad(a), gather_with_grad(b)  # (N, P) each
+    labels = rank * B + torch.arange(B, device=a.device)  # (B,): the positive's column (the other view)
+    itself = F.one_hot(labels, all_a.size(0)).bool()  # (B, N): a view's own column among its view's block
+    logits_1 = torch.cat([a @ all_b.T, (a @ all_a.T).masked_fill(itself, float("-inf"))], 1) / temperature
+    logits_2 = torch.cat([b @ all_a.T, (b @ all_b.T).masked_fill(itself, float("-inf"))], 1) / temperature
+    return _drop_invalid(logits_1, logits_2, labels, valid)
 
 
 def infonce(logits_i2t: torch.Tensor, logits_t2i: torch.Tensor, labels: torch.Tensor,

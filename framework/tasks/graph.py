@@ -2,6 +2,9 @@
 
 - `AttributeMaskingTask`: self-supervised pre-training (Hu et al. 2020): predict the types of masked atoms and of the
   bonds that touch them (the data masks them: data.mask_rate);
+- `ContrastiveTask`: self-supervised pre-training by graph contrastive learning (You et al. 2020, GraphCL; Wang et
+  al. 2022, MolCLR): two augmented views of each molecule (the data makes them: data.augment) through the GIN and a
+  projection head, NT-Xent over the global batch (negatives from every rank, gathered with their gradients as CLIP's);
 - `PropertyTask`: fine-tuning, or training from scratch, on the shards' targets: multi-task classification with
   missing labels (masked BCE; val ROC-AUC) or regression (MSE of standardized targets; val RMSE and MAE in the data's
   units; the train split's mean and std go into the model config, so every checkpoint and export carries them).
@@ -17,6 +20,7 @@ import torch
 
 from framework.errors import UserError
 from framework.models.gin import GIN, GINLayer
+from framework.objectives.contrastive import infonce, nt_xent_logits
 from framework.objectives.graph import attribute_masking_loss, masked_bce, masked_mae, masked_mse, mean_roc_auc
 from framework.tasks.base import Measures, PretrainTask
 
@@ -72,7 +76,7 @@ class AttributeMaskingTask(GraphTask):
         if bond_weight < 0:
             raise UserError(f"model.bond_weight must be >= 0, got {bond_weight}")
         self.bond_weight = bond_weight
-        self.set_model_config(preset, {**(config or {}), "masking_head": True, "num_tasks": 0})
+        self.set_model_config(preset, {**(config or {}), "masking_head": True, "num_tasks": 0, "projection_dim": 0})
 
     def check_data(self, datamodule: Any) -> None:
         dm = _graph_data(datamodule, "AttributeMaskingTask")
@@ -87,6 +91,55 @@ class AttributeMaskingTask(GraphTask):
         return {"loss": (m["loss"], atoms), "atom_loss": (m["atom_loss"].detach(), atoms),
                 "accuracy": (m["atom_accuracy"], atoms), "bond_loss": (m["bond_loss"].detach(), bonds),
                 "bond_accuracy": (m["bond_accuracy"], bonds)}
+
+
+class ContrastiveTask(GraphTask):
+    """Pre-trains a GIN by graph contrastive learning: each molecule's two augmented views (data.augment, e.g.
+    [mask_atoms, drop_bonds, remove_subgraph]) are pooled, projected by a 2-layer MLP and pulled together against
+    the other molecules' views of the global batch by NT-Xent (SimCLR's loss, as GraphCL and MolCLR). Logs train/val
+    `loss` and `accuracy` (the share of this rank's molecules whose view 1 is closest to their own view 2 among
+    every view 2 of the global batch); the run summary compares val with chance (loss log(2N - 1), accuracy 1/N).
+    The projection head is left behind by a fine-tune (`PropertyTask` with init_from reports it dropped).
+
+    Args:
+        preset: a GIN size (gin-test, gin-cpu, gin-hu).
+        config: fields of GINConfig that replace the preset's.
+        temperature: NT-Xent's temperature (0.1, MolCLR's; GraphCL used 0.2).
+        projection_dim: the projection head's output size (default: the GIN's hidden size, as GraphCL).
+        **kwargs: the optimizer, schedule, clipping, compile and init_from options of PretrainTask.
+    """
+
+    loss_per = "view"
+
+    def __init__(self, preset: str = "gin-cpu", config: dict[str, Any] | None = None, temperature: float = 0.1,
+                 projection_dim: int | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        if temperature <= 0:
+            raise UserError(f"model.temperature must be > 0, got {temperature} (MolCLR: 0.1)")
+        if projection_dim is not None and projection_dim < 1:
+            raise UserError(f"model.projection_dim must be >= 1, got {projection_dim}")
+        self.temperature = temperature
+        fields = {**(config or {}), "masking_head": False, "num_tasks": 0}
+        self.set_model_config(preset, fields)  # a bad preset or field fails here
+        self.overrides["projection_dim"] = projection_dim or GIN.config_class.from_preset(preset, **fields).hidden
+
+    def check_data(self, datamodule: Any) -> None:
+        dm = _graph_data(datamodule, "ContrastiveTask")
+        if not dm.augment:
+            raise UserError("ContrastiveTask contrasts two augmented views of each molecule: set data.augment (e.g. "
+                            "[mask_atoms, drop_bonds, remove_subgraph])")
+
+    def compute_losses(self, batch: dict[str, Any]) -> Measures:
+        B = int(batch["sample_ids"].shape[0])
+        # one pass over the union of both views: graph r is view 1 of row r, graph B + r its view 2
+        z = self(batch["x"], batch["edge_index"], batch["edge_attr"], batch["batch"], 2 * B)["projection"]
+        valid = batch["sample_ids"] >= 0  # (B,): False for validation's filler rows
+        logits_1, logits_2, own, count = nt_xent_logits(z[:B].float(), z[B:].float(), self.temperature, valid)
+        loss = infonce(logits_1, logits_2, own, count)
+        n = logits_1.size(1) // 2  # the global batch: view 1 against every view 2 comes first
+        correct = (logits_1.detach()[:, :n].argmax(-1) == own).sum()
+        return {"loss": (loss, count), "accuracy": (correct / count.clamp(min=1), count)}
 
 
 class PropertyTask(GraphTask):
@@ -132,7 +185,8 @@ class PropertyTask(GraphTask):
         self.check_data(dm)
         targets = dm.require_targets()
         self.kind = targets["task"]
-        fields: dict[str, Any] = {**dm.model_fields(), "num_tasks": len(targets["names"]), "masking_head": False}
+        fields: dict[str, Any] = {**dm.model_fields(), "num_tasks": len(targets["names"]), "masking_head": False,
+                                  "projection_dim": 0}
         if self.kind == "regression":  # standardize on the train molecules trained on (the label-fraction subset)
             y = dm.train_y().astype(np.float64)
             std = np.nanstd(y, 0)
@@ -147,7 +201,7 @@ class PropertyTask(GraphTask):
         values = source_config(self.init_from)
         if values.get("model_type") != "gin":
             raise UserError(f"model.init_from '{self.init_from}' holds a {values.get('model_type')!r} model; "
-                            "fine-tune a gin checkpoint (e.g. of configs/graph/smoke.yaml)")
+                            "fine-tune a gin checkpoint (e.g. of configs/graph/smoke.yaml or contrastive.yaml)")
         if values.get("atom_vocab") != fields["atom_vocab"] or values.get("bond_vocab") != fields["bond_vocab"]:
             raise UserError(f"model.init_from '{self.init_from}' was trained on other atom/bond features than these "
                             "shards'; prepare both with the same framework version")
