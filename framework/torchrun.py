@@ -6,6 +6,10 @@ after its rendezvous timeout with a traceback that names no address; here the us
 what to check. When every failed training process exited with 2 (bad input, said in one line by each), so does
 this, without torchrun's traceback. Everything else is torchrun's, unchanged.
 
+`python -m framework.torchrun --serve-store HOST:PORT` runs a rendezvous store alone (a TCPStore server) for
+elastic jobs: on a host that is not a training node, it outlives the loss of any of them (torchrun's c10d rendezvous
+otherwise hosts its store inside the agent of one node, and the job ends with that node).
+
 Imports only torch's launcher and framework.errors, not the framework: this launcher is one more process on every node.
 """
 
@@ -79,6 +83,28 @@ def explain(error: BaseException, args) -> str | None:
     return None
 
 
+def serve_store(endpoint: str) -> None:
+    """Host a c10d rendezvous store at `endpoint` (HOST:PORT, HOST one of this machine's addresses or 0.0.0.0) until
+    killed; the jobs that use it tell themselves apart by RDZV_ID."""
+    import signal
+
+    from torch.distributed import TCPStore
+
+    from framework.errors import UserError
+
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--serve-store '{endpoint}' is not HOST:PORT (e.g. 0.0.0.0:29400)")
+    try:
+        store = TCPStore(host, int(port), is_master=True, wait_for_workers=False)  # serves while it is referenced
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"cannot serve a rendezvous store at {endpoint}: {' '.join(str(e).split())[:200]}; "
+                        "HOST must be an address of this machine and PORT free") from None
+    print(f"rendezvous store at {endpoint}: point RDZV_ENDPOINT at it on every node", flush=True)
+    while store is not None:
+        signal.pause()
+
+
 def main(argv: list[str] | None = None) -> None:
     # torch's C++ store client logs every failed connection try with a stack of frames while a node waits for
     # another; the outcome is said below. Read once as torch loads, and kept from the training processes' environment.
@@ -95,6 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     from framework.errors import UserError
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve-store"]:
+        try:
+            serve_store(argv[1] if len(argv) > 1 else "")
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(UserError.exit_code) from None
+        return
     args = run.parse_args(argv)
     try:
         record(run.run)(args)  # as torchrun's own main: a failed training process is reported the same way

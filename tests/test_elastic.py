@@ -1,0 +1,163 @@
+"""Elastic training on two nodes for real: launch/torchrun.sh with NNODES=1:2 on each node of tests/netns_cluster.py,
+the rendezvous store in a process on the cluster's switch (a host that is neither node), a tiny GPT on CPU.
+
+Node 2 is lost mid-run (its network goes down and every process on it is killed, as when a machine dies: no
+connection is closed politely), node 1 notices through the process-group timeout, restarts its training process
+alone (world 1) from the newest checkpoint; node 2 comes back, torchrun restarts node 1's process to let it in (it
+checkpoints the step it is on first), and the run ends the epoch at world 2. Checked: every window of the epoch
+trained exactly once by the steps that count (a step trained again after a restart counts once, the last time),
+the global step continuing across the restarts, the worlds 2 -> 1 -> 2 in that order, one W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from netns_cluster import netns_cluster  # noqa: F401 - the fixture
+from test_multinode import BATCH, NPROC, ROOT, fit_config, finish, launch, logs, node_env, wandb_runs
+
+from dist_fit import records
+from framework.callbacks.checkpointing import peek
+from framework.data.datamodule import ShardDataModule
+
+STORE_PORT = 29450
+EVERY = 2  # checkpoint every 2 steps
+LOST_AT = 5  # node 2 is lost after step 5: the newest checkpoint is step 4, step 5 is lost work and is retrained
+ALONE_AT = 9  # node 1 alone waits after step 9 (a global step count) until torchrun restarts it for node 2
+PG_TIMEOUT = 15  # seconds: how long node 1's collective waits for the dead node (distributed.timeout)
+# the rendezvous: a node without heartbeat for 3 x 1 s is gone; once MIN nodes are in, wait 1 s for more
+RDZV_CONF = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3"
+
+
+@pytest.fixture(scope="module")
+def universe(shards) -> list[tuple[int, ...]]:
+    dm = ShardDataModule(str(shards), seq_len=32, batch_size=1, num_workers=0, shuffle=False)
+    dm.setup("fit")
+    return [tuple(b["tokens"][0].tolist()) for b in dm.train_dataloader()]
+
+
+def elastic_config(run: Path, shards: Path) -> Path:
+    path = fit_config(run, shards)
+    config = json.loads(path.read_text())
+    callbacks = config["trainer"]["callbacks"]
+    callbacks[0]["class_path"] = "dist_fit.StartRecorder"  # records name the (re)start that wrote them
+    callbacks.append({"class_path": "dist_fit.Gate", "init_args": {"path": str(run / "gate"),
+                                                                   "at": [LOST_AT, ALONE_AT]}})
+    config["checkpoint"] = {"every_n_steps": EVERY, "keep": 20}
+    config["distributed"] = {"timeout": PG_TIMEOUT}
+    path.write_text(json.dumps(config))
+    return path
+
+
+def wait_for(what, run: Path, timeout: float = 180, procs=()) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, f"waited {timeout} s in vain:\n{logs(run)}"
+        for p in procs:
+            assert p.poll() is None, f"a node exited ({p.returncode}) early:\n{logs(run)}"
+        time.sleep(0.05)
+
+
+def lose_node(cluster, node: int) -> None:
+    """The machine dies: its network goes first (nothing it had open is closed towards the others), then every
+    process on it."""
+    name = cluster.names[node]
+    subprocess.run(["ip", "-n", name, "link", "set", cluster.ifname, "down"], check=True)
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    while subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split():
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_lost_node_is_survived_and_rejoins(netns_cluster, shards, universe, tmp_path):  # noqa: F811 - fixture
+    cluster = netns_cluster
+    run = tmp_path
+    elastic_config(run, shards)
+    env = {"NNODES": "1:2", "RDZV_ENDPOINT": f"{cluster.switch_addr}:{STORE_PORT}", "RDZV_ID": "elastic-test",
+           "RDZV_CONF": RDZV_CONF, "MAX_RESTARTS": "3"}
+    store = subprocess.Popen(cluster.on_switch([sys.executable, "-m", "framework.torchrun", "--serve-store",
+                                                f"{cluster.switch_addr}:{STORE_PORT}"]),
+                             env=node_env(cluster), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    procs = []
+    try:
+        assert b"rendezvous store at" in store.stdout.readline()
+        t0 = time.perf_counter()
+        procs = launch(cluster, run, **env)
+        gate = run / "gate"
+
+        # both nodes hold after step LOST_AT (checkpoints 2 and 4 written); node 2 dies there
+        wait_for(lambda: all(Path(f"{gate}.{LOST_AT}.rank{r}").exists() for r in (0, 1)), run, procs=procs)
+        t_lost = time.perf_counter()
+        lose_node(cluster, 1)
+        procs[1].wait()
+        Path(f"{gate}.{LOST_AT}.open").touch()
+
+        # node 1 alone: its collective times out, torchrun restarts it at world 1 from step 4
+        wait_for(lambda: Path(f"{gate}.{ALONE_AT}.rank0").exists(), run, procs=procs[:1])
+        t_alone = time.perf_counter()
+
+        # node 2 comes back: torchrun restarts node 1's process (which checkpoints its step first), both at world 2
+        subprocess.run(["ip", "-n", cluster.names[1], "link", "set", cluster.ifname, "up"], check=True)
+        procs[1:] = launch(cluster, run, nodes=(1,), **env)
+        assert finish(procs, run, timeout=240) == [0, 0], logs(run)
+        t_end = time.perf_counter()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        store.kill()
+        store.wait()
+    print(f"elastic: lost node 2 after {t_lost - t0:.1f} s, world 1 at step {ALONE_AT} {t_alone - t_lost:.1f} s "
+          f"later, world 2 again to the end of the epoch {t_end - t_alone:.1f} s later")
+
+    # the starts, in order: each trains a run of steps; a later start retrains from the checkpoint it resumed
+    recs = records(run)
+    starts = []
+    for r in sorted(recs, key=lambda r: float(r["start"].split("-")[1])):
+        if not starts or starts[-1]["start"] != r["start"]:
+            starts.append({"start": r["start"], "world": r["world"], "steps": set()})
+        starts[-1]["steps"].add(r["step"])
+    worlds = [s["world"] for s in starts]
+    assert worlds == [2, 1, 2], worlds
+    first, alone, rejoined = (sorted(s["steps"]) for s in starts)
+    assert first == list(range(LOST_AT)), first  # steps 0..4 (global steps 1..5) before node 2 was lost
+    newest = (LOST_AT // EVERY) * EVERY
+    assert alone[0] == newest and alone == list(range(newest, alone[-1] + 1)), alone  # from the newest checkpoint
+    assert alone[-1] >= ALONE_AT - 1
+    assert rejoined[0] == alone[-1] + 1, (alone, rejoined)  # node 1 checkpointed its last step before the restart
+    assert rejoined == list(range(rejoined[0], rejoined[-1] + 1))
+
+    # the steps that count: each step's records from the last start that trained it; every rank of its world each
+    last = {}
+    for s in starts:
+        for step in s["steps"]:
+            last[step] = s
+    counted = [r for r in recs if last[r["step"]]["start"] == r["start"]]
+    for step, s in last.items():
+        assert sorted(r["rank"] for r in counted if r["step"] == step) == list(range(s["world"] * NPROC)), step
+    trained = [tuple(w) for r in counted for w in r["windows"]]
+    assert len(trained) == len(set(trained)), "a window was trained twice"
+    assert set(trained) <= set(universe)
+    assert len(universe) - len(trained) < 2 * NPROC * BATCH, f"{len(universe) - len(trained)} windows never trained"
+
+    # the final checkpoint: the last step, the data position at world 2 after two changes of world, one W&B run
+    ckpt = str(run / "run" / "checkpoints" / "last.ckpt")
+    assert peek(ckpt, "global_step") == rejoined[-1] + 1
+    segment = peek(ckpt, "ShardDataModule")["segment"]
+    assert segment["world"] == 2 * NPROC and segment["index"] == 2, segment
+    ids = {p.name.rsplit("-", 1)[-1] for p in wandb_runs(run)}
+    assert ids == {peek(ckpt, "wandb_run_id")}, ids
+    log = (run / "node1.log").read_text()
+    assert f"wait for {PG_TIMEOUT}" in log or "Timed out" in log or "timeout" in log.lower(), log[-3000:]
