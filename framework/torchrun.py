@@ -68,6 +68,10 @@ def explain(error: BaseException, args) -> str | None:
                 "not every node joined in time)")
     if isinstance(error, RendezvousConnectionError):
         wait = _conf(args, "read_timeout", "60")
+        if ":" in str(args.nnodes):  # elastic: the store is best a process of its own on a host that is no node
+            return (f"cannot reach the rendezvous store at {endpoint} (waited {wait} s): start it first on that host "
+                    f"(python -m framework.torchrun --serve-store {endpoint}), or the node with that address, and "
+                    "check RDZV_ENDPOINT's address and that its port is open between the nodes")
         return (f"cannot reach the rendezvous store at {endpoint} (waited {wait} s): start the job on the node "
                 "that has this address first (it hosts the store), check RDZV_ENDPOINT's address and that its port "
                 "is open between the nodes; on that node the address must be its hostname or one its hostname "

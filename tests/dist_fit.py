@@ -133,14 +133,15 @@ class RankRecorder(L.Callback):
 
 class StartRecorder(RankRecorder):
     """RankRecorder whose records also name the start of the processes that wrote them ("start": rank 0's process
-    id and clock when the fit started, the same on every rank): an elastic job's restarts retrain the steps after
-    the checkpoint they resume, and only the last start's records of a step count."""
+    id and clock when the fit started, the same on every rank) and the Trainer's num_nodes: an elastic job's restarts
+    retrain the steps after the checkpoint they resume, and only the last start's records of a step count."""
 
     def on_train_start(self, trainer, pl_module):
         self.start = trainer.strategy.broadcast(f"{os.getpid()}-{time.time():.6f}")
+        self.nodes = trainer.num_nodes
 
     def extra(self) -> dict:
-        return {"start": self.start}
+        return {"start": self.start, "nodes": self.nodes}
 
 
 class Gate(L.Callback):

@@ -128,6 +128,7 @@ def test_a_lost_node_is_survived_and_rejoins(netns_cluster, shards, universe, tm
     for r in sorted(recs, key=lambda r: float(r["start"].split("-")[1])):
         if not starts or starts[-1]["start"] != r["start"]:
             starts.append({"start": r["start"], "world": r["world"], "steps": set()})
+        assert r["nodes"] == r["world"] // NPROC  # the Trainer's num_nodes: what torchrun started this time
         starts[-1]["steps"].add(r["step"])
     worlds = [s["world"] for s in starts]
     assert worlds == [2, 1, 2], worlds
@@ -234,8 +235,34 @@ def test_elastic_launch_bad_input_is_one_line(env, args, said):
     assert r.returncode == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_resuming_last_without_a_checkpoint_starts_fresh(tmp_path):
+    """What every start of an elastic job passes: the first one, with no checkpoint (not even the directory), trains
+    from scratch."""
+    from framework.callbacks.checkpointing import find_checkpoint
+
+    assert find_checkpoint("last", str(tmp_path / "run" / "checkpoints")) is None
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert find_checkpoint("last", str(tmp_path / "run" / "checkpoints")) is None
+
+
 def test_serve_store_bad_endpoint_is_one_line():
     r = subprocess.run([sys.executable, "-m", "framework.torchrun", "--serve-store", "nowhere"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == ("error: --serve-store 'nowhere' is not HOST:PORT "
                                                       "(e.g. 0.0.0.0:29400)"), r.stderr
+
+
+@pytest.mark.slow
+def test_elastic_node_without_its_store_says_so_in_one_line(netns_cluster, shards, tmp_path):  # noqa: F811
+    """An elastic node started before its store (or pointed at the wrong host) names the store command."""
+    fit_config(tmp_path, shards)
+    t0 = time.perf_counter()
+    procs = launch(netns_cluster, tmp_path, nodes=(1,), NNODES="1:2", RDZV_TIMEOUT="2",
+                   RDZV_ENDPOINT=f"{netns_cluster.switch_addr}:{STORE_PORT}")
+    assert finish(procs, tmp_path, timeout=60) == [2], logs(tmp_path)
+    log = (tmp_path / "node2.log").read_text().strip()
+    assert log == (f"error: cannot reach the rendezvous store at {netns_cluster.switch_addr}:{STORE_PORT} (waited 2 s): "
+                   "start it first on that host (python -m framework.torchrun --serve-store "
+                   f"{netns_cluster.switch_addr}:{STORE_PORT}), or the node with that address, and check "
+                   "RDZV_ENDPOINT's address and that its port is open between the nodes"), log
+    assert time.perf_counter() - t0 < 30
