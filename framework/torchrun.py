@@ -4,7 +4,7 @@ launch/torchrun.sh runs `python -m framework.torchrun TORCHRUN-ARGS` on every no
 node missing or started with another NNODES, node 0 not up, a wrong address or a closed port), torchrun raises
 after its rendezvous timeout with a traceback that names no address; here the user gets what was awaited where, and
 what to check. When every failed training process exited with 2 (bad input, said in one line by each), so does
-this, without torchrun's traceback. Everything else is torchrun's, unchanged.
+this, without torchrun's traceback and without restarting them (MAX_RESTARTS) to fail alike. Everything else is torchrun's, unchanged.
 
 `python -m framework.torchrun --serve-store HOST:PORT` runs a rendezvous store alone (a TCPStore server) for
 elastic jobs: on a host that is not a training node, it outlives the loss of any of them (torchrun's c10d rendezvous
@@ -109,6 +109,30 @@ def serve_store(endpoint: str) -> None:
         signal.pause()
 
 
+def _no_restart_after_bad_input() -> None:
+    """A failure where every failed training process exited 2 (a UserError: bad input, said in one line by each)
+    ends the job instead of using up torchrun's restarts (MAX_RESTARTS): a restart would fail the same way."""
+    from torch.distributed.elastic.agent.server.api import WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    from framework.errors import UserError
+
+    monitor = getattr(LocalElasticAgent, "_monitor_workers", None)
+    if monitor is None or getattr(monitor, "_stops_on_bad_input", False):  # another torch: restarts as torchrun does
+        return
+
+    def _monitor_workers(self, worker_group):
+        result = monitor(self, worker_group)
+        failures = getattr(result, "failures", None)
+        if result.state == WorkerState.FAILED and failures and all(
+                f.exitcode == UserError.exit_code for f in failures.values()):
+            self._remaining_restarts = 0
+        return result
+
+    _monitor_workers._stops_on_bad_input = True
+    LocalElasticAgent._monitor_workers = _monitor_workers
+
+
 def main(argv: list[str] | None = None) -> None:
     # torch's C++ store client logs every failed connection try with a stack of frames while a node waits for
     # another; the outcome is said below. Read once as torch loads, and kept from the training processes' environment.
@@ -133,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(UserError.exit_code) from None
         return
     args = run.parse_args(argv)
+    _no_restart_after_bad_input()
     try:
         record(run.run)(args)  # as torchrun's own main: a failed training process is reported the same way
     except ChildFailedError as error:

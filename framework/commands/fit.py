@@ -59,8 +59,8 @@ class DistributedOptions:
     expert_parallel: split the experts of MoE layers over groups of this many data-parallel ranks (strategy ddp).
     global_batch_size: samples per optimizer step over all ranks, kept whatever the world size: gradient
         accumulation is set to global_batch_size / (world size x data.batch_size) at every (re)start (it must
-        divide; an elastic job checks every world size it may run at). Unset: trainer.accumulate_grad_batches, and
-        the global batch changes with the world size.
+        divide; an elastic job checks every world size it may run at), replacing trainer.accumulate_grad_batches.
+        Unset: trainer.accumulate_grad_batches, and the global batch changes with the world size.
     timeout: seconds a collective waits for the other ranks before failing (unset: torch's 1800). The ranks that
         survive a lost node notice it after this long (unless the node's connections close first), so an elastic
         job wants it short; it is also the time the ranks have to meet at start-up.
@@ -140,14 +140,17 @@ class PretrainCLI(LightningCLI):
     def _keep_global_batch(self, trainer: Trainer, cfg: Any) -> None:
         """Gradient accumulation for distributed.global_batch_size on this world size (Lightning's world, known
         once the Trainer exists; read at every optimizer step, and by DeepSpeed when the strategy is set up)."""
-        if (cfg.trainer.accumulate_grad_batches or 1) != 1:
-            raise UserError(f"distributed.global_batch_size={cfg.distributed.global_batch_size} sets the gradient "
-                            f"accumulation itself; remove trainer.accumulate_grad_batches="
-                            f"{cfg.trainer.accumulate_grad_batches}, or distributed.global_batch_size")
+        from lightning.pytorch.utilities import rank_zero_warn
+
         micro, local = self.datamodule.batch_size, trainer.world_size // max(1, trainer.num_nodes)
         for nodes in elastic_nodes() or []:  # fail at the first start, not when a node is lost hours later
             accumulation_for(cfg.distributed.global_batch_size, nodes * local, micro, nodes)
         steps = accumulation_for(cfg.distributed.global_batch_size, trainer.world_size, micro, trainer.num_nodes)
+        configured = cfg.trainer.accumulate_grad_batches or 1
+        if configured not in (1, steps):
+            rank_zero_warn(f"trainer.accumulate_grad_batches={configured} is replaced by {steps}: "
+                           f"distributed.global_batch_size={cfg.distributed.global_batch_size} on {trainer.world_size} "
+                           f"rank(s) x data.batch_size {micro}")
         trainer.accumulate_grad_batches = steps
         deepspeed_config = getattr(trainer.strategy, "full_config", None)
         if deepspeed_config is not None:
