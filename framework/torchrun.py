@@ -8,7 +8,7 @@ this, without torchrun's traceback and without restarting them (MAX_RESTARTS) to
 
 `python -m framework.torchrun --serve-store HOST:PORT` runs a rendezvous store alone (a TCPStore server) for
 elastic jobs: on a host that is not a training node, it outlives the loss of any of them (torchrun's c10d rendezvous
-otherwise hosts its store inside the agent of one node, and the job ends with that node).
+otherwise hosts its store inside the torchrun of one node, and the job ends with that node).
 
 Imports only torch's launcher and framework.errors, not the framework: this launcher is one more process on every node.
 """
