@@ -112,11 +112,51 @@ class RankRecorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         record = {"run": self.label, "step": trainer.global_step - 1, "rank": trainer.global_rank,
                   "world": trainer.world_size, "loss": float(outputs["loss"]),
-                  "windows": (batch["tokens"] if "tokens" in batch else batch["input_ids"]).tolist()}
+                  "windows": (batch["tokens"] if "tokens" in batch else batch["input_ids"]).tolist(), **self.extra()}
         with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.stop_at is not None and trainer.global_step >= self.stop_at:
             trainer.should_stop = True
+
+    def extra(self) -> dict:
+        return {}
+
+
+class StartRecorder(RankRecorder):
+    """RankRecorder whose records also name the start of the processes that wrote them ("start": rank 0's process
+    id and clock when the fit started, the same on every rank) and the Trainer's num_nodes: an elastic job's restarts
+    retrain the steps after the checkpoint they resume, and only the last start's records of a step count."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = trainer.strategy.broadcast(f"{os.getpid()}-{time.time():.6f}")
+        self.nodes = trainer.num_nodes
+
+    def extra(self) -> dict:
+        return {"start": self.start, "nodes": self.nodes}
+
+
+class Gate(L.Callback):
+    """Holds every rank after step `at` (a global step count) until the file `{path}.{at}.open` exists, having
+    written `{path}.{at}.rank{R}` to say it is there; a rank also goes on when it was told to stop (the Preemption
+    flag, as when torchrun restarts the processes) or after `wait` seconds. Lets a test act while training is
+    mid-run at a known step, whatever the speed of the machine."""
+
+    def __init__(self, path: str, at: list[int], wait: float = 180):
+        self.path, self.at, self.wait = path, at, wait
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step not in self.at:
+            return
+        from framework.callbacks.preemption import Preemption
+
+        step = trainer.global_step
+        Path(f"{self.path}.{step}.rank{trainer.global_rank}").write_text(str(os.getpid()))
+        told = [c for c in trainer.callbacks if isinstance(c, Preemption)]
+        deadline = time.monotonic() + self.wait
+        while not os.path.exists(f"{self.path}.{step}.open") and time.monotonic() < deadline:
+            if any(c.received is not None for c in told):
+                return
+            time.sleep(0.05)
 
 
 class PlaceRecorder(L.Callback):

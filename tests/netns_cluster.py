@@ -6,7 +6,9 @@ interfaces are joined by a bridge in one more namespace (the switch), so nothing
 Each node also has its own hostname (`node1`, `node2`, ...; a UTS namespace per process started, `unshare --uts`) and
 an /etc/hosts that maps every node's name to its address (`ip netns exec` mounts /etc/netns/NAME/hosts over
 /etc/hosts), so that a program that finds its peers by hostname, as torchrun's rendezvous does, sees a real cluster.
-The file system is shared, as a cluster's shared file system is.
+The file system is shared, as a cluster's shared file system is. The switch has an address of its own on the same
+network (SUBNET.254, `cluster.switch_addr`): a host that is none of the nodes, for a service that must outlive any of
+them (`cluster.on_switch(argv)` runs a program there), such as an elastic job's rendezvous store.
 
     with NetnsCluster(nodes=2) as cluster:
         subprocess.run(cluster.command(0, ["python", "-c", "import socket; print(socket.gethostname())"]))
@@ -35,6 +37,7 @@ import pytest
 PREFIX = "pnode"  # namespace names: pnode<PID>-1 .. -N (nodes), pnode<PID>-sw (the switch)
 IFNAME = "veth0"  # each node's interface to the others (its GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)
 SUBNET = "10.77.0"  # node i (0-based) is SUBNET.(i+1)/24
+SWITCH_HOST = 254  # the switch's own address: SUBNET.254/24 on its bridge
 NETNS_ETC = Path("/etc/netns")  # `ip netns exec NAME` mounts the files of /etc/netns/NAME over those of /etc
 
 
@@ -115,6 +118,7 @@ class NetnsCluster:
         self.names = [f"{tag}-{i + 1}" for i in range(nodes)]  # network namespace of each node
         self.switch = f"{tag}-sw"
         self.addrs = [f"{SUBNET}.{i + 1}" for i in range(nodes)]
+        self.switch_addr = f"{SUBNET}.{SWITCH_HOST}"
         self.hostnames = [f"node{i + 1}" for i in range(nodes)]
         self.ifname = IFNAME
 
@@ -137,6 +141,7 @@ class NetnsCluster:
             _ip("netns", "add", name)
             _ip("-n", name, "link", "set", "lo", "up")
         _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.switch, "addr", "add", f"{self.switch_addr}/24", "dev", "br0")
         _ip("-n", self.switch, "link", "set", "br0", "up")
         hosts = "127.0.0.1 localhost\n" + "".join(f"{a} {h}\n" for a, h in zip(self.addrs, self.hostnames))
         for i, name in enumerate(self.names):
@@ -161,10 +166,14 @@ class NetnsCluster:
         return ["ip", "netns", "exec", self.names[node], "unshare", "--uts", "--", "sh", "-c", set_hostname,
                 self.hostnames[node], *argv]
 
+    def on_switch(self, argv: list[str]) -> list[str]:
+        """`argv` as run on the switch: a host of the cluster's network (switch_addr) that is none of the nodes."""
+        return ["ip", "netns", "exec", self.switch, *argv]
+
     def _wait_reachable(self, timeout: float = 10) -> None:
         """Until node 1 reaches every other node over TCP (the bridge's ports take a moment to forward)."""
         deadline = time.monotonic() + timeout
-        for addr in self.addrs[1:]:
+        for addr in [*self.addrs[1:], self.switch_addr]:
             # a connection refused (no listener) proves the path; a timeout or "no route" does not
             probe = ("import socket,sys\ns=socket.socket(); s.settimeout(1)\n"
                      f"try: s.connect(('{addr}', 9))\nexcept ConnectionRefusedError: sys.exit(0)\n"

@@ -57,11 +57,20 @@ class DistributedOptions:
     deepspeed_config: a DeepSpeed JSON file merged over the one generated from the run (its keys win).
     offload_params: keep parameters in CPU memory between uses (fsdp, deepspeed_stage_3_offload).
     expert_parallel: split the experts of MoE layers over groups of this many data-parallel ranks (strategy ddp).
+    global_batch_size: samples per optimizer step over all ranks, kept whatever the world size: gradient
+        accumulation is set to global_batch_size / (world size x data.batch_size) at every (re)start (it must
+        divide; an elastic job checks every world size it may run at), replacing trainer.accumulate_grad_batches.
+        Unset: trainer.accumulate_grad_batches, and the global batch changes with the world size.
+    timeout: seconds a collective waits for the other ranks before failing (unset: torch's 1800). The ranks that
+        survive a lost node notice it after this long (unless the node's connections close first), so an elastic
+        job wants it short; it is also the time the ranks have to meet at start-up.
     """
 
     deepspeed_config: str | None = None
     offload_params: bool = False
     expert_parallel: int = 1
+    global_batch_size: int | None = None
+    timeout: float | None = None
 
 
 class PretrainCLI(LightningCLI):
@@ -91,6 +100,9 @@ class PretrainCLI(LightningCLI):
         trainer = self._section(self.config).trainer
         if trainer.precision is None:  # bf16 on GPUs; on CPUs it is ~20x slower than fp32, so fp32 there
             trainer.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+        launched = torchrun_layout()
+        if launched is not None:  # what torchrun started this time (an elastic job's changes from restart to restart)
+            trainer.devices, trainer.num_nodes = launched
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         from framework.compat import check
@@ -118,10 +130,31 @@ class PretrainCLI(LightningCLI):
         if not verbose() and cfg.trainer.enable_model_summary is None:
             trainer_config["enable_model_summary"] = False  # the progress display's first line describes the model
         trainer = self._instantiate_trainer(trainer_config, callbacks + extra)
+        if cfg.distributed.global_batch_size is not None:
+            self._keep_global_batch(trainer, cfg)
         if logger is not None:
             logger.log_hyperparams({"config": self._section(self.config).clone().as_dict(), **run_metadata()})
         return trainer
 
+
+    def _keep_global_batch(self, trainer: Trainer, cfg: Any) -> None:
+        """Gradient accumulation for distributed.global_batch_size on this world size (Lightning's world, known
+        once the Trainer exists; read at every optimizer step, and by DeepSpeed when the strategy is set up)."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        micro, local = self.datamodule.batch_size, trainer.world_size // max(1, trainer.num_nodes)
+        for nodes in elastic_nodes() or []:  # fail at the first start, not when a node is lost hours later
+            accumulation_for(cfg.distributed.global_batch_size, nodes * local, micro, nodes)
+        steps = accumulation_for(cfg.distributed.global_batch_size, trainer.world_size, micro, trainer.num_nodes)
+        configured = cfg.trainer.accumulate_grad_batches or 1
+        if configured not in (1, steps):
+            rank_zero_warn(f"trainer.accumulate_grad_batches={configured} is replaced by {steps}: "
+                           f"distributed.global_batch_size={cfg.distributed.global_batch_size} on {trainer.world_size} "
+                           f"rank(s) x data.batch_size {micro}")
+        trainer.accumulate_grad_batches = steps
+        deepspeed_config = getattr(trainer.strategy, "full_config", None)
+        if deepspeed_config is not None:
+            deepspeed_config["gradient_accumulation_steps"] = steps
 
     def _section(self, config: Any) -> Any:
         """The config of the running subcommand (the whole config when built with run=False, as tests do)."""
@@ -132,6 +165,9 @@ class PretrainCLI(LightningCLI):
         name = cfg.trainer.strategy
         if not isinstance(name, str) or (name not in STRATEGIES and name in StrategyRegistry):
             return name
+        devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes or 1
+        if name == "auto" and cfg.distributed.timeout is not None and isinstance(devices, int) and devices * nodes > 1:
+            name = "ddp"  # what Lightning's auto picks for several processes, with the timeout set
         if cfg.distributed.expert_parallel != 1:
             self._check_expert_parallel(cfg)
         return make_strategy(name, precision=str(cfg.trainer.precision), accelerator=str(cfg.trainer.accelerator),
@@ -140,7 +176,7 @@ class PretrainCLI(LightningCLI):
                              gradient_clip_val=getattr(self.model, "grad_clip", None) or None,
                              deepspeed_config=cfg.distributed.deepspeed_config,
                              offload_params=cfg.distributed.offload_params,
-                             expert_parallel=cfg.distributed.expert_parallel)
+                             expert_parallel=cfg.distributed.expert_parallel, timeout=cfg.distributed.timeout)
 
     def _check_expert_parallel(self, cfg: Any) -> None:
         """The expert-parallel layout's one-line errors before any rank starts (configure_model checks again)."""
@@ -155,6 +191,42 @@ class PretrainCLI(LightningCLI):
         if isinstance(size, int) and size > 1:
             world = devices * (cfg.trainer.num_nodes or 1) if isinstance(devices, int) else size
             check_expert_parallel(size, world, moe.num_experts if moe is not None else None)
+
+
+def torchrun_layout() -> tuple[int, int] | None:
+    """(processes per node, nodes) of this torchrun (re)start, from the environment torchrun gives its processes;
+    None when torchrun did not start this process."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    try:
+        return int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["GROUP_WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return None
+
+
+ELASTIC_ENV = "PRETRAIN_ELASTIC_NNODES"  # MIN:MAX, set by launch/torchrun.sh for an elastic job
+
+
+def elastic_nodes() -> range | None:
+    """The node counts an elastic job may run at (launch/torchrun.sh's NNODES=MIN:MAX), else None."""
+    low, _, high = os.environ.get(ELASTIC_ENV, "").partition(":")
+    if not (low.isdigit() and high.isdigit()):
+        return None
+    return range(int(low), int(high) + 1)
+
+
+def accumulation_for(global_batch: int, world: int, micro: int, nodes: int = 1) -> int:
+    """Micro-batches per optimizer step that keep `global_batch` samples per step on `world` ranks of `micro`;
+    a UserError when that is not a whole number."""
+    if global_batch < 1:
+        raise UserError(f"distributed.global_batch_size must be >= 1, got {global_batch}")
+    per_pass = world * micro
+    if global_batch % per_pass:
+        where = f"{world} rank(s)" + (f" ({nodes} node(s))" if nodes > 1 else "")
+        raise UserError(f"distributed.global_batch_size={global_batch} is not a multiple of {where} x data.batch_size "
+                        f"{micro} = {per_pass}: set it to a multiple of {per_pass} (of every world size x batch size "
+                        "the job may run at), or change data.batch_size")
+    return global_batch // per_pass
 
 
 VERBOSE_ENV = "PRETRAIN_VERBOSE"

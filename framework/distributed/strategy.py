@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def make_strategy(
     deepspeed_config: Mapping[str, Any] | str | Path | None = None,
     offload_params: bool = False,
     expert_parallel: int = 1,
+    timeout: float | None = None,
 ) -> Strategy | str:
     """The Lightning strategy for `name`; pass it and the same precision/accumulation/clipping to the Trainer.
 
@@ -63,6 +65,8 @@ def make_strategy(
     generated DeepSpeed JSON; `deepspeed_config` (a dict or a JSON path) is merged over it (user wins). `offload_params`
     keeps parameters in CPU memory between uses (`fsdp`: FSDP2 CPUOffloadPolicy; `deepspeed_stage_3_offload`).
     `expert_parallel` > 1 splits MoE experts over groups of that many ranks (framework.distributed.expert_parallel).
+    `timeout`: seconds a collective waits for the other ranks before it fails (None: torch's 30 min); also the time
+    the ranks have to meet at start-up.
     Raises UserError for an unknown name or a combination that cannot work.
     """
     if name not in STRATEGIES:
@@ -84,17 +88,20 @@ def make_strategy(
         raise UserError(f"distributed.expert_parallel={expert_parallel} needs --trainer.strategy ddp, not '{name}': "
                         "fsdp and deepspeed shard or all-reduce every parameter over all ranks and cannot hold experts "
                         "split across them")
+    if timeout is not None and not timeout > 0:
+        raise UserError(f"distributed.timeout={timeout} must be a number of seconds > 0 (or unset: 1800)")
+    pg = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
     if name == "auto":
         return "auto"
     if name == "ddp":
-        strategy = DDPStrategy()
+        strategy = DDPStrategy(**pg)
         strategy.expert_parallel = expert_parallel  # read by parallelize's expert_parallel step (configure_model)
         return strategy
     if name == "fsdp":
         if precision not in _FSDP_PRECISIONS:
             choices = ", ".join(_FSDP_PRECISIONS)
             raise UserError(f"precision '{precision}' does not work with fsdp; use one of: {choices}")
-        return FSDP2Strategy(offload_params=offload_params)
+        return FSDP2Strategy(offload_params=offload_params, **pg)
 
     if importlib.util.find_spec("deepspeed") is None:
         raise UserError(f"strategy '{name}' needs DeepSpeed: pip install deepspeed (or 'framework[deepspeed]')")
@@ -110,7 +117,7 @@ def make_strategy(
         pin_memory=_uses_cuda(accelerator),
         user_config=deepspeed_config,
     )
-    return DeepSpeedStrategy(config)
+    return DeepSpeedStrategy(config, **pg)
 
 
 def _uses_cuda(accelerator: str) -> bool:
