@@ -29,8 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import os
+import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -175,6 +176,14 @@ def framework_breakdown(events: list, launch: float, exit_: float) -> dict[str, 
             "validation": sum(b - a for a, b in val), "end": exit_ - last, "n_steps": len(starts)}
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children (and theirs): a job's whole work, which a
+    busy machine inflates far less than its wall time (with one torch thread a side; with more, spin-waiting
+    threads count too)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_framework(args: argparse.Namespace, size: dict, work: Path, vocab: int, i: int, env: dict,
                   src: str | None = None) -> dict:
     """One `pretrain fit` (of this checkout, or of the framework at `src`) and its phases."""
@@ -197,17 +206,17 @@ def run_framework(args: argparse.Namespace, size: dict, work: Path, vocab: int, 
     if args.workers is not None:
         config["data"]["num_workers"] = args.workers
     (work / "fit.json").write_text(json.dumps(config))
-    launch = time.time()
+    cpu, launch = _children_cpu(), time.time()
     r = subprocess.run([sys.executable, "-m", "framework", "fit", "--config", str(work / "fit.json"), *args.fit_args],
                        env=env, cwd=work, capture_output=True, text=True)
-    exit_ = time.time()
+    exit_, cpu = time.time(), _children_cpu() - cpu
     if r.returncode:
         raise SystemExit(f"pretrain fit failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
 
 
     val = re.findall(r"val/loss:?\s+([0-9.]+)", r.stdout)
     out = framework_breakdown(json.loads(marks.read_text()), launch, exit_)
-    out.update(wall=exit_ - launch, val_loss=float(val[-1]) if val else float("nan"))
+    out.update(wall=exit_ - launch, cpu=cpu, val_loss=float(val[-1]) if val else float("nan"))
     return out
 
 
@@ -215,12 +224,12 @@ def run_plain(args: argparse.Namespace, size: dict, work: Path, vocab: int, devi
     spec = {**size, "steps": args.steps, "vocab_size": vocab, "device": device, "train_bin": str(work / "train.bin"),
             "val_bin": str(work / "val.bin"), "out": str(work / "plain.json")}
     (work / "plain_spec.json").write_text(json.dumps(spec))
-    launch = time.time()
+    cpu, launch = _children_cpu(), time.time()
     subprocess.run([sys.executable, __file__, "--plain", str(work / "plain_spec.json")], env=env, cwd=work,
                    check=True)
-    exit_ = time.time()
+    exit_, cpu = time.time(), _children_cpu() - cpu
     m = json.loads((work / "plain.json").read_text())
-    return {"wall": exit_ - launch, "val_loss": m["val_loss"], "startup": m["first_step"] - launch,
+    return {"wall": exit_ - launch, "cpu": cpu, "val_loss": m["val_loss"], "startup": m["first_step"] - launch,
             "steps": m["loop_end"] - m["first_step"], "checkpoint": 0.0, "validation": m["eval_end"] - m["loop_end"],
             "end": exit_ - m["eval_end"]}
 
@@ -318,6 +327,9 @@ def report(rows: list, steps: int, name: str) -> None:
     ratios = [o["wall"] / b["wall"] for b, o in rows]
     print(f"median of {len(rows)} pairs: plain {med['plain']['wall']:.2f} s, {name} {med['fit']['wall']:.2f} s; "
           f"median ratio {statistics.median(ratios):.3f}x (pairs: {', '.join(f'{r:.3f}' for r in ratios)})")
+    cpu = [o["cpu"] / b["cpu"] for b, o in rows]
+    print(f"CPU time (user + system, whole job): plain {med['plain']['cpu']:.2f} s, {name} {med['fit']['cpu']:.2f} "
+          f"s; median ratio {statistics.median(cpu):.3f}x (pairs: {', '.join(f'{r:.3f}' for r in cpu)})")
     print(f"final val loss: plain {med['plain']['val_loss']:.4f}, {name} {med['fit']['val_loss']:.4f} "
           f"({med['fit']['val_loss'] - med['plain']['val_loss']:+.4f} nats)")
     print(f"{'phase (median s)':<22}{'plain':>9}{'fit':>9}{'extra':>9}")
