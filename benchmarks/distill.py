@@ -61,8 +61,16 @@ def main() -> None:
         print(f"{name:<14} {loss:>9.4f} {'' if acc is None else f'{acc:.2%}':>9}")
     gap = scratch["val/loss"] - taught["val/teacher_loss"]
     closed = (scratch["val/loss"] - taught["val/task_loss"]) / gap if gap > 0 else float("nan")
+    if gap <= 0:
+        print("no gap to close: the teacher's val loss is not below the student's from scratch (train it longer)")
     print(f"the distilled student closes {closed:.0%} of the scratch-to-teacher val-loss gap; "
           f"top-1 agreement with the teacher {taught['val/agreement']:.2%}, val/kl {taught['val/kl']:.4f}")
+    if scratch.get("val/accuracy") is not None and taught.get("val/accuracy") is not None:
+        # the accuracy gap (what the encoder and image checks are judged on): negative when the student is worse
+        acc_gap = taught["val/teacher_accuracy"] - scratch["val/accuracy"]
+        acc_closed = (taught["val/accuracy"] - scratch["val/accuracy"]) / acc_gap if acc_gap > 0 else float("nan")
+        print(f"accuracy: {taught['val/accuracy'] - scratch['val/accuracy']:+.2%} over scratch, "
+              f"{acc_closed:.0%} of the scratch-to-teacher accuracy gap")
 
 
 if __name__ == "__main__":
