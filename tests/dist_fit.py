@@ -93,6 +93,25 @@ def fit(config: Path, *args: str) -> float:
     return time.perf_counter() - t0
 
 
+def spawn_ranks(target: Any, out: Path, world: int = 2, timeout: float = 120) -> None:
+    """Run `target(rank, world, port, str(out))` in `world` spawned processes (a fresh interpreter each, as torchrun's
+    ranks), which meet over gloo on a free local port; fails unless every one exits 0."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(rank, world, port, str(out))) for rank in range(world)]
+    for p in procs:
+        p.start()
+    for rank, p in enumerate(procs):
+        p.join(timeout=timeout)
+        assert p.exitcode == 0, f"rank {rank} exited with {p.exitcode}"
+
+
 def records(tmp: Path) -> list[dict]:
     """Every rank's step records, in (run, step, rank) order."""
     out = []

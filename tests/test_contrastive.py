@@ -4,14 +4,13 @@ gloo processes against one process holding the whole batch; retrieval recall and
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from dist_fit import spawn_ranks
 from framework.objectives.contrastive import (clip_loss, gather_with_grad, retrieval_recall, zero_shot_accuracy,
                                               zero_shot_classifier)
 
@@ -112,24 +111,11 @@ def rank_main(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict[int, dict]:
     """2 real processes over gloo (spawned: a fresh interpreter each, as torchrun's ranks)."""
     out = tmp_path_factory.mktemp("ranks")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=rank_main, args=(rank, 2, port, str(out))) for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0, f"rank {procs.index(p)} exited with {p.exitcode}"
+    spawn_ranks(rank_main, out)
     return {rank: torch.load(out / f"rank{rank}.pt") for rank in range(2)}
 
 

@@ -5,16 +5,15 @@ task (exact resume, fine-tuning from its checkpoint) and a learning check agains
 from __future__ import annotations
 
 import math
-import socket
 from collections import deque
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from dist_fit import spawn_ranks
 from framework.commands.fit import fit
 from framework.data.graphs import GraphDataModule, GraphStream, drop_bonds, mask_atoms, remove_subgraph, two_views
 from framework.data.molecules import featurize, prepare_molecules
@@ -248,16 +247,7 @@ def rank_main(rank: int, world: int, port: int, out: str) -> None:
 def test_nt_xent_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
     """2 real processes over gloo, each with half the molecules: the negatives come from both ranks (the CLIP
     objective's gather_with_grad), so the averaged loss and gradients are the single-process ones."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=rank_main, args=(rank, 2, port, str(tmp_path))) for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0, f"rank {procs.index(p)} exited with {p.exitcode}"
+    spawn_ranks(rank_main, tmp_path)
     full = nt_xent_step(views_batch(), slice(None))
     half = nt_xent_step(views_batch(), slice(0, B_GLOBAL // 2))  # what rank 0 would compute without the gather
     for rank in range(2):
