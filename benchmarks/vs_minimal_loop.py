@@ -4,6 +4,7 @@
     python benchmarks/vs_minimal_loop.py --steps 300 --pairs 1    # a quick look
     python benchmarks/vs_minimal_loop.py --size small-cpu         # gpt-small-cpu: 16 x 256
     python benchmarks/vs_minimal_loop.py --size gpt2-124m         # on a GPU (bf16), the same script
+    python benchmarks/vs_minimal_loop.py --order framework        # the plain loop reads the framework's windows
 
 Sizes: `nanogpt-cpu` is nanoGPT's CPU example (4 layers, 4 heads, 128 wide, T=64, batch 12, char-level, lr 1e-3
 with 100 warm-up steps, cosine to 1e-4, betas 0.9/0.99, weight decay 0.1, clip 1.0): the gpt-small-cpu preset at
@@ -11,7 +12,10 @@ seq_len 64. `small-cpu` is gpt-small-cpu itself (T=256, batch 16); `gpt2-124m` i
 
 Both sides run as fresh processes, one after the other in alternating pairs, as a user runs them:
 - the plain loop (`--plain`, this file): memory-mapped tokens (train.bin, the train shards' token stream), random
-  windows, the framework's model code (framework.models.gpt.GPT), AdamW with decay on matrices only, the same linear
+  windows drawn with replacement as nanoGPT's `get_batch` does (`--order random`, the default), or with
+  `--order framework` the very windows the framework's train loader yields, in its order (one shuffled pass of
+  non-overlapping windows per epoch, dumped once to train_windows.bin), so that the two final losses differ by the
+  training alone; the framework's model code (framework.models.gpt.GPT), AdamW with decay on matrices only, the same linear
   warm-up + cosine schedule, gradient clipping, then the same final evaluation: the first `--val-batches` batches of
   the val split (the windows the framework's val loader yields, saved to val.bin), a token-weighted mean loss.
 - `python -m framework fit` with the same settings, its defaults otherwise (data workers, checkpoints every 1000
@@ -27,6 +31,7 @@ held out for validation, prepared once into a temp dir.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -74,6 +79,9 @@ def plain(spec: dict) -> None:
     bf16 = device.type == "cuda"
     T, B, steps = spec["seq_len"], spec["batch"], spec["steps"]
     train = np.memmap(spec["train_bin"], dtype=np.uint16, mode="r")
+    ordered = spec.get("order") == "framework"
+    if ordered:  # the framework's windows, batch after batch
+        train = train.reshape(-1, T + 1)
     val = np.fromfile(spec["val_bin"], dtype=np.uint16).reshape(-1, T + 1)
     torch.manual_seed(SEED)
     config = GPTConfig.from_preset(spec["preset"], seq_len=T, vocab_size=spec["vocab_size"])
@@ -87,8 +95,11 @@ def plain(spec: dict) -> None:
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, spec["lr"], spec["warmup"], steps)
-        ix = torch.randint(len(train) - T - 1, (B,), generator=g).tolist()
-        x = torch.from_numpy(np.stack([train[i:i + T + 1] for i in ix]).astype(np.int64)).to(device)
+        if ordered:
+            x = torch.from_numpy(train[step * B:(step + 1) * B].astype(np.int64)).to(device)
+        else:
+            ix = torch.randint(len(train) - T - 1, (B,), generator=g).tolist()
+            x = torch.from_numpy(np.stack([train[i:i + T + 1] for i in ix]).astype(np.int64)).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = causal_lm_loss(model(x[:, :-1]), x[:, 1:])
         loss.backward()
@@ -221,8 +232,9 @@ def run_framework(args: argparse.Namespace, size: dict, work: Path, vocab: int, 
 
 
 def run_plain(args: argparse.Namespace, size: dict, work: Path, vocab: int, device: str, env: dict) -> dict:
-    spec = {**size, "steps": args.steps, "vocab_size": vocab, "device": device, "train_bin": str(work / "train.bin"),
-            "val_bin": str(work / "val.bin"), "out": str(work / "plain.json")}
+    train = "train_windows.bin" if args.order == "framework" else "train.bin"
+    spec = {**size, "steps": args.steps, "vocab_size": vocab, "device": device, "train_bin": str(work / train),
+            "val_bin": str(work / "val.bin"), "out": str(work / "plain.json"), "order": args.order}
     (work / "plain_spec.json").write_text(json.dumps(spec))
     cpu, launch = _children_cpu(), time.time()
     subprocess.run([sys.executable, __file__, "--plain", str(work / "plain_spec.json")], env=env, cwd=work,
@@ -234,9 +246,11 @@ def run_plain(args: argparse.Namespace, size: dict, work: Path, vocab: int, devi
             "end": exit_ - m["eval_end"]}
 
 
-def prepare_data(work: Path, size: dict, val_batches: int) -> int:
-    """Shards of the corpus, train.bin (the train shards' token stream, EODs included) and val.bin (the first
-    `val_batches` batches of windows the framework's val loader yields). Returns the vocabulary size."""
+def prepare_data(work: Path, size: dict, val_batches: int, train_batches: int = 0) -> int:
+    """Shards of the corpus, train.bin (the train shards' token stream, EODs included), val.bin (the first
+    `val_batches` batches of windows the framework's val loader yields) and, when train_batches > 0,
+    train_windows.bin (the first `train_batches` batches of the framework's train loader, epoch after epoch, in its
+    order: the order is global, the same for any number of workers). Returns the vocabulary size."""
     import numpy as np
 
     from framework.data.datamodule import ShardDataModule
@@ -263,6 +277,14 @@ def prepare_data(work: Path, size: dict, val_batches: int) -> int:
         if len(windows) == val_batches:
             break
     np.concatenate(windows).astype(np.uint16).tofile(work / "val.bin")
+    if train_batches:
+        stream, windows = dm._stream(dm._train, size["batch"], shuffle=True, train=True), []
+        for epoch in itertools.count():
+            stream.segment = stream.fresh_segment(epoch)
+            windows += [batch["tokens"].numpy() for batch in itertools.islice(stream, train_batches - len(windows))]
+            if len(windows) == train_batches:
+                break
+        np.concatenate(windows).astype(np.uint16).tofile(work / "train_windows.bin")
     assert dm.vocab_size < 65536
     return dm.vocab_size
 
@@ -279,6 +301,8 @@ def main() -> None:
                    "threads spin-wait, and 2 threads on 2 busy cores ran this model's steps 9x slower than 1)")
     p.add_argument("--compare-src", metavar="DIR", help="also run `pretrain fit` from this source tree in every pair "
                    "(e.g. `git archive` of an earlier commit): before/after figures from one alternating run")
+    p.add_argument("--order", choices=["random", "framework"], default="random",
+                   help="the plain loop's windows: random with replacement (nanoGPT's get_batch), or the framework's")
     p.add_argument("--plain", metavar="SPEC", help=argparse.SUPPRESS)
     p.add_argument("fit_args", nargs="*", help="extra `pretrain fit` arguments (after --)")
     args = p.parse_args()
@@ -294,7 +318,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        vocab = prepare_data(work, size, args.val_batches)
+        vocab = prepare_data(work, size, args.val_batches, args.steps if args.order == "framework" else 0)
         for i in range(args.pairs):
             base = run_plain(args, size, work, vocab, device, env)
             other = None
@@ -313,7 +337,7 @@ def main() -> None:
     print(f"{args.size}: {size['preset']} at batch {size['batch']} x {size['seq_len']}, {args.steps} steps, "
           f"{args.val_batches} val batches, device {device}, torch {torch.__version__}, {os.cpu_count()} CPU(s), "
           f"W&B {args.wandb}, framework data workers: {'default' if args.workers is None else args.workers}, "
-          f"threads: {args.threads or 'default'}")
+          f"threads: {args.threads or 'default'}, plain loop's windows: {args.order}")
     report([(r[0], r[1]) for r in rows], args.steps, "pretrain fit")
     if args.compare_src:
         print(f"--- pretrain fit from {args.compare_src}:")
