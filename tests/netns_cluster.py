@@ -166,6 +166,14 @@ class NetnsCluster:
         return ["ip", "netns", "exec", self.names[node], "unshare", "--uts", "--", "sh", "-c", set_hostname,
                 self.hostnames[node], *argv]
 
+    def daemon_command(self, node: int, argv: list[str]) -> list[str]:
+        """As `command`, but on this machine's /sys: `ip netns exec` mounts a sysfs of the namespace's own, which has
+        no /sys/fs/cgroup, and slurmd will not start without it. The node's network, hostname and /etc/hosts only."""
+        hosts = NETNS_ETC / self.names[node] / "hosts"
+        script = 'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"'
+        return ["nsenter", f"--net=/run/netns/{self.names[node]}", "unshare", "--mount", "--uts", "--propagation",
+                "private", "--", "sh", "-c", script, str(hosts), self.hostnames[node], *argv]
+
     def on_switch(self, argv: list[str]) -> list[str]:
         """`argv` as run on the switch: a host of the cluster's network (switch_addr) that is none of the nodes."""
         return ["ip", "netns", "exec", self.switch, *argv]

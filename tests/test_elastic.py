@@ -7,6 +7,10 @@ alone (world 1) from the newest checkpoint; node 2 comes back, torchrun restarts
 checkpoints the step it is on first), and the run ends the epoch at world 2. Checked: every window of the epoch
 trained exactly once by the steps that count (a step trained again after a restart counts once, the last time),
 the global step continuing across the restarts, the worlds 2 -> 1 -> 2 in that order, one W&B run.
+
+The same loss under SLURM (tests/slurm_cluster.py on the same two nodes): a job submitted with `--nodes=1-2` loses
+node 2; slurmctld sets the node DOWN (no answer from its slurmd for SlurmdTimeout) and requeues the job (it was
+submitted with --requeue), which runs again on node 1 alone and continues from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from pathlib import Path
 
 import pytest
 from netns_cluster import netns_cluster  # noqa: F401 - the fixture
-from test_multinode import BATCH, NPROC, ROOT, fit_config, finish, launch, logs, node_env, wandb_runs
+from slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
+from test_launch import sbatch, start_requeued
+from test_multinode import BATCH, NPROC, ROOT, fit_config, finish, launch, logs, node_env
 
 from dist_fit import records
 from framework.callbacks.checkpointing import peek
@@ -122,23 +128,33 @@ def test_a_lost_node_is_survived_and_rejoins(netns_cluster, shards, universe, tm
     print(f"elastic: lost node 2 after {t_lost - t0:.1f} s, world 1 at step {ALONE_AT} {t_alone - t_lost:.1f} s "
           f"later, world 2 again to the end of the epoch {t_end - t_alone:.1f} s later")
 
-    # the starts, in order: each trains a run of steps; a later start retrains from the checkpoint it resumed
+    first, alone, rejoined = check_starts(run, universe, [2, 1, 2], run / "run")
+    assert alone[-1] >= ALONE_AT - 1
+    assert rejoined[0] == alone[-1] + 1, (alone, rejoined)  # node 1 checkpointed its last step before the restart
+    # node 1 noticed the dead node through the process-group timeout (gloo's words), not through a closed connection
+    assert f"Timed out waiting {PG_TIMEOUT * 1000}ms" in (run / "node1.log").read_text()
+
+
+def check_starts(run: Path, universe: list, worlds: list[int], root: Path) -> list[list[int]]:
+    """The accounting of a run whose world changed: the (re)starts in order, each with its world (`worlds`); the
+    first trains steps 0..LOST_AT-1, the second continues from the newest checkpoint before the loss, each later one
+    goes on without a gap; every window of the epoch trained exactly once by the steps that count (a step trained
+    again after a restart counts once, the last time); the final checkpoint's step and data position (at the last
+    world, laid out len(worlds) - 1 times), and one W&B run. Returns each start's steps."""
     recs = records(run)
     starts = []
     for r in sorted(recs, key=lambda r: float(r["start"].split("-")[1])):
         if not starts or starts[-1]["start"] != r["start"]:
             starts.append({"start": r["start"], "world": r["world"], "steps": set()})
-        assert r["nodes"] == r["world"] // NPROC  # the Trainer's num_nodes: what torchrun started this time
+        assert r["nodes"] == r["world"] // NPROC  # the Trainer's num_nodes: what the launcher started this time
         starts[-1]["steps"].add(r["step"])
-    worlds = [s["world"] for s in starts]
-    assert worlds == [2, 1, 2], worlds
-    first, alone, rejoined = (sorted(s["steps"]) for s in starts)
-    assert first == list(range(LOST_AT)), first  # steps 0..4 (global steps 1..5) before node 2 was lost
+    assert [s["world"] for s in starts] == worlds, [s["world"] for s in starts]
+    steps = [sorted(s["steps"]) for s in starts]
+    assert steps[0] == list(range(LOST_AT)), steps[0]  # steps 0..4 (global steps 1..5) before node 2 was lost
     newest = (LOST_AT // EVERY) * EVERY
-    assert alone[0] == newest and alone == list(range(newest, alone[-1] + 1)), alone  # from the newest checkpoint
-    assert alone[-1] >= ALONE_AT - 1
-    assert rejoined[0] == alone[-1] + 1, (alone, rejoined)  # node 1 checkpointed its last step before the restart
-    assert rejoined == list(range(rejoined[0], rejoined[-1] + 1))
+    assert steps[1][0] == newest, steps[1]  # from the newest checkpoint: step LOST_AT's work was lost
+    for s in steps[1:]:
+        assert s == list(range(s[0], s[-1] + 1)), s
 
     # the steps that count: each step's records from the last start that trained it; every rank of its world each
     last = {}
@@ -153,15 +169,47 @@ def test_a_lost_node_is_survived_and_rejoins(netns_cluster, shards, universe, tm
     assert set(trained) <= set(universe)
     assert len(universe) - len(trained) < 2 * NPROC * BATCH, f"{len(universe) - len(trained)} windows never trained"
 
-    # the final checkpoint: the last step, the data position at world 2 after two changes of world, one W&B run
-    ckpt = str(run / "run" / "checkpoints" / "last.ckpt")
-    assert peek(ckpt, "global_step") == rejoined[-1] + 1
+    ckpt = str(root / "checkpoints" / "last.ckpt")
+    assert peek(ckpt, "global_step") == steps[-1][-1] + 1
     segment = peek(ckpt, "ShardDataModule")["segment"]
-    assert segment["world"] == 2 * NPROC and segment["index"] == 2, segment
-    ids = {p.name.rsplit("-", 1)[-1] for p in wandb_runs(run)}
+    assert segment["world"] == worlds[-1] * NPROC and segment["index"] == len(worlds) - 1, segment
+    ids = {p.name.rsplit("-", 1)[-1] for p in sorted((root / "wandb").glob("offline-run-*"))}
     assert ids == {peek(ckpt, "wandb_run_id")}, ids
-    # node 1 noticed the dead node through the process-group timeout (gloo's words), not through a closed connection
-    assert f"Timed out waiting {PG_TIMEOUT * 1000}ms" in (run / "node1.log").read_text()
+    return steps
+
+
+@pytest.mark.slow
+def test_slurm_requeues_a_job_that_lost_a_node_on_the_nodes_left(slurm_cluster, shards, universe,  # noqa: F811
+                                                                  tmp_path):
+    """`sbatch --nodes=1-2` (pretrain.sbatch unchanged): node 2 dies after step LOST_AT; SLURM sets it DOWN and
+    requeues the job, which runs on node 1 alone from the newest checkpoint to the end of the epoch."""
+    cluster, run = slurm_cluster, tmp_path
+    path = elastic_config(run, shards)
+    config = json.loads(path.read_text())
+    config["trainer"]["callbacks"][-1]["init_args"]["at"] = [LOST_AT]
+    # node 1's collective must outwait SLURM's finding the node lost (SlurmdTimeout): SLURM ends the job, and
+    # requeues it, rather than the job failing first
+    config["distributed"] = {"timeout": 120}
+    path.write_text(json.dumps(config))
+    job = sbatch(cluster, run, "1-2")
+    gate = run / "gate"
+    try:
+        wait_for(lambda: all(Path(f"{gate}.{LOST_AT}.rank{r}").exists() for r in (0, 1)), run)
+        lose_node(cluster.netns, 1)
+        Path(f"{gate}.{LOST_AT}.open").touch()
+        info = cluster.wait(job, {"PENDING"}, timeout=120)
+        assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, cluster.logs())
+        start_requeued(cluster, job)
+        info = cluster.wait(job, set(), timeout=180)
+    finally:  # node 2 comes back for the tests after this one
+        subprocess.run(["ip", "-n", cluster.netns.names[1], "link", "set", cluster.netns.ifname, "up"], check=True)
+        cluster.start_node(1)
+        cluster.wait_idle()
+    out = (run / "slurm.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-4000:]
+    assert "attempt SLURM_RESTART_COUNT=0: 2 node(s) x 1 task(s) on node[1-2]" in out, out[-4000:]
+    assert "attempt SLURM_RESTART_COUNT=1: 1 node(s) x 1 task(s) on node1" in out, out[-4000:]
+    check_starts(run, universe, [2, 1], run / "run")
 
 
 # ------------------------------------------------------------------------------------------------ the pieces, fast

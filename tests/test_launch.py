@@ -1,6 +1,7 @@
-"""The launchers, for real: launch/torchrun.sh with 2 processes, and launch/slurm/pretrain.sbatch on a one-node SLURM
-cluster (tests/slurm_cluster.py) with 2 tasks, including a preemption: SIGUSR1 -> checkpoint -> requeue -> resume
-into the same W&B run at the exact data position. All on CPU, DDP over gloo, a tiny GPT.
+"""The launchers, for real: launch/torchrun.sh with 2 processes, and launch/slurm/pretrain.sbatch unchanged on a
+two-node SLURM cluster (tests/slurm_cluster.py over tests/netns_cluster.py), as 2 nodes x 1 task and as 1 node x 2
+tasks, including a preemption: SIGUSR1 -> checkpoint -> requeue -> resume into the same W&B run at the exact data
+position. All on CPU, DDP over gloo, a tiny GPT.
 
 Exactness is checked against an uninterrupted torchrun run of the same config: every (step, batch digest, loss) that
 each rank recorded must match, nothing trained twice, nothing skipped.
@@ -22,6 +23,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from netns_cluster import netns_cluster  # noqa: F401 - the fixture the SLURM cluster runs on
 from slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
 
 from framework.commands.fit import fit
@@ -183,42 +185,46 @@ def test_sigterm_checkpoints_the_step_and_exits_75_for_a_requeue(shards, tmp_pat
 
 # ---------------------------------------------------------------------------------------------------- SLURM
 
-def sbatch(cluster, run: Path, *options: str) -> str:
-    cluster.env.update(env())
-    return cluster.sbatch(["--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+LAYOUTS = {"2x1": ["--nodes=2", "--ntasks-per-node=1"], "1x2": ["--nodes=1", "--ntasks-per-node=2"],
+           "1-2": ["--nodes=1-2"]}  # a range: as many nodes as are up, one task each (no GPUs)
+
+
+def sbatch(cluster, run: Path, layout: str = "2x1", *options: str) -> str:
+    """launch/slurm/pretrain.sbatch as `layout` (nodes x tasks per node); gloo on the nodes' cluster interface."""
+    cluster.env.update(env(GLOO_SOCKET_IFNAME=cluster.netns.ifname))
+    return cluster.sbatch([*LAYOUTS[layout], "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
                            f"--output={run / 'slurm.out'}", *options, str(SBATCH), "--config",
                            str(run / "config.json")], cwd=run)
 
 
-@pytest.mark.slow
-def test_sbatch_runs_two_tasks(slurm_cluster, shards, tmp_path):  # noqa: F811 - the fixture
-    write_config(tmp_path, shards, max_steps=6)
-    job = sbatch(slurm_cluster, tmp_path)
-    info = slurm_cluster.wait(job, set(), timeout=120)
-    out = (tmp_path / "slurm.out").read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-4000:]
-    assert "attempt SLURM_RESTART_COUNT=0: 1 node(s) x 2 task(s)" in out and "requeueing job" not in out
-    assert Counter(step for step, _, _ in records(tmp_path)) == {s: 2 for s in range(6)}
-    last = load(tmp_path / "root" / "checkpoints" / "last.ckpt")
-    assert last["global_step"] == 6 and last["ShardDataModule"]["segment"]["world"] == 2
+def start_requeued(cluster, job: str) -> None:
+    """SLURM holds a requeued job ~2 min (Reason=BeginTime); start it now, but not within the second in which slurmd
+    revoked the first attempt's credential (it compares whole seconds: "Job credential revoked")."""
+    time.sleep(2)
+    cluster.scontrol("update", f"JobId={job}", "StartTime=now")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signal_args", [["--signal=USR1", "--batch"], ["--signal=TERM"]], ids=["usr1", "term"])
+@pytest.mark.parametrize("layout,signal_args", [("2x1", ["--signal=USR1", "--batch"]), ("1x2", ["--signal=TERM"])],
+                         ids=["usr1-two-nodes", "term-one-node"])
 def test_sbatch_preempted_checkpoints_requeues_and_resumes_exactly(slurm_cluster, shards, reference,  # noqa: F811
-                                                                    tmp_path, signal_args):
-    """USR1 to the batch script: what `#SBATCH --signal=B:USR1@120` does before the time limit; the script
-    requeues the job. TERM to every process of the step (the W&B service included), as SLURM's preemption and
+                                                                    tmp_path, layout, signal_args):
+    """USR1 to the batch script (on node 1 of a two-node job): what `#SBATCH --signal=B:USR1@120` does before the
+    time limit; the script passes it to both nodes' tasks and requeues the job, which resumes on two nodes.
+    TERM to every process of the step (the W&B service included), as SLURM's preemption and
     `scancel --signal=TERM` deliver it: the tasks stop after the same step, checkpoint it and exit 75 ("requeue
     me"); SLURM's preemption requeues by itself, so here the job is submitted again, as the requeue would. (W&B's
     service process dies of the signal too: `pretrain fit` warns and still exits 75; W&B's own logger prints the
     broken connection's traceback.)"""
     term = "--signal=TERM" in signal_args
-    write_config(tmp_path, shards)
-    job = sbatch(slurm_cluster, tmp_path)
+    config = json.loads(write_config(tmp_path, shards).read_text())
+    config["trainer"]["callbacks"].append({"class_path": "dist_fit.PlaceRecorder",
+                                           "init_args": {"path": str(tmp_path / "place")}})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    job = sbatch(slurm_cluster, tmp_path, layout)
     slurm_cluster.wait(job, {"RUNNING"}, timeout=60)
     wait_for_steps(tmp_path, 2 * 3, lambda: slurm_cluster.job(job).get("JobState") == "RUNNING")
-    subprocess.run(["scancel", *signal_args, job], env=slurm_cluster.env, check=True)
+    assert slurm_cluster.run(["scancel", *signal_args, job]).returncode == 0
 
     info = slurm_cluster.wait(job, {"PENDING"}, timeout=120)
     if term:
@@ -226,22 +232,30 @@ def test_sbatch_preempted_checkpoints_requeues_and_resumes_exactly(slurm_cluster
         stopped = re.findall(r"stopped on SIGTERM after step (\d+), which is checkpointed: exiting with 75", out)
         assert stopped, out[-4000:]
         if info["JobState"] != "PENDING":  # srun ended the step when the first task exited 75: submit it again
-            job = sbatch(slurm_cluster, tmp_path)
+            job = sbatch(slurm_cluster, tmp_path, layout)
     else:
         assert info["JobState"] == "PENDING" and info["Restarts"] == "1", info
     if slurm_cluster.job(job).get("JobState") == "PENDING" and slurm_cluster.job(job).get("Restarts") == "1":
-        # SLURM holds a requeued job ~2 min (Reason=BeginTime); start it now, but not within the second in which
-        # slurmd revoked the first attempt's credential (it compares whole seconds: "Job credential revoked")
-        time.sleep(2)
-        slurm_cluster.scontrol("update", f"JobId={job}", "StartTime=now")
+        start_requeued(slurm_cluster, job)
     info = slurm_cluster.wait(job, set(), timeout=180)
     out = (tmp_path / "slurm.out").read_text()  # both attempts: --open-mode=append
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-4000:]
-    assert "attempt SLURM_RESTART_COUNT=0" in out and ("attempt SLURM_RESTART_COUNT=1" in out or term)
+    nodes, tasks = layout.split("x")
+    assert f"attempt SLURM_RESTART_COUNT=0: {nodes} node(s) x {tasks} task(s)" in out
+    assert f"attempt SLURM_RESTART_COUNT=1: {nodes} node(s) x {tasks} task(s)" in out or term
+    # each rank where SLURM put it (as the resumed run saw it): global, local and node rank, host
+    places = sorted((json.loads(p.read_text()) for p in tmp_path.glob("place.rank*.json")),
+                    key=lambda r: r["global_rank"])
+    expect = [(0, 0, 0, "node1"), (1, 0, 1, "node2")] if layout == "2x1" else [(0, 0, 0, "node1"), (1, 1, 0, "node1")]
+    assert [(p["global_rank"], p["local_rank"], p["node_rank"], p["hostname"]) for p in places] == expect, places
+    assert {(p["world"], p["num_nodes"]) for p in places} == {(2, int(nodes))}
 
     ckpts = tmp_path / "root" / "checkpoints"
     stopped = [int(p.stem[4:]) for p in ckpts.glob("step*.ckpt") if int(p.stem[4:]) % 25 and int(p.stem[4:]) < STEPS]
-    assert len(stopped) == 1, sorted(p.name for p in ckpts.iterdir())  # the preemption checkpoint
+    # the regular ones, the preemption's and the link: each written once, by global rank 0, into the shared directory
+    assert len(stopped) == 1, sorted(p.name for p in ckpts.iterdir())
+    assert sorted(p.name for p in ckpts.iterdir()) == sorted(
+        ["last.ckpt", "step0000025.ckpt", f"step{stopped[0]:07d}.ckpt", f"step{STEPS:07d}.ckpt"])
     assert f"stopping after step {stopped[0]}" in out
     assert f"Restored all states from the checkpoint at {ckpts / 'last.ckpt'}" in out
     assert load(ckpts / "last.ckpt")["global_step"] == STEPS
