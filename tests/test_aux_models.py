@@ -148,11 +148,12 @@ def test_plan_reads_a_teacher_from_a_fit_config(teacher, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_stage_3"])
 def test_two_ranks_shard_or_replicate_the_teacher(strategy, shards, teacher, tmp_path):
     """FSDP2 shards the teacher over the ranks like the trained model, ZeRO-3 partitions it (an inference engine of
-    its own); DDP and ZeRO-2 hold a full copy on each rank, outside the trained model's wrapper. No strategy's
-    checkpoint holds it."""
+    its own); DDP holds a full copy on each rank, outside the trained model's wrapper, as ZeRO-1/2 do (the same
+    branch of framework/tasks/aux.py load_frozen as DDP; ZeRO-3 covers the teacher kept out of a DeepSpeed engine). No
+    strategy's checkpoint holds it."""
     probe = {"class_path": "test_aux_models.AuxProbe", "init_args": {"path": str(tmp_path / "aux")}}
     # tensors under DeepSpeed's persistence threshold (1e5 values by default: all of a gpt-tiny's) stay gathered
     # once used; 0 makes every one of them go back to its partition after each forward
