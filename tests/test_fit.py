@@ -199,6 +199,23 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
+def test_a_w_and_b_service_of_the_launching_process_is_not_used(shards, tmp_path):
+    """W&B exports WANDB_SERVICE (the address of its service, a Unix socket) to the children of a process that uses
+    it. A job started from such a process (a notebook, a test runner; sbatch passes the variable on) would register
+    its run with a service that is not its own: on another host it cannot be reached, and on a requeue it may still
+    hold the run of the attempt that was killed ("run ID ... is in use"). `pretrain` starts its own instead."""
+    config = write_config(tmp_path, shards, trainer__max_steps=1, trainer__val_check_interval=1, summary={
+        "sample_tokens": 0})
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SERVICE": "3-1-unix-/nonexistent/wandb-service.sock",
+           "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    r = subprocess.run([sys.executable, "-m", "framework", "fit", "--config", str(config)], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = list((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb"))
+    assert len(files) == 1 and files[0].stat().st_size > 0, (files, r.stderr[-3000:])
+    assert "could not" not in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+
+
 def run_main(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`pretrain ARGS` in this process (for input that fails before any training: no ~6 s of imports per call),
     with what it printed and its exit status, as run_cli returns them."""

@@ -21,6 +21,7 @@ script enter through `main`.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from framework.errors import UserError, fail
@@ -56,6 +57,12 @@ def _help() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:  # a fresh `pretrain` process, not a call from Python
+        # W&B exports its service's address (WANDB_SERVICE, a Unix socket) to the children of a process that uses
+        # it; inherited from whatever launched this job (a notebook, a test runner, passed on by sbatch), it would
+        # make this run register with a service that is not its own: unreachable on another host, or one that
+        # still holds the run of a killed attempt ("run ID ... is in use" on a requeue). Start our own.
+        os.environ.pop("WANDB_SERVICE", None)
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_help())
