@@ -172,3 +172,15 @@ def test_the_report_states_its_budget_and_whether_anything_was_learned(tasks, gp
     row = json.loads((tmp_path / "b" / "report.json").read_text())["rows"][0]
     assert row["learned"] is False and row["classical"]["score_mean"] < tr.learned_bar(0.5, 40)
     assert f"| {tr.NOTHING_LEARNED} |" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_a_fine_tuning_run_that_fits_its_subset_is_not_stopped_as_a_loss_spike():
+    from framework.callbacks.guard import GuardOptions, SpikeDetector
+
+    # a fine-tuning loss that has reached ~0.005, then three harder batches: the pre-training rule calls it a spike
+    losses = [0.005 * (1 + 0.1 * (i % 3)) for i in range(150)] + [0.3, 0.4, 0.3]
+    o = GuardOptions()
+    default = SpikeDetector(o.spike_window, o.spike_sigmas, o.spike_patience, o.spike_warmup)
+    assert any(default.update(step, loss) for step, loss in enumerate(losses))
+    guard = tr.run_guard()
+    assert guard.options.spike_window == 0 and guard.options.skip_nonfinite
