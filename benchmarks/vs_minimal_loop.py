@@ -4,11 +4,15 @@
     python benchmarks/vs_minimal_loop.py --steps 300 --pairs 1    # a quick look
     python benchmarks/vs_minimal_loop.py --size small-cpu         # gpt-small-cpu: 16 x 256
     python benchmarks/vs_minimal_loop.py --size gpt2-124m         # on a GPU (bf16), the same script
+    python benchmarks/vs_minimal_loop.py --size overhead --steps 600 --pairs 6   # the per-step extra alone
     python benchmarks/vs_minimal_loop.py --order framework        # the plain loop reads the framework's windows
 
 Sizes: `nanogpt-cpu` is nanoGPT's CPU example (4 layers, 4 heads, 128 wide, T=64, batch 12, char-level, lr 1e-3
 with 100 warm-up steps, cosine to 1e-4, betas 0.9/0.99, weight decay 0.1, clip 1.0): the gpt-small-cpu preset at
-seq_len 64. `small-cpu` is gpt-small-cpu itself (T=256, batch 16); `gpt2-124m` is for a GPU.
+seq_len 64. `small-cpu` is gpt-small-cpu itself (T=256, batch 16); `gpt2-124m` is for a GPU. `overhead` is the same
+model at T=8 and batch 1: a step is then mostly Python, and the framework's per-step extra reads in milliseconds that
+the run-to-run noise of a 60 ms step would hide (on these 2 vCPUs, two runs of the same 2000-step job differ by up to
+10%).
 
 Both sides run as fresh processes, one after the other in alternating pairs, as a user runs them:
 - the plain loop (`--plain`, this file): memory-mapped tokens (train.bin, the train shards' token stream), random
@@ -50,6 +54,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
     "nanogpt-cpu": dict(preset="gpt-small-cpu", seq_len=64, batch=12, lr=1e-3, warmup=100, betas=(0.9, 0.99)),
     "small-cpu": dict(preset="gpt-small-cpu", seq_len=256, batch=16, lr=1e-3, warmup=100, betas=(0.9, 0.99)),
+    # the same model with almost no compute a step (T=8, batch 1): the per-step extra then reads in milliseconds that
+    # a 60 ms step's run-to-run noise (several ms on these vCPUs) would hide
+    "overhead": dict(preset="gpt-small-cpu", seq_len=8, batch=1, lr=1e-3, warmup=100, betas=(0.9, 0.99)),
     "gpt2-124m": dict(preset="gpt2-124m", seq_len=1024, batch=16, lr=6e-4, warmup=100, betas=(0.9, 0.95)),
 }
 MIN_LR_RATIO, WEIGHT_DECAY, CLIP, SEED = 0.1, 0.1, 1.0, 1234

@@ -31,6 +31,14 @@ class StepCheckpoint(ModelCheckpoint):
                          every_n_train_steps=every_n_steps, save_top_k=keep, monitor="step", mode="max",
                          save_last="link", enable_version_counter=False, save_on_train_epoch_end=False)
         self.resume = resume
+        self._state_key: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        """ModelCheckpoint's key, formatted once: Lightning reads it for every hook call, several times a step."""
+        if self._state_key is None:
+            self._state_key = super().state_key
+        return self._state_key
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
