@@ -8,7 +8,9 @@ source launch/setup.sh
 # DeepSpeed JIT-builds a C++ op the first time a run uses one (none of the CPU paths does); keep any build
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 set +e
-python -m pytest -q --durations=20 "$@"  # the slowest tests, to keep the suite inside its CI budget
+# two test processes (TEST_WORKERS; 0 runs the tests in this one), each test's torch on one thread (tests/conftest.py);
+# the tests on the two-node cluster share one process (their xdist group)
+python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadgroup --durations=20 "$@"  # the slowest: the suite's CI budget
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then

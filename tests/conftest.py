@@ -17,6 +17,7 @@ shutil.copytree(shards, tmp_path / ...)):
 Whether a test changed a shared directory is checked when the session ends (names, sizes, mtimes).
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -33,8 +34,21 @@ if (Path(sys.prefix) / "reference").is_dir():
 from corpora import labelled_jsonl, lines_corpus, mlm_corpus  # noqa: E402 - beside the tests
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # several test processes share the cores: torch's threads (2 per process by default here) would spin-wait on
+    # each other's cores, which made one model's steps 9x slower than on one thread; the processes a test starts
+    # inherit the setting
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` run where CUDA is available and are skipped, with the reason, elsewhere."""
+    """Tests marked `gpu` run where CUDA is available and are skipped, with the reason, elsewhere. Under
+    pytest-xdist (launch/test.sh), the tests on the network-namespace cluster run in one test process, one after
+    the other (xdist group "cluster"): its namespaces, bridge and SLURM daemons are one per machine."""
+    for item in items:
+        if {"netns_cluster", "slurm_cluster"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("cluster"))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
