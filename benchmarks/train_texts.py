@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)  # e.g. data/, on a fresh clone
     tmp = f"{a.output}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as out:
         for path in a.inputs:
