@@ -11,8 +11,8 @@ Sizes: `nanogpt-cpu` is nanoGPT's CPU example (4 layers, 4 heads, 128 wide, T=64
 with 100 warm-up steps, cosine to 1e-4, betas 0.9/0.99, weight decay 0.1, clip 1.0): the gpt-small-cpu preset at
 seq_len 64. `small-cpu` is gpt-small-cpu itself (T=256, batch 16); `gpt2-124m` is for a GPU. `overhead` is the same
 model at T=8 and batch 1: a step is then mostly Python, and the framework's per-step extra reads in milliseconds that
-the run-to-run noise of a 60 ms step would hide (on these 2 vCPUs, two runs of the same 2000-step job differ by up to
-10%).
+the run-to-run noise of a 60 ms step would hide (on these 2 vCPUs, the plain loop's same 2000-step job took from 102
+to 132 s in runs minutes apart).
 
 Both sides run as fresh processes, one after the other in alternating pairs, as a user runs them:
 - the plain loop (`--plain`, this file): memory-mapped tokens (train.bin, the train shards' token stream), random
@@ -54,8 +54,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
     "nanogpt-cpu": dict(preset="gpt-small-cpu", seq_len=64, batch=12, lr=1e-3, warmup=100, betas=(0.9, 0.99)),
     "small-cpu": dict(preset="gpt-small-cpu", seq_len=256, batch=16, lr=1e-3, warmup=100, betas=(0.9, 0.99)),
-    # the same model with almost no compute a step (T=8, batch 1): the per-step extra then reads in milliseconds that
-    # a 60 ms step's run-to-run noise (several ms on these vCPUs) would hide
     "overhead": dict(preset="gpt-small-cpu", seq_len=8, batch=1, lr=1e-3, warmup=100, betas=(0.9, 0.99)),
     "gpt2-124m": dict(preset="gpt2-124m", seq_len=1024, batch=16, lr=6e-4, warmup=100, betas=(0.9, 0.95)),
 }
