@@ -102,9 +102,12 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(shards, tmp_path):
 
 
 def test_fit_trains_validates_and_summarises(shards, tmp_path, capsys):
-    fit(["--config", str(write_config(tmp_path, shards, trainer__max_steps=6))])
+    fit(["--config", str(write_config(tmp_path, shards, trainer__max_steps=6, summary__sample_tokens=100))])
     out = capsys.readouterr().out
     assert "run summary" in out and "unigram baseline" in out and "wandb sync" in out
+    sample = out.split("sample:\n")[1].split("-" * 73)[1].strip("\n")
+    # 100 tokens asked, the sample stays within gpt-tiny's context (seq_len 64; a byte token decodes to <= 1 char)
+    assert sample.startswith("def ") and 20 < len(sample) <= 64
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step*.ckpt"))
     assert ckpts == ["step0000004.ckpt", "step0000006.ckpt"]  # every 4 steps and at the end
     logged = steps(tmp_path)

@@ -246,6 +246,42 @@ def test_top_k_1_is_greedy():
     assert torch.equal(greedy[:, 4], model(prompt)[:, -1].argmax(-1))
 
 
+def recompute_greedy(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding the slow way: the whole (cropped) context through the model for every token."""
+    for _ in range(n):
+        next_id = model(idx[:, -model.config.seq_len :])[:, -1].argmax(-1, keepdim=True)
+        idx = torch.cat((idx, next_id), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("overrides", [dict(pos_embedding="learned"), dict(pos_embedding="rope"),
+                                       dict(pos_embedding="rope", n_head=4, n_kv_head=2),
+                                       dict(moe=dict(num_experts=4, top_k=2))],
+                         ids=["learned", "rope", "gqa", "moe"])
+def test_cached_generation_matches_rerunning_the_context(overrides):
+    # the KV cache runs one token a step; its logits must be the full forward's, also once the window slides
+    # (the prompt of 50 + 30 new tokens passes seq_len 64)
+    model = tiny(**overrides).eval()
+    prompt = tokens(B=2, T=50)
+    out = model.generate(prompt, 30, temperature=0)
+    assert torch.equal(out, recompute_greedy(model, prompt, 30))
+
+
+def test_kv_cache_logits_match_the_full_forward():
+    from framework.models.transformer import KVCache
+
+    model = tiny(pos_embedding="rope").eval()
+    idx = tokens(B=2, T=20)
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(model.config.n_layer)
+        parts = [model(idx[:, :7], cache=cache), model(idx[:, 7:8], cache=cache), model(idx[:, 8:], cache=cache)]
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds"):  # the cache holds at most seq_len positions
+        model(tokens(B=2, T=45), cache=cache)
+
+
 def test_generate_stops_at_eos():
     model = tiny()
     prompt = tokens(B=1, T=4)

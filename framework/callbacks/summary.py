@@ -18,7 +18,8 @@ class RunSummary(L.Callback):
     """Prints a one-screen summary when fit ends (rank 0) and logs the data's baseline (`baseline()`) next to val/loss.
 
     prompt / sample_tokens: the text the sample continues, and its length in tokens (0: no sample; sampling needs the
-    whole model on rank 0, so it is skipped for strategies that shard parameters or split experts). For a masked-LM encoder the
+    whole model on rank 0, so it is skipped for strategies that shard parameters or split experts). The sample stays
+    within the trained context (prompt + sample <= seq_len), where the KV cache makes each token cheap. For a masked-LM encoder the
     prompt is a text with `<|mask|>` tokens, and the sample is its top guesses for each (as `pretrain fill-mask`).
     """
 
@@ -105,6 +106,7 @@ class RunSummary(L.Callback):
         if command != "generate":
             return None
         idx = torch.tensor([tok.encode(self.prompt)], dtype=torch.long, device=pl_module.device)
-        out = model.generate(idx, self.sample_tokens, temperature=self.temperature, top_k=self.top_k,
+        idx = idx[:, -(model.config.seq_len - 1):]  # room for one sampled token at least
+        out = model.generate(idx, min(self.sample_tokens, model.config.seq_len - idx.size(1)), temperature=self.temperature, top_k=self.top_k,
                              eos_id=tok.special_ids["eod"])
         return tok.decode(out[0].tolist())

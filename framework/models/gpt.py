@@ -30,6 +30,7 @@ from framework.models.transformer import (
     make_trunk,
     num_params,
     run_trunk,
+    KVCache,
     Pretrained,
 )
 
@@ -128,10 +129,12 @@ class GPT(Pretrained):
         # a tied lm_head is wte; an untied one gets the same N(0, 0.02) as every matrix
         init_weights(self, self.config, skip=(self.lm_head,) if self.config.tie_embeddings else (), gather=gather)
 
-    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) [+ padding mask (B, T), 1 = real token] -> logits (B, T, vocab_size) for the next token
-        at every position."""
-        x = run_trunk(self.transformer, self.config, idx, causal=True, attention_mask=attention_mask)  # (B, T, C)
+        at every position. With a KVCache (inference), idx continues the cached tokens and the cache grows."""
+        x = run_trunk(self.transformer, self.config, idx, causal=True, attention_mask=attention_mask,
+                      cache=cache)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, Vp)
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]  # (B, T, V): padding ids can never be predicted or sampled
@@ -174,7 +177,9 @@ class GPT(Pretrained):
 
         temperature 0 is greedy; top_k keeps the k most likely tokens. With eos_id, a row that has produced it keeps
         producing it (so rows stay one tensor) and generation stops once every row has. Runs in eval mode (no dropout)
-        and restores the previous mode. No KV cache: each step reruns the (cropped) context, fine for demos and evals.
+        and restores the previous mode. Keys and values are cached (KVCache): each new token runs through the blocks
+        alone while the context fits in config.seq_len; past that, every step reruns the last seq_len tokens (the
+        window's positions restart at 0, so cached keys no longer apply). Same tokens as rerunning the context.
         """
         if temperature < 0:
             raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
@@ -184,8 +189,17 @@ class GPT(Pretrained):
         self.eval()
         try:
             finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+            cache: KVCache | None = None
             for _ in range(max_new_tokens):
-                logits = self(idx[:, -self.config.seq_len :])[:, -1, :].float()  # (B, V): only the last position
+                if idx.size(1) <= self.config.seq_len:
+                    if cache is None:  # the prompt, once
+                        cache = KVCache(self.config.n_layer)
+                        logits = self(idx, cache=cache)
+                    else:  # only the token sampled last
+                        logits = self(idx[:, -1:], cache=cache)
+                else:  # the window slides: no cache
+                    logits = self(idx[:, -self.config.seq_len :])
+                logits = logits[:, -1, :].float()  # (B, V): only the last position
                 if temperature == 0:
                     next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
                 else:

@@ -269,17 +269,51 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
 
 
-def attention_bias(attention_mask: torch.Tensor | None, causal: bool, T: int) -> tuple[torch.Tensor | None, bool]:
+def attention_bias(attention_mask: torch.Tensor | None, causal: bool, T: int, past: int = 0,
+                   device: torch.device | None = None) -> tuple[torch.Tensor | None, bool]:
     """(attn_mask, is_causal) for F.scaled_dot_product_attention from a (B, T) padding mask (1/True = a real token).
 
-    Without a padding mask, a causal model passes is_causal alone, which lets SDPA pick the flash kernel on GPU.
+    Without a padding mask, a causal model passes is_causal alone, which lets SDPA pick the flash kernel on GPU. With
+    `past` cached positions before these T (KVCache), query i sits at position past + i: one new token sees every
+    key, and several get a (T, past + T) causal mask (SDPA's is_causal aligns to the top left, which would be wrong).
     """
+    if past:
+        if attention_mask is not None:
+            raise ValueError("a padding mask cannot be combined with a KV cache")
+        if T == 1 or not causal:
+            return None, False
+        keep = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)  # (T, past + T)
+        return keep, False
     if attention_mask is None:
         return None, causal
     keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): which keys each query may attend to
     if causal:
         keep = keep & torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()  # (B, 1, T, T)
     return keep, False
+
+
+class LayerCache:
+    """One attention layer's keys and values so far, (B, nkv, t, hs) each, grown by `append`."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is not None and self.v is not None:
+            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """Keys and values of the tokens a causal trunk has already run, so that generation runs only the new token
+    through the blocks (O(T) a token instead of O(T^2)). Positions continue from `length`; the cache holds at most
+    config.seq_len positions (learned position tables and the trained context end there). Inference only."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers = [LayerCache() for _ in range(n_layer)]
+        self.length = 0
 
 
 @dataclass(frozen=True)
@@ -339,7 +373,7 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+                attn_mask: torch.Tensor | None, is_causal: bool, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         hs, kv = self.head_size, self.n_kv_head * self.head_size
         q, k, v = self.c_attn(x).split((C, kv, kv), dim=2)  # (B, T, C), (B, T, nkv*hs) x2
@@ -347,6 +381,8 @@ class SelfAttention(nn.Module):
         k, v = (t.view(B, T, self.n_kv_head, hs).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nkv, past + T, hs): the new tokens attend to every earlier one too
         grouped = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}  # SDPA repeats the K/V heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0, **grouped)
@@ -410,9 +446,10 @@ class Block(nn.Module):
                            kind=getattr(config, "mlp", "gelu"))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                attn_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, is_causal: bool | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
         is_causal = self.causal if is_causal is None else is_causal
-        x = x + self.attn(self.ln_1(x), rope, attn_mask, is_causal)  # pre-LN: the residual stream is never normalized
+        x = x + self.attn(self.ln_1(x), rope, attn_mask, is_causal, cache)  # pre-LN: the residual is never normalized
         return x + self.mlp(self.ln_2(x))
 
 
@@ -430,26 +467,32 @@ def make_trunk(config: TransformerConfig, causal: bool, lora: LoRA | None = None
 
 
 def run_trunk(trunk: nn.ModuleDict, config: TransformerConfig, idx: torch.Tensor, causal: bool,
-              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Token ids (B, T) [+ padding mask (B, T)] -> final hidden states (B, T, C), after ln_f."""
+              attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    """Token ids (B, T) [+ padding mask (B, T)] -> final hidden states (B, T, C), after ln_f. With a KVCache, idx
+    holds the tokens after the cached ones (positions cache.length ...), and the cache grows by T."""
     if idx.dim() != 2:
         raise ValueError(f"expected token ids of shape (batch, time), got {tuple(idx.shape)}")
     B, T = idx.shape
-    if T > config.seq_len:
-        raise ValueError(f"sequence length {T} exceeds {type(config).__name__}.seq_len={config.seq_len}: crop the "
-                         "input")
+    past = cache.length if cache is not None else 0
+    if past + T > config.seq_len:
+        raise ValueError(f"sequence length {past + T} exceeds {type(config).__name__}.seq_len={config.seq_len}: "
+                         "crop the input")
     if attention_mask is not None and attention_mask.shape != idx.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have the shape of the ids {(B, T)}")
     x = trunk.wte(idx)  # (B, T, C)
     rope = None
     if config.pos_embedding == "learned":
-        x = x + trunk.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
+        x = x + trunk.wpe(torch.arange(past, past + T, device=idx.device))  # (T, C) broadcast over B
     else:
-        rope = rope_cos_sin(T, config.head_size, idx.device, config.rope_theta, config.rope_scaling)  # (T, hs) each
-    attn_mask, is_causal = attention_bias(attention_mask, causal, T)
+        cos, sin = rope_cos_sin(past + T, config.head_size, idx.device, config.rope_theta, config.rope_scaling)
+        rope = cos[past:], sin[past:]  # (T, hs) each
+    attn_mask, is_causal = attention_bias(attention_mask, causal, T, past, idx.device)
     x = trunk.drop(x)
-    for block in trunk.h:
-        x = block(x, rope, attn_mask, is_causal)
+    layers = cache.layers if cache is not None else [None] * len(trunk.h)
+    for block, layer in zip(trunk.h, layers):
+        x = block(x, rope, attn_mask, is_causal, layer)
+    if cache is not None:
+        cache.length = past + T
     return trunk.ln_f(x)
 
 
