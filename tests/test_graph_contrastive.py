@@ -21,7 +21,7 @@ from framework.errors import UserError
 from framework.models.gin import GIN
 from framework.objectives.contrastive import nt_xent
 from test_fit import assert_one_line_error, run_main
-from test_graphs import steps, write_config
+from test_graphs import assert_resumes_exactly, write_config
 
 pytest.importorskip("rdkit")
 
@@ -272,17 +272,8 @@ def pretrained(nci, tmp_path_factory):
 
 
 def test_contrastive_pre_training_resumes_exactly(nci, pretrained, tmp_path):
-    fit(["--config", str(contrastive_config(tmp_path, nci)), "--trainer.callbacks.init_args.stop_at", "4"])
-    fit(["--config", str(contrastive_config(tmp_path, nci)), "--ckpt_path", "last"])
-    straight, resumed = steps(pretrained), steps(tmp_path)
-    assert [s["step"] for s in resumed] == list(range(8))
-    assert [s["sample_ids"] for s in resumed] == [s["sample_ids"] for s in straight]
-    assert [s["loss"] for s in resumed] == [s["loss"] for s in straight]  # the same views, replayed
-    a = torch.load(pretrained / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    b = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    a = assert_resumes_exactly(contrastive_config(tmp_path, nci), pretrained, tmp_path)  # the same views, replayed
     assert a["model_config"]["projection_dim"] == 16 and not a["model_config"]["masking_head"]
-    for name, tensor in a["state_dict"].items():
-        assert torch.equal(tensor, b["state_dict"][name]), name
 
 
 def test_fine_tuning_from_the_contrastive_checkpoint_drops_the_projection(tpsa, pretrained, tmp_path, capsys):

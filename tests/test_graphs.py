@@ -259,18 +259,25 @@ def pretrained(nci, tmp_path_factory) -> Path:
     return tmp
 
 
-def test_attribute_masking_resumes_exactly(nci, pretrained, tmp_path):
-    fit(["--config", str(write_config(tmp_path, nci)), "--trainer.callbacks.init_args.stop_at", "4"])
-    fit(["--config", str(write_config(tmp_path, nci)), "--ckpt_path", "last"])
-    straight, resumed = steps(pretrained), steps(tmp_path)
+def assert_resumes_exactly(config: Path, straight_run: Path, tmp_path: Path) -> dict:
+    """An 8-step fit stopped at step 4 and resumed from `last` replays the straight run (`straight_run`, the same
+    config) molecule for molecule, loss for loss, and ends with the same weights; returns the straight checkpoint."""
+    fit(["--config", str(config), "--trainer.callbacks.init_args.stop_at", "4"])
+    fit(["--config", str(config), "--ckpt_path", "last"])
+    straight, resumed = steps(straight_run), steps(tmp_path)
     assert [s["step"] for s in resumed] == list(range(8))
     assert [s["sample_ids"] for s in resumed] == [s["sample_ids"] for s in straight]  # same molecules, in order
-    assert [s["loss"] for s in resumed] == [s["loss"] for s in straight]  # same masks, dropout, optimizer state
-    a = torch.load(pretrained / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert [s["loss"] for s in resumed] == [s["loss"] for s in straight]  # same masks/views, dropout, optimizer
+    a = torch.load(straight_run / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert a["model_config"]["model_type"] == "gin" and a["model_config"]["masking_head"]
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
+    return a
+
+
+def test_attribute_masking_resumes_exactly(nci, pretrained, tmp_path):
+    a = assert_resumes_exactly(write_config(tmp_path, nci), pretrained, tmp_path)
+    assert a["model_config"]["model_type"] == "gin" and a["model_config"]["masking_head"]
     # `pretrain export` writes the family's files; the registry builds the GIN back from them alone
     from framework.models.registry import from_pretrained
 
@@ -279,7 +286,7 @@ def test_attribute_masking_resumes_exactly(nci, pretrained, tmp_path):
     model = from_pretrained(tmp_path / "export")
     assert isinstance(model, GIN) and model.config.masking_head
     for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, b["state_dict"]["model." + name]), name
+        assert torch.equal(tensor, a["state_dict"]["model." + name]), name  # = the resumed run's (asserted above)
 
 
 def test_fine_tuning_starts_from_the_pre_trained_layers_with_a_new_head(tpsa, pretrained, tmp_path, capsys):
