@@ -6,6 +6,7 @@
     python benchmarks/vs_minimal_loop.py --size gpt2-124m         # on a GPU (bf16), the same script
     python benchmarks/vs_minimal_loop.py --size overhead --steps 600 --pairs 6   # the per-step extra alone
     python benchmarks/vs_minimal_loop.py --order framework        # the plain loop reads the framework's windows
+    python benchmarks/vs_minimal_loop.py --side-by-side --pairs 6 # both jobs at once, one core each (see below)
 
 Sizes: `nanogpt-cpu` is nanoGPT's CPU example (4 layers, 4 heads, 128 wide, T=64, batch 12, char-level, lr 1e-3
 with 100 warm-up steps, cosine to 1e-4, betas 0.9/0.99, weight decay 0.1, clip 1.0): the gpt-small-cpu preset at
@@ -28,6 +29,11 @@ Both sides run as fresh processes, one after the other in alternating pairs, as 
   each step starts and ends, checkpoint saves and validation, so the framework's extra time is split into
   start-up, steps, checkpoints, validation and end of run; nothing in the framework is changed for it.
 
+`--side-by-side` runs a pair's two jobs at the same time, each pinned to its own core with one torch thread, and
+swaps the cores every pair. On a shared machine whose speed drifts by more than the difference under test (these
+vCPUs: up to 30% over minutes), both jobs then see the same drift, and an even number of pairs cancels a difference
+between the two cores. It measures the framework's extra at one thread a side, not at torch's default threads.
+
 The corpus: a few packages of the running Python's standard library (about 3 MB of source), bytes tokenizer, 10%
 held out for validation, prepared once into a temp dir.
 """
@@ -40,7 +46,6 @@ import json
 import math
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,6 +53,7 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,17 +198,9 @@ def framework_breakdown(events: list, launch: float, exit_: float) -> dict[str, 
             "validation": sum(b - a for a, b in val), "end": exit_ - last, "n_steps": len(starts)}
 
 
-def _children_cpu() -> float:
-    """User + system CPU seconds of this process's finished children (and theirs): a job's whole work, which a
-    busy machine inflates far less than its wall time (with one torch thread a side; with more, spin-waiting
-    threads count too)."""
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def run_framework(args: argparse.Namespace, size: dict, work: Path, vocab: int, i: int, env: dict,
-                  src: str | None = None) -> dict:
-    """One `pretrain fit` (of this checkout, or of the framework at `src`) and its phases."""
+                  src: str | None = None, core: int | None = None) -> Job:
+    """One `pretrain fit` (of this checkout, or of the framework at `src`), started; its result has its phases."""
     marks = work / f"fit{i}.json"
     if src is not None:
         env = {**env, "PYTHONPATH": os.pathsep.join([src, str(ROOT / "benchmarks")])}
@@ -221,34 +219,66 @@ def run_framework(args: argparse.Namespace, size: dict, work: Path, vocab: int, 
     }
     if args.workers is not None:
         config["data"]["num_workers"] = args.workers
-    (work / "fit.json").write_text(json.dumps(config))
-    cpu, launch = _children_cpu(), time.time()
-    r = subprocess.run([sys.executable, "-m", "framework", "fit", "--config", str(work / "fit.json"), *args.fit_args],
-                       env=env, cwd=work, capture_output=True, text=True)
-    exit_, cpu = time.time(), _children_cpu() - cpu
-    if r.returncode:
-        raise SystemExit(f"pretrain fit failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    (work / f"fit{i}_config.json").write_text(json.dumps(config))
+    cmd = [sys.executable, "-m", "framework", "fit", "--config", str(work / f"fit{i}_config.json"), *args.fit_args]
+
+    def result(job: Job) -> dict:
+        out_text = job.output()
+        if job.returncode:
+            raise SystemExit(f"pretrain fit failed:\n{out_text[-6000:]}")
+        val = re.findall(r"val/loss:?\s+([0-9.]+)", out_text)
+        out = framework_breakdown(json.loads(marks.read_text()), job.launch, job.exit)
+        out.update(wall=job.exit - job.launch, cpu=job.cpu, val_loss=float(val[-1]) if val else float("nan"))
+        return out
+
+    return Job(cmd, env, work, f"fit{i}", core, result)
 
 
-    val = re.findall(r"val/loss:?\s+([0-9.]+)", r.stdout)
-    out = framework_breakdown(json.loads(marks.read_text()), launch, exit_)
-    out.update(wall=exit_ - launch, cpu=cpu, val_loss=float(val[-1]) if val else float("nan"))
-    return out
-
-
-def run_plain(args: argparse.Namespace, size: dict, work: Path, vocab: int, device: str, env: dict) -> dict:
+def run_plain(args: argparse.Namespace, size: dict, work: Path, vocab: int, device: str, env: dict,
+              core: int | None = None) -> Job:
     train = "train_windows.bin" if args.order == "framework" else "train.bin"
     spec = {**size, "steps": args.steps, "vocab_size": vocab, "device": device, "train_bin": str(work / train),
             "val_bin": str(work / "val.bin"), "out": str(work / "plain.json"), "order": args.order}
     (work / "plain_spec.json").write_text(json.dumps(spec))
-    cpu, launch = _children_cpu(), time.time()
-    subprocess.run([sys.executable, __file__, "--plain", str(work / "plain_spec.json")], env=env, cwd=work,
-                   check=True)
-    exit_, cpu = time.time(), _children_cpu() - cpu
-    m = json.loads((work / "plain.json").read_text())
-    return {"wall": exit_ - launch, "cpu": cpu, "val_loss": m["val_loss"], "startup": m["first_step"] - launch,
-            "steps": m["loop_end"] - m["first_step"], "checkpoint": 0.0, "validation": m["eval_end"] - m["loop_end"],
-            "end": exit_ - m["eval_end"]}
+
+    def result(job: Job) -> dict:
+        if job.returncode:
+            raise SystemExit(f"the plain loop failed:\n{job.output()[-6000:]}")
+        m = json.loads((work / "plain.json").read_text())
+        return {"wall": job.exit - job.launch, "cpu": job.cpu, "val_loss": m["val_loss"],
+                "startup": m["first_step"] - job.launch, "steps": m["loop_end"] - m["first_step"], "checkpoint": 0.0,
+                "validation": m["eval_end"] - m["loop_end"], "end": job.exit - m["eval_end"]}
+
+    return Job([sys.executable, __file__, "--plain", str(work / "plain_spec.json")], env, work, "plain", core, result)
+
+
+class Job:
+    """One benchmark process, started at once (pinned to `core` when given); `wait_all` collects jobs as they exit,
+    each with its own exit time and CPU time (user + system of the process and the children it waited for)."""
+
+    def __init__(self, cmd: list[str], env: dict, work: Path, name: str, core: int | None, result: Any) -> None:
+        self.log, self.result = work / f"{name}.log", result
+        pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
+        with open(self.log, "w") as log:
+            self.launch = time.time()
+            self.proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=pin)
+        self.exit, self.cpu, self.returncode = 0.0, 0.0, None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    @staticmethod
+    def wait_all(*jobs: "Job") -> list[dict]:
+        running = {job.proc.pid: job for job in jobs}
+        while running:
+            pid, status, usage = os.wait4(-1, 0)
+            job = running.pop(pid, None)
+            if job is None:
+                continue
+            job.exit, job.cpu = time.time(), usage.ru_utime + usage.ru_stime
+            job.returncode = job.proc.returncode = os.waitstatus_to_exitcode(status)
+        return [job.result(job) for job in jobs]
 
 
 def prepare_data(work: Path, size: dict, val_batches: int, train_batches: int = 0) -> int:
@@ -308,6 +338,9 @@ def main() -> None:
                    "(e.g. `git archive` of an earlier commit): before/after figures from one alternating run")
     p.add_argument("--order", choices=["random", "framework"], default="random",
                    help="the plain loop's windows: random with replacement (nanoGPT's get_batch), or the framework's")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="run each pair's two jobs at the same time, each pinned to one core with one torch thread, "
+                   "swapping cores every pair: both see the same drift of a shared machine's speed (needs 2 cores)")
     p.add_argument("--plain", metavar="SPEC", help=argparse.SUPPRESS)
     p.add_argument("fit_args", nargs="*", help="extra `pretrain fit` arguments (after --)")
     args = p.parse_args()
@@ -318,6 +351,10 @@ def main() -> None:
     size = SIZES[args.size]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
+    if args.side_by_side:
+        if args.compare_src or len(os.sched_getaffinity(0)) < 2 or device != "cpu":
+            raise SystemExit("--side-by-side needs 2 CPU cores, a CPU run and no --compare-src")
+        args.threads = 1
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     rows = []
@@ -325,13 +362,17 @@ def main() -> None:
         work = Path(d)
         vocab = prepare_data(work, size, args.val_batches, args.steps if args.order == "framework" else 0)
         for i in range(args.pairs):
-            base = run_plain(args, size, work, vocab, device, env)
             other = None
-            if args.compare_src and i % 2 == 0:  # the two fits take turns at going first
-                other = run_framework(args, size, work, vocab, i, env, args.compare_src)
-            ours = run_framework(args, size, work, vocab, i, env)
-            if args.compare_src and i % 2 == 1:
-                other = run_framework(args, size, work, vocab, i, env, args.compare_src)
+            if args.side_by_side:  # both at once, one core each; they swap cores every pair
+                base, ours = Job.wait_all(run_plain(args, size, work, vocab, device, env, core=i % 2),
+                                          run_framework(args, size, work, vocab, i, env, core=1 - i % 2))
+            else:
+                (base,) = Job.wait_all(run_plain(args, size, work, vocab, device, env))
+                if args.compare_src and i % 2 == 0:  # the two fits take turns at going first
+                    (other,) = Job.wait_all(run_framework(args, size, work, vocab, i, env, args.compare_src))
+                (ours,) = Job.wait_all(run_framework(args, size, work, vocab, i, env))
+                if args.compare_src and i % 2 == 1:
+                    (other,) = Job.wait_all(run_framework(args, size, work, vocab, i, env, args.compare_src))
             rows.append((base, ours) if other is None else (base, ours, other))
             line = (f"pair {i + 1}: plain {base['wall']:.2f} s (val {base['val_loss']:.4f}), pretrain fit "
                     f"{ours['wall']:.2f} s (val {ours['val_loss']:.4f}), {ours['wall'] / base['wall']:.3f}x")
@@ -342,7 +383,8 @@ def main() -> None:
     print(f"{args.size}: {size['preset']} at batch {size['batch']} x {size['seq_len']}, {args.steps} steps, "
           f"{args.val_batches} val batches, device {device}, torch {torch.__version__}, {os.cpu_count()} CPU(s), "
           f"W&B {args.wandb}, framework data workers: {'default' if args.workers is None else args.workers}, "
-          f"threads: {args.threads or 'default'}, plain loop's windows: {args.order}")
+          f"threads: {args.threads or 'default'}, plain loop's windows: {args.order}, "
+          f"{'side by side (one core each)' if args.side_by_side else 'one after the other'}")
     report([(r[0], r[1]) for r in rows], args.steps, "pretrain fit")
     if args.compare_src:
         print(f"--- pretrain fit from {args.compare_src}:")
