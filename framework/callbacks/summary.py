@@ -19,8 +19,9 @@ class RunSummary(L.Callback):
 
     prompt / sample_tokens: the text the sample continues, and its length in tokens (0: no sample; sampling needs the
     whole model on rank 0, so it is skipped for strategies that shard parameters or split experts). The sample stays
-    within the trained context (prompt + sample <= seq_len), where the KV cache makes each token cheap. For a masked-LM encoder the
-    prompt is a text with `<|mask|>` tokens, and the sample is its top guesses for each (as `pretrain fill-mask`).
+    within the trained context (prompt + sample <= seq_len), where the KV cache makes each token cheap. For a
+    masked-LM encoder the prompt is a text with `<|mask|>` tokens, and the sample is its top guesses for each (as
+    `pretrain fill-mask`).
     """
 
     def __init__(self, prompt: str = "def ", sample_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
@@ -107,6 +108,6 @@ class RunSummary(L.Callback):
             return None
         idx = torch.tensor([tok.encode(self.prompt)], dtype=torch.long, device=pl_module.device)
         idx = idx[:, -(model.config.seq_len - 1):]  # room for one sampled token at least
-        out = model.generate(idx, min(self.sample_tokens, model.config.seq_len - idx.size(1)), temperature=self.temperature, top_k=self.top_k,
-                             eos_id=tok.special_ids["eod"])
+        n = min(self.sample_tokens, model.config.seq_len - idx.size(1))
+        out = model.generate(idx, n, temperature=self.temperature, top_k=self.top_k, eos_id=tok.special_ids["eod"])
         return tok.decode(out[0].tolist())

@@ -313,7 +313,12 @@ class KVCache:
 
     def __init__(self, n_layer: int) -> None:
         self.layers = [LayerCache() for _ in range(n_layer)]
-        self.length = 0
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far (every layer holds the same number)."""
+        k = self.layers[0].k if self.layers else None
+        return 0 if k is None else k.size(2)
 
 
 @dataclass(frozen=True)
@@ -491,8 +496,6 @@ def run_trunk(trunk: nn.ModuleDict, config: TransformerConfig, idx: torch.Tensor
     layers = cache.layers if cache is not None else [None] * len(trunk.h)
     for block, layer in zip(trunk.h, layers):
         x = block(x, rope, attn_mask, is_causal, layer)
-    if cache is not None:
-        cache.length = past + T
     return trunk.ln_f(x)
 
 
