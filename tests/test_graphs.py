@@ -362,9 +362,25 @@ def test_the_transfer_report_compares_rmse_of_both_arms_on_graphs(tpsa, pretrain
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["metric"] == "RMSE" and report["lower_is_better"] and report["unit"] == "molecules"
-    assert len(report["runs"]) == 2 * 2 and all(run["score"] > 0 for run in report["runs"])
+    assert len(report["runs"]) == 2 * 2 + 2 and all(run["score"] > 0 for run in report["runs"])
     for row in report["rows"]:  # positive gain = pre-training lowered the RMSE; negative = it hurt
         assert math.isclose(row["gain"], row["scratch"]["score_mean"] - row["pretrained"]["score_mean"])
-        assert row["pretrained"]["train_docs"] == row["scratch"]["train_docs"]  # the same subsets
+        assert row["pretrained"]["train_docs"] == row["scratch"]["train_docs"] == row["classical"]["train_docs"]
     table = (tmp_path / "report" / "report.md").read_text()
     assert "val RMSE" in table and "Lower is better" in table and "the train mean scores RMSE" in table
+    assert "Morgan count fingerprints" in table and "(alpha " in table
+
+
+def test_the_fingerprint_arm_predicts_tpsa_far_better_than_the_train_mean(tpsa):
+    """TPSA is a sum of polar fragments' contributions: fingerprints + ridge should get most of it, on the neural
+    arms' subset, held-out slice and scaffold val split."""
+    from framework.commands import transfer_report as tr
+
+    args = tr._parser().parse_args(["--pretrained", "-", "--data", str(tpsa), "--output", "-"])
+    run = tr.classical_one(str(tpsa), 0.5, 0, args)
+    dm = tr.datamodule(str(tpsa), args, label_fraction=0.5)
+    dm.setup("fit")
+    header = tr.graph_header(dm, args)
+    mean_rmse = float(header["about"].split("RMSE ")[1])
+    assert run.arm == "classical" and run.held_docs > 0 and run.lr in (0.1, 1.0, 10.0, 100.0)
+    assert run.score < 0.5 * mean_rmse, f"fingerprints + ridge RMSE {run.score:.3g} vs the train mean's {mean_rmse:.3g}"

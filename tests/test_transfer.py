@@ -127,6 +127,44 @@ def test_tfidf_and_the_logistic_regression_match_their_definitions():
     assert float(grad_W.abs().max()) < 1e-4 and float((P - Y).mean(0).abs().max()) < 1e-4
 
 
+def test_the_fingerprint_arm_fits_ridge_and_logistic_per_target_on_present_values():
+    """Molecule graphs' classical arm: each target's model sees only the molecules where it is present; ridge's
+    normal equations hold (dual and primal solve alike), and a classification task is its own logistic regression."""
+    pytest.importorskip("rdkit")
+    from framework.classical import fingerprints, fit_logistic, fit_per_target, select_per_target, target_score
+
+    X = fingerprints(["CCO", "c1ccccc1O", "not a molecule", ""], bits=256)
+    assert X.shape == (4, 256) and bool((X == X.round()).all()) and X.min() == 0  # counts
+    # ethanol: 3 atoms x radius 0 and 1; each radius-2 environment is the whole molecule again, counted once
+    assert X[0].sum() == 6 and X[1].sum() > X[0].sum() and X[2:].abs().sum() == 0  # unreadable: zero rows
+
+    g = torch.Generator().manual_seed(0)
+    for n in (30, 90):  # fewer rows than features (the dual solve), more (the primal one)
+        Xr = (torch.rand(n, 60, generator=g) < 0.3).float()
+        Y = (Xr @ torch.randn(60, 2, generator=g)).double().numpy() + 5.0
+        Y[::3, 1] = np.nan  # missing values of target 1
+        model = fit_per_target(Xr, Y, "regression", strength=2.0)
+        for t in range(2):
+            present = ~np.isnan(Y[:, t])
+            x, y = Xr[present].double(), torch.from_numpy(Y[present, t])
+            residual = y - (x @ model.W[:, t].double() + float(model.b[t]))
+            assert float(residual.sum().abs()) < 1e-3  # the bias: unpenalized
+            grad = -x.T @ residual + 2.0 * model.W[:, t].double()  # d/dw of ||r||^2 / 2 + alpha ||w||^2 / 2
+            assert float(grad.abs().max()) < 1e-3, (n, t)
+    held = select_per_target(Xr[:60], Y[:60], Xr[60:], Y[60:], "regression")
+    assert held.strength in (0.1, 1.0, 10.0, 100.0)
+    assert target_score(held, Xr[60:], Y[60:], "regression") < float(np.sqrt(np.nanmean((Y[60:] - np.nanmean(
+        Y[:60], 0)) ** 2)))  # better than the train mean on data a linear model can fit
+
+    labels = np.stack([(Y[:, 0] > np.median(Y[:, 0])), np.ones(len(Y))], 1).astype(np.float64)
+    labels[:5, 0] = np.nan
+    model = fit_per_target(Xr, labels, "classification", strength=1.0)
+    alone = fit_logistic(Xr[5:], labels[5:, 0].astype(np.int64), 2, 1.0)
+    assert torch.allclose(model.W[:, 0], alone.W[:, 1] - alone.W[:, 0], atol=1e-5)
+    assert float(model.b[1]) > 0 and float(model.W[:, 1].abs().sum()) == 0  # one class only: its side, no slope
+    assert target_score(model, Xr, labels, "classification") > 0.9  # task 1 has one class: not in the mean
+
+
 def test_the_classical_arm_learns_what_is_there_and_nothing_else(tasks):
     bar = tr.learned_bar(0.5, 40)
     learnable = tr.classical_one(str(tasks["learnable"]), 1.0, 0, _args())

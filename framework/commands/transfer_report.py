@@ -3,7 +3,7 @@ the pre-trained model and the same architecture from random initialisation are t
 same LR grid and the same seeds, on identical data subsets, and validated on the whole labelled val split (never on
 the training subset); a classical arm (TF-IDF + logistic regression for text, logistic regression on pixels for
 images) is fitted on the same subsets and scored on the same split, so the report says whether a neural model is
-worth it at each fraction.
+worth it at each fraction (molecule graphs: Morgan fingerprints + a linear model per target).
 
     pretrain transfer-report --pretrained runs/bert-smoke/checkpoints/last.ckpt --data data/stdlib-packages \\
         --fractions 0.01,0.1,1.0 --modes full,linear,lora --seeds 3 --output reports/stdlib-packages
@@ -23,8 +23,9 @@ the seeds is reported (the same grid and rule for both arms); the seed picks the
 Molecule graph shards (`pretrain prepare-molecules` with labels) are measured by their task's metric instead: val
 RMSE for regression (lower is better: the best LR is the lowest, and the gain is scratch minus pre-trained, so a
 negative gain is pre-training that hurt, Hu et al.'s "negative transfer") or the mean ROC-AUC over tasks for
-classification; the GIN is fine-tuned in full (`--modes full`); there is no classical arm for graphs (the table says
-so), and the "nothing learned" rule is for accuracy only.
+classification; the GIN is fine-tuned in full (`--modes full`); the classical arm is Morgan fingerprints + ridge
+regression (or logistic regression) per target, scored by the same metric (it needs RDKit; without it the table says
+so); the "nothing learned" rule is for accuracy only.
 """
 
 from __future__ import annotations
@@ -217,12 +218,11 @@ def run_guard() -> Any:
     return Guard(GuardOptions(spike_window=0))
 
 
-def classical_one(data: str, fraction: float, seed: int, args: argparse.Namespace) -> Run | None:
+def classical_one(data: str, fraction: float, seed: int, args: argparse.Namespace) -> Run:
     """The classical arm on one label subset (the neural arms' subset, held-out slice and val split): TF-IDF of word
-    and character n-grams + logistic regression for documents, a logistic regression on pooled pixels for images;
-    its C is chosen on the held-out slice. None for molecule graphs (no classical arm here)."""
-    if modality(data) == "graphs":
-        return None
+    and character n-grams + logistic regression for documents, a logistic regression on pooled pixels for images,
+    Morgan fingerprints + ridge or logistic regression per target for molecule graphs; its C (alpha) is chosen on
+    the held-out slice."""
     import numpy as np
     import torch
 
@@ -238,6 +238,17 @@ def classical_one(data: str, fraction: float, seed: int, args: argparse.Namespac
     final.setup("validate")
     val_index = final._indexes["val"]
     val_ids = np.arange(len(val_index))
+    if modality(data) == "graphs":
+        task = dm.require_targets()["task"]
+
+        def prints(idx: Any, ids: Any) -> torch.Tensor:
+            return classical.fingerprints([idx.smiles[int(i)] for i in ids])
+
+        fitted = classical.select_per_target(prints(index, fit_ids), index.y[fit_ids], prints(index, held_ids),
+                                             index.y[held_ids], task)
+        score = classical.target_score(fitted, prints(val_index, val_ids), val_index.y, task)
+        return Run(fraction, "", "classical", fitted.strength, seed, math.nan, math.nan, len(fit_ids) + len(held_ids),
+                   time.perf_counter() - started, score, held_docs=len(held_ids))
     y_fit, y_held, y_val = index.label[fit_ids], index.label[held_ids], val_index.label
     if is_images(data):
         from framework.data.images import ImageTransform
@@ -395,7 +406,7 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     classical = header.get("classical") or ""
     lines = [f"# Transfer report: {header['data']}", "",
              f"Pre-trained: `{header['pretrained']}`. Scratch: the same architecture, randomly initialised. "
-             f"Classical: {classical or 'none for this modality'}. "
+             f"Classical: {classical or 'none (the fingerprints need RDKit: `pip install rdkit`)'}. "
              f"Each cell: mean ± std val {metric} over {header['seeds']} seeds, on the whole val split "
              f"({header['val_docs']} {header['unit']}, {about}), with the best LR of {header['lrs']} for that cell; "
              f"batch {header['batch_size']}, {header['shape']}."
@@ -430,9 +441,12 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
         c = r.get("classical")
         if c:
             cs = "/".join(f"{x:g}" for x in c["C"])
-            cells.append(f"{c['score_mean']:.1%} ± {c['score_std']:.1%} (C {cs})")
+            strength = "alpha" if header.get("task") == "regression" else "C"
+            value = (f"{c['score_mean']:.1%} ± {c['score_std']:.1%}" if accuracy
+                     else f"{c['score_mean']:.4g} ± {c['score_std']:.2g}")
+            cells.append(f"{value} ({strength} {cs})")
         else:
-            cells.append("none for this modality" if not classical else "-")
+            cells.append("none" if not classical else "-")
         if r.get("learned") is False:
             gain = NOTHING_LEARNED
         elif "gain" not in r:
@@ -524,7 +538,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(default 3; each run is scored about 10 times)")
     p.add_argument("--classical", action=argparse.BooleanOptionalAction, default=True,
                    help="the classical arm: TF-IDF of word and character n-grams + logistic regression "
-                        "(documents), logistic regression on pixels (images) (default on)")
+                        "(documents), logistic regression on pixels (images), Morgan fingerprints + ridge or "
+                        "logistic regression per target (molecule graphs) (default on)")
     p.add_argument("--adapt-steps", type=int, default=0,
                    help="an arm that first continues pre-training the model on the train split's texts without "
                         "labels for this many steps (task-adaptive pre-training), then fine-tunes; GPT and encoder "
@@ -589,7 +604,8 @@ def main(argv: list[str]) -> None:
                    "epochs": args.epochs, "min_steps": args.min_steps, "max_steps": args.max_steps,
                    "holdout": args.holdout, "patience": args.patience, "evals": EVALS,
                    "batch_size": args.batch_size, "modes": modes, "fractions": fractions,
-                   "classical": classical_about(images, graphs) if args.classical else "off (--no-classical)"})
+                   "classical": (classical_about(images, header.get("task")) if args.classical
+                                 else "off (--no-classical)")})
     lower = bool(header.get("lower_is_better"))
     budgets = {}  # (fraction, seed) -> Budget: the subset's size fixes it, the same for every arm, mode and LR
     from framework.data.samples import holdout_split, stratified_subset
@@ -611,14 +627,15 @@ def main(argv: list[str]) -> None:
     print(f"transfer report: {len(plan)} runs ({len(fractions)} fractions x {len(modes)} modes x {len(arms)} arms x "
           f"{len(lrs)} LRs x {args.seeds} seeds), at least {args.epochs} epochs and {args.min_steps} steps, at most "
           f"{args.max_steps} steps each, early stopping on {args.holdout:.0%} of each subset held out", flush=True)
-    if args.classical and not graphs:
+    if args.classical and header["classical"]:
         for f in fractions:
             for s in range(args.seeds):
                 run = classical_one(args.data, f, s, args)
-                assert run is not None
                 runs.append(run)
+                result = (f"val {header['metric']} {run.score:.4g}" if graphs else
+                          f"val accuracy {run.accuracy:.1%}  macro-F1 {run.macro_f1:.1%}")
                 print(f"classical fraction {f:g} ({run.train_docs} {header['unit']}, {run.held_docs} held out) "
-                      f"seed {s}: val accuracy {run.accuracy:.1%}  macro-F1 {run.macro_f1:.1%}  (C {run.lr:g}, "
+                      f"seed {s}: {result}  ({'alpha' if header.get('task') == 'regression' else 'C'} {run.lr:g}, "
                       f"{run.seconds:.1f} s)", flush=True)
     for i, (f, m, a, lr, s) in enumerate(plan, 1):
         b = budgets[f, s]
@@ -644,9 +661,18 @@ def main(argv: list[str]) -> None:
           f"({header['seconds'] / 60:.1f} min)", flush=True)
 
 
-def classical_about(images: bool, graphs: bool) -> str:
-    if graphs:
-        return ""
+def classical_about(images: bool, task: str | None) -> str:
+    """What the classical arm is, for the report's header ("" when there is none here: the table says so)."""
+    if task is not None:  # molecule graphs
+        try:
+            import rdkit  # noqa: F401
+        except ImportError:
+            print("no classical arm: Morgan fingerprints need RDKit; `pip install rdkit` adds it", flush=True)
+            return ""
+        model = ("ridge regression per target, alpha" if task == "regression" else
+                 "logistic regression per task, C")
+        return (f"Morgan count fingerprints (radius 2, 2048 slots) of each molecule's SMILES + {model} chosen on the "
+                "held-out slice")
     if images:
         return "logistic regression on the pixels (pooled to 16 x 16, standardized), C chosen on the held-out slice"
     return ("TF-IDF of word 1-2-grams and in-word character 2-4-grams (sublinear tf, L2-normed) + logistic "
