@@ -1,5 +1,5 @@
 """Molecule property learning check: a GIN fine-tuned on TPSA (RDKit's embedded NCI set, scaffold split) against a
-Morgan-fingerprint + ridge baseline on the same train molecules, and attribute-masking (and, with
+Morgan count-fingerprint + ridge baseline on the same train molecules, and attribute-masking (and, with
 --contrastive-steps, graph contrastive) pre-training against training from scratch, at label fractions, over seeds,
 on the same subsets for every arm. The ridge arm needs scikit-learn (`pip install -e '.[bench]'`).
 
@@ -11,7 +11,7 @@ on the same subsets for every arm. The ridge arm needs scikit-learn (`pip instal
 2. `pretrain fit --config configs/graph/smoke.yaml` for --pretrain-steps (attribute masking, gin-cpu), and
    `--config configs/graph/contrastive.yaml` for --contrastive-steps (GraphCL / MolCLR views, NT-Xent; 0: no such
    arm);
-3. per fraction and seed: the ridge baseline (2048-bit radius-2 Morgan fingerprints, the ridge penalty chosen by
+3. per fraction and seed: the ridge baseline (radius-2 Morgan count fingerprints in 2048 slots, the penalty chosen by
    5-fold CV on the train subset), then PropertyTask from each pre-trained checkpoint and from scratch (the same
    architecture, `random_init`), --steps each at batch 64, the configs/graph/finetune.yaml recipe; val RMSE and MAE
    on the whole val split (TPSA units, A^2).
@@ -83,25 +83,20 @@ def finetune(tpsa: Path, ckpt: Path, arm: str, fraction: float, seed: int, steps
 
 
 def ridge(tpsa: Path, fraction: float, seed: int) -> dict:
-    """Morgan fingerprints + ridge on the same train subset the GIN arms get (the datamodule's label fraction)."""
-    from rdkit import Chem
-    from rdkit.Chem import rdFingerprintGenerator
+    """Morgan count fingerprints (framework.classical.fingerprints, as the transfer report's classical arm) + ridge
+    on the same train subset the GIN arms get (the datamodule's label fraction), the penalty by 5-fold CV."""
     from sklearn.linear_model import RidgeCV
 
+    from framework.classical import fingerprints
     from framework.data.graphs import GraphDataModule
 
     dm = GraphDataModule(path=str(tpsa), batch_size=64, num_workers=0, seed=seed, label_fraction=fraction)
     dm.setup("fit")
-    gen = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
-
-    def fingerprints(smiles: list[str]) -> np.ndarray:
-        return np.stack([gen.GetFingerprintAsNumPy(Chem.MolFromSmiles(s)) for s in smiles]).astype(np.float32)
-
     train, val = dm._indexes["train"], dm._indexes["val"]
     units = dm._units["train"]
     model = RidgeCV(alphas=(0.01, 0.1, 1, 10, 100, 1000), cv=5).fit(
-        fingerprints([train.smiles[i] for i in units]), train.y[units, 0])
-    pred = model.predict(fingerprints(val.smiles))
+        fingerprints([train.smiles[i] for i in units]).numpy(), train.y[units, 0])
+    pred = model.predict(fingerprints(val.smiles).numpy())
     err = pred - val.y[:, 0]
     return {"rmse": float(np.sqrt(np.mean(err ** 2))), "mae": float(np.mean(np.abs(err))), "train": len(units),
             "alpha": float(model.alpha_)}
@@ -143,7 +138,8 @@ def main() -> None:
                 print(f"fraction {fraction:g} seed {seed} {arm}: {json.dumps(r)}", flush=True)
     val = json.loads((tpsa / "manifest.json").read_text())["splits"]["val"]["samples"]
     lines = [f"Val: the whole scaffold-split val set ({val} molecules); pre-training: {pre}", "",
-             "| label fraction | train molecules | model | val RMSE (lower is better) | val MAE |", "|---:|---:|---|---:|---:|"]
+             "| label fraction | train molecules | model | val RMSE (lower is better) | val MAE |",
+             "|---:|---:|---|---:|---:|"]
     for (fraction, arm), rs in results.items():
         rmse, mae = [r["rmse"] for r in rs], [r["mae"] for r in rs]
         sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
