@@ -9,8 +9,8 @@ a transfer report says whether a neural model is worth it at each label fraction
 - images: a logistic regression on the pixels, average-pooled to `side` x `side` and standardized per feature;
 - molecule graphs: Morgan count fingerprints (ECFP4 counts: how often each atom environment of radius <= 2 occurs,
   hashed to 2,048 slots; Rogers & Hahn 2010, the classical baseline of MoleculeNet) of each molecule's SMILES, then
-  one linear model per target, fitted on the molecules where that target
-  is present: ridge regression (the bias unpenalized) for regression, a logistic regression for classification.
+  one linear model per target, fitted on the molecules where that target is present: ridge regression (the bias
+  unpenalized) for regression, a logistic regression for classification.
 
 The logistic regression is full-batch L-BFGS on mean cross-entropy + ||W||^2 / (2 C n) (the bias is not penalized),
 which is the objective of the usual C-parameterized implementations; C (ridge: alpha) is chosen from a grid on a
@@ -245,19 +245,14 @@ def select_per_target(X_fit: torch.Tensor, Y_fit: np.ndarray, X_held: torch.Tens
     """The per-target models fitted on (X_fit, Y_fit) with the alpha (ridge) or C (logistic) of its grid that scores
     best on the held-out slice (lowest RMSE, highest mean ROC-AUC); 1.0 when nothing is held out or the slice
     cannot score (no target present, or no task with both classes)."""
-    grid = C_GRID if task == "classification" else ALPHA_GRID
-    best, best_key = fit_per_target(X_fit, Y_fit, task, 1.0), None
     if not len(Y_held):
-        return best
-    for strength in grid:
-        model = fit_per_target(X_fit, Y_fit, task, strength)
-        score = target_score(model, X_held, Y_held, task)
-        if math.isnan(score):
-            return best
-        key = score if task == "classification" else -score
-        if best_key is None or key > best_key:
-            best, best_key = model, key
-    return best
+        return fit_per_target(X_fit, Y_fit, task, 1.0)
+    fitted = {s: fit_per_target(X_fit, Y_fit, task, s) for s in (C_GRID if task == "classification" else ALPHA_GRID)}
+    scores = {s: target_score(m, X_held, Y_held, task) for s, m in fitted.items()}
+    if any(math.isnan(v) for v in scores.values()):
+        return fitted.get(1.0) or fit_per_target(X_fit, Y_fit, task, 1.0)
+    sign = 1 if task == "classification" else -1
+    return fitted[max(scores, key=lambda s: sign * scores[s])]
 
 
 __all__ = ["ALPHA_GRID", "C_GRID", "Logistic", "NgramTfidf", "PerTarget", "accuracy", "fingerprints",
